@@ -1,0 +1,389 @@
+//! The elastic runtime: a model's weight stacks held at any memory budget, resized in place.
+//!
+//! ## Concurrency
+//! The loaded state is an immutable [`ModelSnapshot`] behind an `RwLock<Arc<_>>`. Readers
+//! call [`ElasticModel::snapshot`], which holds the read lock only long enough to clone the
+//! `Arc`, and then compute on that snapshot with no lock at all: a forward pass that started on
+//! a snapshot finishes on exactly those blocks. [`ElasticModel::resize`] (serialised by a
+//! mutex) loads new blocks *outside* any lock, builds a new snapshot sharing the unchanged
+//! blocks (`Arc<ResidualBlock>`), and swaps it in under the write lock in O(weights). Dropped
+//! blocks are freed when the last snapshot holding them is dropped. A reader can therefore
+//! never observe a half-updated weight (no torn reads) nor a weight with a gap in its levels:
+//! every snapshot is built from a prefix of the universal order, which is level-ordered per
+//! weight.
+
+use crate::block::ResidualBlock;
+use crate::budget::MemoryBudget;
+use crate::error::{CoreError, Result};
+use crate::order::{BlockId, UniversalOrder};
+use crate::stack::{StackMeta, WeightStack};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Where blocks come from: a stack file, a network store, a test's memory. Implementations
+/// must verify what they deliver (e.g. checksums) and return an error instead of bad data.
+pub trait BlockSource: Send + Sync {
+    /// Loads one block into owned memory.
+    fn load_block(&self, id: BlockId) -> Result<ResidualBlock>;
+}
+
+/// Everything the runtime needs to know about a model except its block payloads.
+#[derive(Clone, Debug)]
+pub struct ModelLayout {
+    /// One entry per weight stack, indexed by `BlockId::weight`.
+    pub stacks: Vec<Arc<StackMeta>>,
+    /// The universal stack.
+    pub order: UniversalOrder,
+    /// Bytes of tensors always held (embeddings, norms, untied head, ...).
+    pub resident_bytes: u64,
+}
+
+impl ModelLayout {
+    /// Checks that the order matches the stacks.
+    pub fn validate(&self) -> Result<()> {
+        if self.stacks.len() != self.order.num_weights() {
+            return Err(CoreError::InvalidOrder(format!(
+                "order has {} weights, layout {}",
+                self.order.num_weights(),
+                self.stacks.len()
+            )));
+        }
+        for (w, (m, &l)) in self.stacks.iter().zip(self.order.levels()).enumerate() {
+            m.validate()?;
+            if m.levels != l {
+                return Err(CoreError::InvalidOrder(format!(
+                    "weight {w} has {} levels, order says {l}",
+                    m.levels
+                )));
+            }
+        }
+        Ok(())
+    }
+    /// Bytes held with the first `prefix` blocks of the order loaded, for every prefix
+    /// `0..=order.len()`: resident tensors + scale vectors + blocks.
+    pub fn cumulative_bytes(&self) -> Vec<u64> {
+        let base = self.resident_bytes + self.stacks.iter().map(|m| m.scale_bytes()).sum::<u64>();
+        let mut out = Vec::with_capacity(self.order.len() + 1);
+        let mut acc = base;
+        out.push(acc);
+        for id in self.order.as_slice() {
+            acc += self.stacks[id.weight as usize].block_bytes();
+            out.push(acc);
+        }
+        out
+    }
+    /// Bytes of the smallest loadable model (resident + scales + level 0 of every weight).
+    pub fn minimum_bytes(&self) -> u64 {
+        self.cumulative_bytes()[self.stacks.len()]
+    }
+    /// Bytes of the full model.
+    pub fn full_bytes(&self) -> u64 {
+        *self.cumulative_bytes().last().unwrap_or(&0)
+    }
+    /// Longest prefix whose bytes fit `budget`; an error naming the minimum if none does.
+    pub fn prefix_for_budget(&self, budget: MemoryBudget) -> Result<usize> {
+        let cum = self.cumulative_bytes();
+        prefix_in(&cum, self.stacks.len(), budget)
+    }
+}
+
+fn prefix_in(cum: &[u64], floor: usize, budget: MemoryBudget) -> Result<usize> {
+    let minimum = cum[floor];
+    if budget.bytes() < minimum {
+        return Err(CoreError::BudgetBelowMinimum {
+            budget: budget.bytes(),
+            budget_mib: budget.mib(),
+            minimum,
+            minimum_mib: minimum as f64 / crate::budget::MIB,
+        });
+    }
+    // cum is non-decreasing: the number of entries <= budget, minus the empty prefix.
+    Ok(cum.partition_point(|&b| b <= budget.bytes()) - 1)
+}
+
+/// An immutable view of the loaded model: what one forward pass computes with.
+#[derive(Clone, Debug)]
+pub struct ModelSnapshot {
+    prefix: usize,
+    held_bytes: u64,
+    weights: Vec<WeightStack>,
+}
+
+impl ModelSnapshot {
+    /// Number of universal-order blocks loaded.
+    pub fn prefix(&self) -> usize {
+        self.prefix
+    }
+    /// Bytes held: resident tensors + scales + loaded blocks.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes
+    }
+    /// The weight stacks, indexed like the layout.
+    pub fn weights(&self) -> &[WeightStack] {
+        &self.weights
+    }
+    /// One weight stack.
+    pub fn weight(&self, index: usize) -> Option<&WeightStack> {
+        self.weights.get(index)
+    }
+}
+
+/// What a resize did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResizeReport {
+    /// Prefix before.
+    pub from_prefix: usize,
+    /// Prefix after.
+    pub to_prefix: usize,
+    /// Bytes held before.
+    pub from_bytes: u64,
+    /// Bytes held after.
+    pub to_bytes: u64,
+    /// Blocks read from the source.
+    pub blocks_loaded: usize,
+    /// Blocks dropped.
+    pub blocks_dropped: usize,
+    /// Payload bytes read from the source.
+    pub bytes_loaded: u64,
+    /// Payload bytes released.
+    pub bytes_dropped: u64,
+    /// Wall time of the resize.
+    pub elapsed: Duration,
+}
+
+/// A model whose weights follow a memory budget: see the module docs.
+pub struct ElasticModel<S: BlockSource> {
+    source: S,
+    layout: ModelLayout,
+    cumulative: Vec<u64>,
+    current: RwLock<Arc<ModelSnapshot>>,
+    resizing: Mutex<()>,
+}
+
+impl<S: BlockSource> ElasticModel<S> {
+    /// Opens a model at `budget`, loading the longest prefix of the universal order that fits.
+    pub fn new(source: S, layout: ModelLayout, budget: MemoryBudget) -> Result<Self> {
+        layout.validate()?;
+        let cumulative = layout.cumulative_bytes();
+        let prefix = prefix_in(&cumulative, layout.stacks.len(), budget)?;
+        let empty = ModelSnapshot {
+            prefix: 0,
+            held_bytes: cumulative[0],
+            weights: layout
+                .stacks
+                .iter()
+                .map(|m| WeightStack::new(m.clone()))
+                .collect::<Result<_>>()?,
+        };
+        let model = Self {
+            source,
+            layout,
+            cumulative,
+            current: RwLock::new(Arc::new(empty)),
+            resizing: Mutex::new(()),
+        };
+        model.resize_to_prefix(prefix)?;
+        Ok(model)
+    }
+    /// The layout this model was opened with.
+    pub fn layout(&self) -> &ModelLayout {
+        &self.layout
+    }
+    /// The block source.
+    pub fn source(&self) -> &S {
+        &self.source
+    }
+    /// Bytes of the smallest model.
+    pub fn minimum_bytes(&self) -> u64 {
+        self.cumulative[self.layout.stacks.len()]
+    }
+    /// Bytes of the full model.
+    pub fn full_bytes(&self) -> u64 {
+        *self.cumulative.last().unwrap_or(&0)
+    }
+    /// Bytes held with the first `prefix` blocks loaded.
+    pub fn bytes_at_prefix(&self, prefix: usize) -> Option<u64> {
+        self.cumulative.get(prefix).copied()
+    }
+    /// The current snapshot (cheap: one `Arc` clone under a read lock).
+    pub fn snapshot(&self) -> Arc<ModelSnapshot> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+    /// Longest prefix fitting `budget`.
+    pub fn prefix_for_budget(&self, budget: MemoryBudget) -> Result<usize> {
+        prefix_in(&self.cumulative, self.layout.stacks.len(), budget)
+    }
+    /// Grows or shrinks to the longest prefix that fits `budget`.
+    pub fn resize(&self, budget: MemoryBudget) -> Result<ResizeReport> {
+        let p = self.prefix_for_budget(budget)?;
+        self.resize_to_prefix(p)
+    }
+    /// Grows or shrinks to exactly `prefix` blocks of the universal order (at least the floor
+    /// of one block per weight). Only the blocks between the old and new prefix move.
+    pub fn resize_to_prefix(&self, prefix: usize) -> Result<ResizeReport> {
+        let floor = self.layout.stacks.len();
+        if prefix < floor || prefix > self.layout.order.len() {
+            return Err(CoreError::InvalidParameter {
+                name: "prefix",
+                reason: format!("{prefix} outside {floor}..={}", self.layout.order.len()),
+            });
+        }
+        let _guard = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let start = Instant::now();
+        let cur = self.snapshot();
+        let order = self.layout.order.as_slice();
+        let mut weights = cur.weights.clone();
+        let (mut loaded, mut dropped, mut bytes_in, mut bytes_out) = (0, 0, 0u64, 0u64);
+        if prefix > cur.prefix {
+            let ids = &order[cur.prefix..prefix];
+            let blocks: Vec<ResidualBlock> = ids
+                .par_iter()
+                .map(|&id| self.source.load_block(id))
+                .collect::<Result<_>>()?;
+            for (id, b) in ids.iter().zip(blocks) {
+                let w = &mut weights[id.weight as usize];
+                if w.loaded_levels() != id.level as usize {
+                    return Err(CoreError::InvalidOrder(format!(
+                        "block {}:{} would leave a gap",
+                        id.weight, id.level
+                    )));
+                }
+                bytes_in += b.heap_bytes();
+                w.push(Arc::new(b))?;
+                loaded += 1;
+            }
+        } else {
+            for id in order[prefix..cur.prefix].iter().rev() {
+                let w = &mut weights[id.weight as usize];
+                if let Some(b) = w.pop() {
+                    bytes_out += b.heap_bytes();
+                    dropped += 1;
+                }
+            }
+        }
+        let next = Arc::new(ModelSnapshot {
+            prefix,
+            held_bytes: self.cumulative[prefix],
+            weights,
+        });
+        {
+            let mut g = self.current.write().unwrap_or_else(|p| p.into_inner());
+            *g = next;
+        }
+        // `cur` (and the old snapshot held by the lock) drop here unless a reader still uses
+        // them; the blocks they alone held are freed then.
+        Ok(ResizeReport {
+            from_prefix: cur.prefix,
+            to_prefix: prefix,
+            from_bytes: cur.held_bytes,
+            to_bytes: self.cumulative[prefix],
+            blocks_loaded: loaded,
+            blocks_dropped: dropped,
+            bytes_loaded: bytes_in,
+            bytes_dropped: bytes_out,
+            elapsed: start.elapsed(),
+        })
+    }
+}
+
+/// A [`BlockSource`] over blocks already in memory (tests, and engines that decompose on the fly).
+#[derive(Clone, Debug, Default)]
+pub struct InMemorySource {
+    /// `blocks[w][l]` is weight `w`'s level `l`.
+    pub blocks: Vec<Vec<ResidualBlock>>,
+}
+
+impl BlockSource for InMemorySource {
+    fn load_block(&self, id: BlockId) -> Result<ResidualBlock> {
+        self.blocks
+            .get(id.weight as usize)
+            .and_then(|w| w.get(id.level as usize))
+            .cloned()
+            .ok_or(CoreError::NoSuchBlock {
+                weight: id.weight,
+                level: id.level,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::linear::LinearOp;
+    use crate::testutil::random_block;
+
+    fn model(levels: u16) -> (InMemorySource, ModelLayout) {
+        let shapes = [(16usize, 64usize), (32, 64), (64, 128)];
+        let mut src = InMemorySource::default();
+        let mut stacks = vec![];
+        for (w, &(m, n)) in shapes.iter().enumerate() {
+            src.blocks.push(
+                (0..levels)
+                    .map(|l| random_block(m, n, 4, (w * 100 + l as usize) as u64))
+                    .collect(),
+            );
+            stacks.push(Arc::new(StackMeta {
+                name: format!("w{w}"),
+                rows: m,
+                cols: n,
+                rank: 4,
+                levels,
+                scale: Some(vec![2.0; n]),
+            }));
+        }
+        let order = UniversalOrder::round_robin(vec![levels; 3]).unwrap();
+        (
+            src,
+            ModelLayout {
+                stacks,
+                order,
+                resident_bytes: 1000,
+            },
+        )
+    }
+
+    #[test]
+    fn budget_prefix_and_minimum() {
+        let (src, layout) = model(4);
+        let min = layout.minimum_bytes();
+        let full = layout.full_bytes();
+        assert!(matches!(
+            ElasticModel::new(
+                src.clone(),
+                layout.clone(),
+                MemoryBudget::from_bytes(min - 1)
+            ),
+            Err(CoreError::BudgetBelowMinimum { .. })
+        ));
+        let m = ElasticModel::new(src, layout, MemoryBudget::from_bytes(min)).unwrap();
+        assert_eq!(m.snapshot().prefix(), 3);
+        assert_eq!(m.snapshot().held_bytes(), min);
+        let r = m.resize(MemoryBudget::from_bytes(full)).unwrap();
+        assert_eq!((r.blocks_loaded, r.to_prefix, r.to_bytes), (9, 12, full));
+        let r = m.resize(MemoryBudget::from_bytes(min + 10)).unwrap();
+        assert_eq!((r.blocks_dropped, r.to_prefix), (9, 3));
+        // Held bytes are exactly resident + scales + blocks.
+        let snap = m.snapshot();
+        let sum: u64 = snap.weights().iter().map(|w| w.held_bytes()).sum();
+        assert_eq!(sum + 1000, snap.held_bytes());
+    }
+
+    #[test]
+    fn snapshots_survive_resizes() {
+        let (src, layout) = model(3);
+        let full = layout.full_bytes();
+        let m = ElasticModel::new(src, layout.clone(), MemoryBudget::from_bytes(full)).unwrap();
+        let old = m.snapshot();
+        m.resize_to_prefix(3).unwrap();
+        assert_eq!(old.weight(2).unwrap().loaded_levels(), 3);
+        assert_eq!(m.snapshot().weight(2).unwrap().loaded_levels(), 1);
+        let x = vec![0.5f32; 128];
+        let mut y = vec![0.0f32; 64];
+        old.weight(2).unwrap().forward(&x, &mut y).unwrap();
+        assert!(y.iter().all(|v| v.is_finite()));
+    }
+}

@@ -1,0 +1,45 @@
+//! Deterministic random blocks for tests, benchmarks and other crates' tests.
+
+use crate::block::ResidualBlock;
+use crate::signs::{pack_row_bools, words_per_row};
+use half::f16;
+
+/// A small xorshift generator: deterministic, dependency-free.
+#[derive(Clone, Debug)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// Seeded generator (any seed, including 0).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [-1, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// A random valid block (factors uniform in [-1, 1), random signs).
+pub fn random_block(rows: usize, cols: usize, rank: usize, seed: u64) -> ResidualBlock {
+    let mut rng = XorShift::new(seed);
+    let wpr = words_per_row(cols);
+    let mut signs = vec![0u64; rows * wpr];
+    for r in 0..rows {
+        let bits: Vec<bool> = (0..cols).map(|_| rng.next_u64() & 1 == 1).collect();
+        pack_row_bools(bits, &mut signs[r * wpr..(r + 1) * wpr]);
+    }
+    let a = (0..rows * rank)
+        .map(|_| f16::from_f32(rng.next_f32()))
+        .collect();
+    let b = (0..cols * rank)
+        .map(|_| f16::from_f32(rng.next_f32()))
+        .collect();
+    ResidualBlock::new(rows, cols, rank, signs, a, b).expect("valid by construction")
+}

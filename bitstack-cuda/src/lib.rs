@@ -1,0 +1,1 @@
+//! bitstack-cuda (being written).

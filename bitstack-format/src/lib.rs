@@ -1,0 +1,1 @@
+//! bitstack-format (being written).

@@ -1,0 +1,1 @@
+//! bitstack-linalg (being written).

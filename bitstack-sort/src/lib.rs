@@ -1,0 +1,1 @@
+//! bitstack-sort (being written).
