@@ -11,7 +11,7 @@
 //! use bitstack_cuda::{CudaDevice, CudaError};
 //! match CudaDevice::open(0) {
 //!     Ok(_dev) => unreachable!("this build has no kernels"),
-//!     Err(CudaError::Unavailable(why)) => println!("CPU fallback: {why}"),
+//!     Err(err) => println!("CPU fallback: {err}"),
 //! }
 //! ```
 #![deny(missing_docs)]

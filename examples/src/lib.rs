@@ -1,1 +1,10 @@
-//! examples (being written).
+//! The reference model code behind the `bitstack` tool: GGUF / Hugging Face model reading,
+//! tokenization, a CPU Llama forward pass over any [`bitstack_core::LinearOp`], perplexity
+//! evaluation, and the quantization baselines BitStack is compared against.
+#![deny(missing_docs)]
+
+pub mod baselines;
+pub mod gguf;
+pub mod llama;
+pub mod perplexity;
+pub mod tokenizer;
