@@ -47,6 +47,7 @@ mod error;
 pub mod kernels;
 pub mod linear;
 pub mod order;
+pub mod policy;
 pub mod runtime;
 pub mod signs;
 pub mod stack;
