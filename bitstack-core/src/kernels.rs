@@ -162,7 +162,7 @@ pub fn matmul_reference(
 }
 
 pub(crate) fn batch_of(len: usize, cols: usize) -> Result<usize> {
-    if cols == 0 || len % cols != 0 {
+    if cols == 0 || !len.is_multiple_of(cols) {
         return Err(CoreError::ShapeMismatch {
             what: "input length (a multiple of in_features)",
             expected: cols,
@@ -439,7 +439,13 @@ fn accumulate_k16(words: &[u64], lut: &[f32], g0: usize, g1: usize, acc: &mut [f
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn accumulate_k16_avx2(words: &[u64], lut: &[f32], g0: usize, g1: usize, acc: &mut [f32; 16]) {
+unsafe fn accumulate_k16_avx2(
+    words: &[u64],
+    lut: &[f32],
+    g0: usize,
+    g1: usize,
+    acc: &mut [f32; 16],
+) {
     accumulate_k16(words, lut, g0, g1, acc)
 }
 

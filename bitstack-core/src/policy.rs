@@ -202,8 +202,8 @@ impl MemoryPolicy {
     }
     /// Target budget for an availability reading, before hysteresis.
     pub fn target(&self, available: u64) -> u64 {
-        let keep = (available as f64 * self.params.headroom_fraction) as u64
-            + self.params.headroom_bytes;
+        let keep =
+            (available as f64 * self.params.headroom_fraction) as u64 + self.params.headroom_bytes;
         available
             .saturating_sub(keep)
             .clamp(self.minimum, self.full)
@@ -250,12 +250,27 @@ mod tests {
             hysteresis_bytes: 10,
         };
         let mut pol = MemoryPolicy::new(p, 100, 1000);
-        assert_eq!(pol.decide(Ok(500)), Decision::Resize(MemoryBudget::from_bytes(500)));
+        assert_eq!(
+            pol.decide(Ok(500)),
+            Decision::Resize(MemoryBudget::from_bytes(500))
+        );
         assert_eq!(pol.decide(Ok(505)), Decision::Keep); // jitter up: ignored
-        assert_eq!(pol.decide(Ok(499)), Decision::Resize(MemoryBudget::from_bytes(499))); // any shrink applies
-        assert_eq!(pol.decide(Ok(5000)), Decision::Resize(MemoryBudget::from_bytes(1000)));
-        assert_eq!(pol.decide(Ok(1)), Decision::Resize(MemoryBudget::from_bytes(100)));
-        assert!(matches!(pol.decide(Err("x".into())), Decision::NoReading(_)));
+        assert_eq!(
+            pol.decide(Ok(499)),
+            Decision::Resize(MemoryBudget::from_bytes(499))
+        ); // any shrink applies
+        assert_eq!(
+            pol.decide(Ok(5000)),
+            Decision::Resize(MemoryBudget::from_bytes(1000))
+        );
+        assert_eq!(
+            pol.decide(Ok(1)),
+            Decision::Resize(MemoryBudget::from_bytes(100))
+        );
+        assert!(matches!(
+            pol.decide(Err("x".into())),
+            Decision::NoReading(_)
+        ));
         assert_eq!(pol.current(), Some(100));
     }
 
@@ -271,7 +286,9 @@ mod tests {
         std::fs::write(&f, "lots").unwrap();
         assert!(file.available(0).is_err());
         let chain = FallbackChain(vec![
-            Box::new(MemInfoSource { path: dir.join("nope") }),
+            Box::new(MemInfoSource {
+                path: dir.join("nope"),
+            }),
             Box::new(FixedSource(MemoryBudget::from_bytes(7))),
         ]);
         assert_eq!(chain.available(0), Ok(7));

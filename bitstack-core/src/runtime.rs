@@ -310,6 +310,22 @@ impl BlockSource for InMemorySource {
     }
 }
 
+/// Asks the allocator to hand freed memory back to the OS, so dropped blocks show up as a
+/// lower RSS. glibc keeps freed small and medium chunks (a 576×576 block is ~80 KB, below its
+/// mmap threshold) in its arenas; `malloc_trim` returns them. A no-op elsewhere.
+pub fn trim_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,21 +401,5 @@ mod tests {
         let mut y = vec![0.0f32; 64];
         old.weight(2).unwrap().forward(&x, &mut y).unwrap();
         assert!(y.iter().all(|v| v.is_finite()));
-    }
-}
-
-/// Asks the allocator to hand freed memory back to the OS, so dropped blocks show up as a
-/// lower RSS. glibc keeps freed small and medium chunks (a 576×576 block is ~80 KB, below its
-/// mmap threshold) in its arenas; `malloc_trim` returns them. A no-op elsewhere.
-pub fn trim_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn malloc_trim(pad: usize) -> i32;
-        }
-        // SAFETY: malloc_trim only walks glibc's own arenas; it has no preconditions.
-        unsafe {
-            malloc_trim(0);
-        }
     }
 }

@@ -27,7 +27,7 @@ impl<'a> SignsRef<'a> {
     pub fn new(rows: usize, cols: usize, words: &'a [u64]) -> Result<Self> {
         let wpr = words_per_row(cols);
         check_len("sign words", rows * wpr, words.len())?;
-        if cols % 64 != 0 {
+        if !cols.is_multiple_of(64) {
             let pad_mask = !0u64 << (cols % 64);
             for r in 0..rows {
                 if words[r * wpr + wpr - 1] & pad_mask != 0 {

@@ -76,7 +76,11 @@ fn resize_under_concurrent_products() {
                 let refs: Vec<_> = src.blocks[w][..l].iter().map(|b| b.view()).collect();
                 let mut want = vec![0.0; batch * m];
                 matmul_reference(&refs, m, n, stack.inv_scale(), &x, &mut want).unwrap();
-                let err: f32 = y.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+                let err: f32 = y
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
                 let scale: f32 = want.iter().map(|v| v.abs()).fold(1e-3, f32::max);
                 if err > 1e-3 * scale {
                     mismatches.fetch_add(1, Ordering::Relaxed);

@@ -1,1 +1,111 @@
-//! bitstack-sort (being written).
+//! # bitstack-sort
+//!
+//! The order of BitStack's universal stack (paper section 2.2, Algorithm 1 lines 24-45, and
+//! the ablation of section 3.3): which residual block is loaded next when memory grows.
+//!
+//! * [`sort_average`]: the paper's method. Levels are filled one at a time; the blocks of a
+//!   level are ranked by the calibration loss with only that block added.
+//! * [`sort_greedy`] and [`sort_random`]: the paper's two baselines.
+//! * [`sort_proxy`]: our addition, no forward pass at all: blocks are ranked within each
+//!   level by the activation-weighted output error they remove ([`proxy`] explains why).
+//!
+//! The search-based sorts talk to the model only through [`StackEvaluator`], so this crate
+//! knows nothing of Llama; they checkpoint after every level ([`SortConfig::checkpoint`])
+//! and report progress with an ETA to any [`SortObserver`] (a closure will do). Every
+//! result is a validated [`bitstack_core::UniversalOrder`]: the floor (level 0 of every
+//! weight) first and each weight's blocks in level order.
+//!
+//! ```
+//! use bitstack_sort::{sort_average, NoObserver, SortConfig, StackEvaluator};
+//! use std::convert::Infallible;
+//!
+//! /// Loss = Σ_w importance_w · 2^(−blocks_w): each block halves its weight's error.
+//! struct Toy { importance: Vec<f64> }
+//!
+//! impl StackEvaluator for Toy {
+//!     type Error = Infallible;
+//!     fn num_weights(&self) -> usize { self.importance.len() }
+//!     fn levels(&self, _weight: usize) -> u16 { 3 }
+//!     fn loss(&mut self, blocks: &[u16]) -> Result<f64, Infallible> {
+//!         Ok(self.importance.iter().zip(blocks).map(|(i, &b)| i * 0.5f64.powi(b as i32)).sum())
+//!     }
+//! }
+//!
+//! let mut toy = Toy { importance: vec![1.0, 5.0, 2.0] };
+//! let outcome = sort_average(&mut toy, &SortConfig::default(), &mut NoObserver).unwrap();
+//! let order: Vec<(u32, u16)> =
+//!     outcome.order.as_slice().iter().map(|b| (b.weight, b.level)).collect();
+//! // Floor first; then within each level the most important weight's block first.
+//! assert_eq!(&order[..3], &[(0, 0), (1, 0), (2, 0)]);
+//! assert_eq!(&order[3..6], &[(1, 1), (2, 1), (0, 1)]);
+//! assert_eq!(&order[6..], &[(1, 2), (2, 2), (0, 2)]);
+//! assert_eq!(outcome.evaluations, 6);
+//! ```
+#![deny(missing_docs)]
+
+mod checkpoint;
+mod error;
+mod evaluator;
+mod order;
+pub mod proxy;
+mod search;
+
+pub use error::{Result, SortError};
+pub use evaluator::{NoObserver, SortObserver, SortProgress, SortWarning, StackEvaluator};
+pub use order::{level_major_order, BlockScores};
+pub use proxy::{
+    sort_proxy, ActivationStats, ProxyConfig, ProxyNormalisation, ProxyOutcome, ProxyWeight,
+};
+pub use search::{sort_average, sort_greedy, sort_random, SortConfig, SortOutcome};
+
+/// The orderings this crate computes, e.g. for a `--order` command-line flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SortMethod {
+    /// [`sort_average`].
+    Average,
+    /// [`sort_greedy`].
+    Greedy,
+    /// [`sort_random`].
+    Random,
+    /// [`sort_proxy`].
+    Proxy,
+}
+
+impl SortMethod {
+    /// Every method, in the order above.
+    pub const ALL: [SortMethod; 4] = [Self::Average, Self::Greedy, Self::Random, Self::Proxy];
+
+    /// The lower-case name ([`std::str::FromStr`] accepts it back).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Average => "average",
+            Self::Greedy => "greedy",
+            Self::Random => "random",
+            Self::Proxy => "proxy",
+        }
+    }
+    /// Whether the method needs a [`StackEvaluator`] (forward passes).
+    pub fn needs_evaluator(self) -> bool {
+        matches!(self, Self::Average | Self::Greedy)
+    }
+}
+
+impl std::fmt::Display for SortMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for SortMethod {
+    type Err = SortError;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                SortError::InvalidInput(format!(
+                    "unknown order {s:?}; expected average, greedy, random or proxy"
+                ))
+            })
+    }
+}

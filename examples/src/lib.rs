@@ -7,4 +7,5 @@ pub mod baselines;
 pub mod gguf;
 pub mod llama;
 pub mod perplexity;
+pub mod report;
 pub mod tokenizer;

@@ -1,0 +1,446 @@
+//! Absolute value decomposition (paper eq. 5) and its iterative form (eq. 6–8).
+//!
+//! With `R⁽⁰⁾ = W_scaled = W·diag(s)`, level `l` (0-based) computes
+//!
+//! * `S = sign(R⁽ˡ⁾)` with `sign(0) = +1`, packed into bitstack-core's layout;
+//! * the top-`k` SVD `|R⁽ˡ⁾| ≈ U Σ Vᵀ` ([`crate::svd`]);
+//! * `A = U√Σ` (`rows × k`) and `B = V√Σ` (`cols × k`), **rounded to f16**;
+//! * `R⁽ˡ⁺¹⁾ = R⁽ˡ⁾ − S ⊙ (A Bᵀ)` using the rounded factors.
+//!
+//! Because every residual is taken against the factors *as stored*, the error this module
+//! reports after level `l` is exactly (up to f32 summation order) the error of restoring
+//! blocks `0..=l` with [`bitstack_core::kernels::restore_into`], rather than the slightly
+//! optimistic error of the unrounded factors. Rounding error of one level is corrected by
+//! the following levels.
+//!
+//! Per level, all element-wise work — subtracting the block, accumulating `‖R‖²`, writing
+//! `|R|` for the next SVD and packing the next signs — is one fused parallel pass over the
+//! matrix; the buffers for `R`, `|R|` and the SVD sketches are allocated once.
+
+use crate::error::{check_len, LinalgError, Result};
+use crate::rng::derive_seed;
+use crate::scale::check_scale;
+use crate::signs::pack_row_into;
+use crate::svd::{SvdWorkspace, TruncatedSvdParams};
+use bitstack_core::signs::words_per_row;
+use bitstack_core::{ResidualBlock, StackMeta};
+use faer::MatRef;
+use half::{f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+use std::time::{Duration, Instant};
+
+/// Parameters of [`decompose`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IavdParams {
+    /// Residual blocks to produce (`n` in the paper), `1 ..= 65535`.
+    pub levels: usize,
+    /// Singular vectors per block (`k`); overrides `svd.rank`.
+    pub rank: usize,
+    /// SVD settings for `|R|` (method, oversampling, power iterations, seed, threads). Level
+    /// `l` uses a seed derived from `svd.seed` and `l`.
+    pub svd: TruncatedSvdParams,
+}
+
+impl Default for IavdParams {
+    /// The paper's setting: 16 levels of k = 16.
+    fn default() -> Self {
+        Self {
+            levels: 16,
+            rank: 16,
+            svd: TruncatedSvdParams::default(),
+        }
+    }
+}
+
+/// The result of [`decompose`].
+#[derive(Clone, Debug)]
+pub struct Decomposition {
+    /// Rows (output features).
+    pub rows: usize,
+    /// Columns (input features).
+    pub cols: usize,
+    /// Singular vectors per block.
+    pub rank: usize,
+    /// One block per level, in order.
+    pub blocks: Vec<ResidualBlock>,
+    /// `‖W_scaled − Σ_{l' ≤ l} S_l' ⊙ A_l' B_l'ᵀ‖_F / ‖W_scaled‖_F` after each level `l`,
+    /// measured in the **scaled** space (where the decomposition works; with no scale it is
+    /// the plain relative error of `W`), with the f16 factors. `0` for an all-zero `W`.
+    pub relative_errors: Vec<f64>,
+    /// `‖W_scaled‖_F`.
+    pub reference_norm: f64,
+    /// Wall time of each level (SVD, factor rounding and the fused update), for profiling.
+    pub level_times: Vec<Duration>,
+}
+
+impl Decomposition {
+    /// Metadata for a [`bitstack_core::WeightStack`] built from these blocks.
+    pub fn stack_meta(&self, name: impl Into<String>, scale: Option<Vec<f32>>) -> StackMeta {
+        StackMeta {
+            name: name.into(),
+            rows: self.rows,
+            cols: self.cols,
+            rank: self.rank,
+            // decompose() caps levels at u16::MAX.
+            levels: self.blocks.len() as u16,
+            scale,
+        }
+    }
+}
+
+/// Rows of `R` one parallel task handles.
+const ROW_CHUNK: usize = 8;
+/// Independent accumulators for the squared-norm reduction.
+const LANES: usize = 8;
+
+/// Iterative absolute value decomposition of `w` (`rows × cols`, PyTorch `[out, in]`, any
+/// strides) after scaling column `j` by `scale[j]` (see [`crate::scale`]).
+///
+/// Errors: non-finite entries in `w` or in `w·diag(scale)`, a scale that is not finite and
+/// positive or has the wrong length, `levels` outside `1..=65535`, `rank` outside
+/// `1..=min(rows, cols)`, and factors that overflow f16.
+pub fn decompose(
+    w: MatRef<'_, f32>,
+    scale: Option<&[f32]>,
+    params: &IavdParams,
+) -> Result<Decomposition> {
+    let (rows, cols) = w.shape();
+    let svd = validate(rows, cols, scale, params)?;
+    let mut r = vec![0.0f32; rows * cols];
+    r.par_chunks_mut(cols).enumerate().for_each(|(i, row)| {
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = w[(i, j)] * scale.map_or(1.0, |s| s[j]);
+        }
+    });
+    check_scaled(&r, |index| w[(index / cols, index % cols)])?;
+    run(r, rows, cols, &svd, params.levels)
+}
+
+/// [`decompose`] for a row-major slice of `rows × cols` values.
+pub fn decompose_slice(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    scale: Option<&[f32]>,
+    params: &IavdParams,
+) -> Result<Decomposition> {
+    check_len("weight", rows.saturating_mul(cols), w.len())?;
+    let svd = validate(rows, cols, scale, params)?;
+    let r = match scale {
+        None => w.to_vec(),
+        Some(s) => w
+            .chunks_exact(cols)
+            .flat_map(|row| row.iter().zip(s).map(|(x, s)| x * s))
+            .collect(),
+    };
+    check_scaled(&r, |index| w[index])?;
+    run(r, rows, cols, &svd, params.levels)
+}
+
+/// `‖reference − approx‖_F / ‖reference‖_F` in f64 (`0` when both are zero, `inf` when only
+/// the reference is).
+pub fn relative_error(reference: &[f32], approx: &[f32]) -> Result<f64> {
+    check_len("approximation", reference.len(), approx.len())?;
+    let (num, den) = reference
+        .iter()
+        .zip(approx)
+        .fold((0.0f64, 0.0f64), |(n, d), (&x, &y)| {
+            let e = x as f64 - y as f64;
+            (n + e * e, d + x as f64 * x as f64)
+        });
+    Ok(if num == 0.0 { 0.0 } else { (num / den).sqrt() })
+}
+
+fn validate(
+    rows: usize,
+    cols: usize,
+    scale: Option<&[f32]>,
+    params: &IavdParams,
+) -> Result<TruncatedSvdParams> {
+    if params.levels == 0 || params.levels > u16::MAX as usize {
+        return Err(LinalgError::InvalidParameter {
+            name: "levels",
+            reason: format!("must be in 1..=65535, got {}", params.levels),
+        });
+    }
+    let svd = TruncatedSvdParams {
+        rank: params.rank,
+        ..params.svd
+    };
+    svd.validate(rows, cols)?;
+    if let Some(s) = scale {
+        check_scale(s, cols)?;
+    }
+    Ok(svd)
+}
+
+/// Reports the first non-finite scaled entry, blaming the weight when it was already
+/// non-finite there and the scaling otherwise (overflow).
+fn check_scaled(r: &[f32], original: impl Fn(usize) -> f32) -> Result<()> {
+    match r.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(index) => Err(LinalgError::NonFinite {
+            what: if original(index).is_finite() {
+                "scaled weight (overflow)"
+            } else {
+                "weight"
+            },
+            index,
+        }),
+    }
+}
+
+/// The IAVD loop on the (finite, scaled) row-major matrix `w`.
+///
+/// The residual is kept implicitly as `R = S ⊙ |R|`: one f32 buffer holding `|R|` (which the
+/// SVD needs anyway) plus the packed signs `S` (which the block needs anyway). Since
+/// `R − S⊙C = S ⊙ (|R| − C)` exactly in IEEE arithmetic, this is bit-for-bit the explicit
+/// update while moving half the bytes per level.
+fn run(
+    mut abs: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    svd: &TruncatedSvdParams,
+    levels: usize,
+) -> Result<Decomposition> {
+    let k = svd.rank;
+    let wpr = words_per_row(cols);
+    let mut signs = vec![0u64; rows * wpr];
+    // Level-0 inputs: sign(W), |W| (in place) and ‖W‖².
+    let sq: Vec<f64> = abs
+        .par_chunks_mut(cols * ROW_CHUNK)
+        .zip(signs.par_chunks_mut(wpr * ROW_CHUNK))
+        .map(|(w, signs)| {
+            let mut lanes = [0.0f64; LANES];
+            for (wr, sr) in w.chunks_exact_mut(cols).zip(signs.chunks_exact_mut(wpr)) {
+                pack_row_into(wr, sr);
+                for x in wr.chunks_mut(LANES) {
+                    for (t, x) in x.iter_mut().enumerate() {
+                        lanes[t] += *x as f64 * *x as f64;
+                        *x = x.abs();
+                    }
+                }
+            }
+            lanes.iter().sum::<f64>()
+        })
+        .collect();
+    let norm0 = sq.iter().sum::<f64>().sqrt();
+
+    let mut ws = SvdWorkspace::new(rows, cols, svd);
+    let mut blocks = Vec::with_capacity(levels);
+    let mut relative_errors = Vec::with_capacity(levels);
+    let mut a32 = vec![0.0f32; rows * k];
+    let mut bt32 = vec![0.0f32; k * cols];
+    let mut level_times = Vec::with_capacity(levels);
+    for level in 0..levels {
+        let start = Instant::now();
+        let t = ws.compute(
+            MatRef::from_row_major_slice(&abs, rows, cols),
+            svd,
+            derive_seed(svd.seed, level as u64),
+        )?;
+        // Factors √σ·u and √σ·v, rounded to f16; the residual below uses exactly these.
+        // Bulk slice conversions: half's per-value conversion is ~100× slower here.
+        for c in 0..k {
+            let root = t.s[c].max(0.0).sqrt();
+            for (i, &u) in t.u.col_as_slice(c).iter().enumerate() {
+                a32[i * k + c] = u * root;
+            }
+            for (j, &v) in t.v.col_as_slice(c).iter().enumerate() {
+                bt32[c * cols + j] = v * root;
+            }
+        }
+        let mut a16 = vec![f16::ZERO; rows * k];
+        a16.convert_from_f32_slice(&a32);
+        // B is stored cols × k (row-major): transpose the rank-major buffer on the way.
+        let b32: Vec<f32> = (0..cols * k)
+            .map(|t| bt32[(t % k) * cols + t / k])
+            .collect();
+        let mut b16 = vec![f16::ZERO; cols * k];
+        b16.convert_from_f32_slice(&b32);
+        check_f16(&a16, &a32, level)?;
+        check_f16(&b16, &b32, level)?;
+        a16.convert_to_f32_slice(&mut a32);
+        for (t, b) in b16.iter().enumerate() {
+            bt32[(t % k) * cols + t / k] = b.to_f32();
+        }
+        let need_next = level + 1 < levels;
+        // Allocated every level because it moves into the block; the last level's stays
+        // zero and is dropped.
+        let mut next_signs = vec![0u64; if need_next { rows * wpr } else { 0 }];
+        let sq: Vec<f64> = if need_next {
+            abs.par_chunks_mut(cols * ROW_CHUNK)
+                .zip(signs.par_chunks(wpr * ROW_CHUNK))
+                .zip(next_signs.par_chunks_mut(wpr * ROW_CHUNK))
+                .zip(a32.par_chunks(k * ROW_CHUNK))
+                .map_init(
+                    || vec![0.0f32; cols],
+                    |c, (((abs, signs), next), a)| {
+                        update_rows(abs, signs, Some(next), a, &bt32, c, k)
+                    },
+                )
+                .collect()
+        } else {
+            abs.par_chunks_mut(cols * ROW_CHUNK)
+                .zip(signs.par_chunks(wpr * ROW_CHUNK))
+                .zip(a32.par_chunks(k * ROW_CHUNK))
+                .map_init(
+                    || vec![0.0f32; cols],
+                    |c, ((abs, signs), a)| update_rows(abs, signs, None, a, &bt32, c, k),
+                )
+                .collect()
+        };
+        let norm = sq.iter().sum::<f64>().sqrt();
+        relative_errors.push(if norm0 == 0.0 { 0.0 } else { norm / norm0 });
+        let level_signs = std::mem::replace(&mut signs, next_signs);
+        blocks.push(ResidualBlock::new(rows, cols, k, level_signs, a16, b16)?);
+        level_times.push(start.elapsed());
+    }
+    Ok(Decomposition {
+        rows,
+        cols,
+        rank: k,
+        blocks,
+        relative_errors,
+        reference_norm: norm0,
+        level_times,
+    })
+}
+
+/// Rejects factors that overflowed f16 (the f32 values are finite, so any non-finite f16 is
+/// an overflow).
+fn check_f16(h: &[f16], f: &[f32], level: usize) -> Result<()> {
+    match h.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(LinalgError::FactorOverflow { level, value: f[i] }),
+    }
+}
+
+/// [`update_rows_generic`], compiled for AVX2 when the CPU has it (the default x86-64 target
+/// only assumes SSE2). No FMA is enabled, so results are bit-identical on both paths and
+/// `C` matches `restore_into`'s products exactly.
+fn update_rows(
+    abs: &mut [f32],
+    signs: &[u64],
+    next: Option<&mut [u64]>,
+    a: &[f32],
+    bt: &[f32],
+    c: &mut [f32],
+    k: usize,
+) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 support was just checked at run time.
+        return unsafe { update_rows_avx2(abs, signs, next, a, bt, c, k) };
+    }
+    update_rows_generic(abs, signs, next, a, bt, c, k)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn update_rows_avx2(
+    abs: &mut [f32],
+    signs: &[u64],
+    next: Option<&mut [u64]>,
+    a: &[f32],
+    bt: &[f32],
+    c: &mut [f32],
+    k: usize,
+) -> f64 {
+    update_rows_generic(abs, signs, next, a, bt, c, k)
+}
+
+/// One level's update for a chunk of rows, with `R = S ⊙ |R|` held as `abs` and `signs`:
+/// `R' = R − S ⊙ C = S ⊙ (|R| − C)` where `C = A Bᵀ`. Returns `Σ R'²` of the chunk; when
+/// `next` is given, overwrites `abs` with `|R'|` and writes the packed signs of `R'` there
+/// (`sign(±0) = +1`). `c` is a scratch row of `cols` floats.
+///
+/// Each row of `C` is built with `k` axpys into `c` (which stays in L1), the same operations
+/// in the same order as `restore_into`, so `C` is bit-identical to what restoration computes.
+#[inline(always)]
+fn update_rows_generic(
+    abs: &mut [f32],
+    signs: &[u64],
+    mut next: Option<&mut [u64]>,
+    a: &[f32],
+    bt: &[f32],
+    c: &mut [f32],
+    k: usize,
+) -> f64 {
+    let cols = c.len();
+    let wpr = words_per_row(cols);
+    let write = next.is_some();
+    let mut ss = 0.0f64;
+    for (i, (ar, arow)) in abs
+        .chunks_exact_mut(cols)
+        .zip(a.chunks_exact(k))
+        .enumerate()
+    {
+        c.fill(0.0);
+        for (q, &av) in arow.iter().enumerate() {
+            for (cj, &b) in c.iter_mut().zip(&bt[q * cols..(q + 1) * cols]) {
+                *cj += av * b;
+            }
+        }
+        // Eight independent f64 lanes: a single running sum is a serial dependency chain the
+        // compiler may not reorder.
+        let mut lanes = [0.0f64; LANES];
+        for (wi, (xw, cw)) in ar.chunks_mut(64).zip(c.chunks(64)).enumerate() {
+            let word = signs[i * wpr + wi];
+            let mut bits = 0u64;
+            for (g, (x8, c8)) in xw.chunks_mut(LANES).zip(cw.chunks(LANES)).enumerate() {
+                let shift = g * LANES;
+                let byte = match (
+                    <&mut [f32; LANES]>::try_from(&mut *x8),
+                    <&[f32; LANES]>::try_from(c8),
+                ) {
+                    (Ok(x8), Ok(c8)) => update_group(x8, c8, word >> shift, write, &mut lanes),
+                    _ => {
+                        // Row tail shorter than LANES: pad with zeros, which add nothing.
+                        let n = x8.len();
+                        let (mut xs, mut cs) = ([0.0f32; LANES], [0.0f32; LANES]);
+                        xs[..n].copy_from_slice(x8);
+                        cs[..n].copy_from_slice(c8);
+                        let byte = update_group(&mut xs, &cs, word >> shift, write, &mut lanes);
+                        x8.copy_from_slice(&xs[..n]);
+                        byte & ((1u64 << n) - 1)
+                    }
+                };
+                bits |= byte << shift;
+            }
+            if let Some(next) = next.as_deref_mut() {
+                next[i * wpr + wi] = bits;
+            }
+        }
+        ss += lanes.iter().sum::<f64>();
+    }
+    ss
+}
+
+/// `d = |R| − C` for eight entries: accumulates `d²`, writes `|d|` when `write`, and returns
+/// the eight sign bits of `R' = S ⊙ d` (bit `t` for entry `t`; `S` is read from the low 8
+/// bits of `s_bits`).
+#[inline(always)]
+fn update_group(
+    x: &mut [f32; LANES],
+    c: &[f32; LANES],
+    s_bits: u64,
+    write: bool,
+    lanes: &mut [f64; LANES],
+) -> u64 {
+    let mut byte = 0u64;
+    for t in 0..LANES {
+        let d = x[t] - c[t];
+        // R' = ±d: flip d's sign bit where S is −1 (packed bit clear).
+        let negative = (((s_bits >> t) & 1) ^ 1) as u32;
+        let y = f32::from_bits(d.to_bits() ^ (negative << 31));
+        byte |= ((y >= 0.0) as u64) << t;
+        lanes[t] += d as f64 * d as f64;
+        if write {
+            x[t] = d.abs();
+        }
+    }
+    byte
+}
