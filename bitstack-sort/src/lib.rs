@@ -43,6 +43,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod capped;
 mod checkpoint;
 mod error;
 mod evaluator;
@@ -50,6 +51,7 @@ mod order;
 pub mod proxy;
 mod search;
 
+pub use capped::{splice_orders, LevelCap};
 pub use error::{Result, SortError};
 pub use evaluator::{NoObserver, SortObserver, SortProgress, SortWarning, StackEvaluator};
 pub use order::{level_major_order, BlockScores};

@@ -4,12 +4,14 @@
 #![deny(missing_docs)]
 
 pub mod baselines;
+pub mod compare;
 pub mod compress;
 pub mod gguf;
 pub mod llama;
 pub mod memstat;
 pub mod perplexity;
 pub mod report;
+pub mod serve;
 pub mod sorting;
 pub mod stackmodel;
 pub mod tokenizer;

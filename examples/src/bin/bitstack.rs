@@ -53,6 +53,14 @@ enum Command {
     Eval(EvalArgs),
     /// Generate text at a budget.
     Generate(GenerateArgs),
+    /// Line-based generation that follows the memory the device has, resizing in place.
+    Serve(bitstack_examples::serve::ServeArgs),
+    /// Generate continuously under a scripted schedule of available memory.
+    PressureDemo(bitstack_examples::serve::PressureArgs),
+    /// Reorder a stack file's universal stack: average, greedy, random, roundrobin or proxy.
+    Sort(SortArgs),
+    /// The paper's Table 1: RTN / GPTQ / AWQ at w2..w4 (g128) vs BitStack at equal memory.
+    Compare(bitstack_examples::compare::CompareArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -631,6 +639,206 @@ fn generate(args: &GenerateArgs) -> Res<()> {
     Ok(())
 }
 
+#[derive(Args, Debug)]
+struct SortArgs {
+    /// The stack file to reorder (its blocks are reused; only the order changes).
+    file: PathBuf,
+    /// average | greedy | random | roundrobin | proxy.
+    #[arg(long)]
+    method: String,
+    /// Output stack file.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Scoring text for average / greedy (e.g. ../shared/data/wikitext2-train-head.txt).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// The original model, for proxy (it needs the uncompressed weights).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Scoring windows for average / greedy (the paper uses 32 of 2048 tokens).
+    #[arg(long, default_value_t = 8)]
+    scoring_seqs: usize,
+    /// Tokens per scoring window.
+    #[arg(long, default_value_t = 256)]
+    scoring_seq_len: usize,
+    /// Score only the first N levels with average / greedy; the rest keeps the input
+    /// file's order (which must be level-major, as proxy, roundrobin and average are).
+    #[arg(long)]
+    max_level: Option<u16>,
+    /// Checkpoint file for resumable average / greedy sorts.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Seed for random.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn sort(args: &SortArgs) -> Res<()> {
+    use bitstack_core::BlockId;
+    use bitstack_sort::{
+        sort_average, sort_greedy, splice_orders, ActivationStats, LevelCap, ProxyConfig,
+        ProxyWeight, SortConfig, SortProgress, StackEvaluator,
+    };
+    use std::sync::Arc;
+    let sm = StackModel::open(&args.file)?;
+    let file = sm.file();
+    let levels: Vec<u16> = file.stacks().iter().map(|m| m.levels).collect();
+    let read_all = |w: usize| -> Res<Vec<bitstack_core::ResidualBlock>> {
+        (0..levels[w])
+            .map(|l| {
+                Ok(file.read_block(BlockId {
+                    weight: w as u32,
+                    level: l,
+                })?)
+            })
+            .collect()
+    };
+    let t = Instant::now();
+    let (order, detail) = match args.method.as_str() {
+        "roundrobin" => (
+            bitstack_core::UniversalOrder::round_robin(levels.clone())?,
+            String::new(),
+        ),
+        "random" => (
+            bitstack_sort::sort_random(&levels, args.seed)?,
+            format!("seed {}", args.seed),
+        ),
+        "proxy" => {
+            let model = args
+                .model
+                .as_ref()
+                .ok_or("proxy needs --model (the original weights)")?;
+            let source = open_model(model)?;
+            let mut originals = Vec::new();
+            let mut blocks = Vec::new();
+            for (w, m) in file.stacks().iter().enumerate() {
+                originals.push(source.tensor_f32(&m.name)?.1);
+                blocks.push(read_all(w)?);
+            }
+            let weights: Vec<ProxyWeight<'_>> = file
+                .stacks()
+                .iter()
+                .enumerate()
+                .map(|(w, m)| ProxyWeight {
+                    original: &originals[w],
+                    rows: m.rows,
+                    cols: m.cols,
+                    blocks: &blocks[w],
+                    scale: m.scale.as_deref(),
+                    stats: ActivationStats::FromScale,
+                })
+                .collect();
+            let t = Instant::now();
+            let out = bitstack_sort::sort_proxy(&weights, &ProxyConfig::default())?;
+            (
+                out.order,
+                format!("proxy itself {:.2} s", t.elapsed().as_secs_f64()),
+            )
+        }
+        "average" | "greedy" => {
+            let calib = args
+                .calib
+                .as_ref()
+                .ok_or("average/greedy need --calib TEXT")?;
+            let resident = LlamaResident::from_source_with(
+                &sm,
+                bitstack_examples::llama::EmbeddingPrecision::F16,
+            )?;
+            let tokens = sm
+                .tokenizer()?
+                .encode(&std::fs::read_to_string(calib)?, false)?;
+            let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
+            let avail = tokens.len() / l.max(1);
+            if n == 0 || avail < n {
+                return Err(format!("{n} scoring windows of {l} tokens need more text").into());
+            }
+            let scoring: Vec<u32> = (0..n)
+                .flat_map(|i| {
+                    let s = i * avail / n * l;
+                    tokens[s..s + l].iter().copied()
+                })
+                .collect();
+            let mut parts = Vec::new();
+            for (w, m) in file.stacks().iter().enumerate() {
+                parts.push((
+                    m.clone(),
+                    read_all(w)?.into_iter().map(Arc::new).collect::<Vec<_>>(),
+                ));
+            }
+            let ev = bitstack_examples::sorting::LlamaStackEvaluator::from_parts(
+                &resident, parts, scoring, l,
+            )?;
+            let cap = args.max_level.unwrap_or(u16::MAX);
+            let mut ev = LevelCap { inner: ev, cap };
+            let config = SortConfig {
+                checkpoint: args.checkpoint.clone(),
+                problem_key: format!(
+                    "{} {} {}x{} cap {cap}",
+                    args.file.display(),
+                    calib.display(),
+                    n,
+                    l
+                ),
+            };
+            let mut last = Instant::now();
+            let mut observer = |p: &SortProgress| {
+                if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
+                    last = Instant::now();
+                    eprint!(
+                        "\r{}: level {}/{} evaluation {}/{}, {:.0}s elapsed, ETA {}   ",
+                        args.method,
+                        p.level,
+                        p.last_level,
+                        p.done,
+                        p.total,
+                        p.elapsed.as_secs_f64(),
+                        p.eta
+                            .map_or("?".into(), |e| format!("{:.0}s", e.as_secs_f64()))
+                    );
+                }
+            };
+            let out = if args.method == "average" {
+                sort_average(&mut ev, &config, &mut observer)?
+            } else {
+                ev.inner.prepare_greedy()?;
+                sort_greedy(&mut ev, &config, &mut observer)?
+            };
+            eprintln!();
+            let scored_levels = (0..ev.num_weights())
+                .map(|w| ev.levels(w))
+                .max()
+                .unwrap_or(0);
+            let order = if out.order.levels() == levels.as_slice() {
+                out.order
+            } else {
+                splice_orders(&out.order, file.order())?
+            };
+            (
+                order,
+                format!(
+                    "{} evaluations of {n} x {l} tokens, levels 1..{scored_levels} scored{}",
+                    out.evaluations,
+                    if scored_levels < *levels.iter().max().unwrap_or(&0) {
+                        ", later levels in the input file's order"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        }
+        other => return Err(format!("unknown sort method {other:?}").into()),
+    };
+    let secs = t.elapsed().as_secs_f64();
+    file.write_with_order(&args.output, order)?;
+    println!(
+        "{}: ordered {} blocks in {secs:.1} s ({detail}); wrote {}",
+        args.method,
+        file.order().len(),
+        args.output.display()
+    );
+    Ok(())
+}
+
 /// The shared folder next to the workspace (`../shared` from the repository root).
 fn shared_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -798,6 +1006,10 @@ fn run(cli: Cli) -> Res<()> {
             }
         }
         Command::Generate(a) => generate(&a),
+        Command::Serve(a) => bitstack_examples::serve::serve(&a),
+        Command::PressureDemo(a) => bitstack_examples::serve::pressure_demo(&a),
+        Command::Sort(a) => sort(&a),
+        Command::Compare(a) => bitstack_examples::compare::run_cli(&a),
     }
 }
 

@@ -1,0 +1,1158 @@
+//! `bitstack compare`: the paper's Table 1 for one model — the original, the RTN / GPTQ / AWQ
+//! baselines at `w{2,3,4}` and `w{2,3,4}g128`, and BitStack at the largest budget that does not
+//! exceed each baseline's memory — plus optional ablations of BitStack (no activation scaling,
+//! other `k`).
+//!
+//! # Memory accounting
+//!
+//! Every method is charged the same way: the bytes of the weights it holds plus the resident
+//! tensors the forward pass needs. The resident part is identical for all rows (the token
+//! embedding in f16, the f32 RMSNorm weights, biases, an untied head in f16:
+//! [`LlamaResident::held_bytes`] with [`EmbeddingPrecision::F16`]); a baseline adds its packed
+//! codes, f16 scales and zeros and (AWQ) its f16 per-input-column scale
+//! ([`QuantizedLinear::bytes`]); BitStack adds its f32 scale vectors and loaded blocks
+//! ([`ElasticModel::bytes_at_prefix`](bitstack_core::ElasticModel::bytes_at_prefix), whose
+//! resident part [`LoadedStack::open`] sets to the same `held_bytes`). The original row is the
+//! model with every parameter in f16.
+//!
+//! # Calibration of the baselines
+//!
+//! GPTQ and AWQ read `XᵀX` and `Σ|x|` of every linear's input, accumulated in one forward pass
+//! of the original model over `calib_windows` evenly spaced windows of `calib_seq_len` tokens
+//! (the same windows `compress` uses for BitStack's activation norms). Q/K/V and Gate/Up share
+//! their input and therefore their statistics. The reference implementations re-collect the
+//! inputs of each block after quantizing the previous ones; this one-pass variant does not.
+
+use crate::baselines::{
+    packed_words, Baseline, Grouping, HessianAccumulator, QuantBytes, QuantConfig, WeightView,
+};
+use crate::compress::{compress, write_compressed, CompressParams};
+use crate::gguf::{open_model, ModelSource};
+use crate::llama::{
+    ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaResident,
+};
+use crate::perplexity::{perplexity, Perplexity, PerplexityParams, PerplexityProgress};
+use crate::report::{markdown_table, svg_plot, Progress, Series};
+use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRESSION};
+use bitstack_core::{LinearOp, MemoryBudget, MB};
+use clap::Args;
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Errors of the compare command (every stage's error, as text with context).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, Error>;
+
+/// Arguments of `bitstack compare`.
+#[derive(Args, Debug, Clone)]
+pub struct CompareArgs {
+    /// The original model (`.gguf` file or Hugging Face directory).
+    pub model: PathBuf,
+    /// Calibration text for GPTQ / AWQ (and for compressing when --stack is not given).
+    #[arg(long)]
+    pub calib: PathBuf,
+    /// Evaluation text.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// A stack file of the same model; without it one is compressed (default settings) into
+    /// OUT_DIR/stack.bitstack, or reused from there.
+    #[arg(long)]
+    pub stack: Option<PathBuf>,
+    /// Folder for compare.json, compare.md and compare.svg.
+    #[arg(long, default_value = ".cache/compare")]
+    pub out_dir: PathBuf,
+    /// Evaluation windows of --seq-len tokens, evenly spaced over the text (0: all).
+    #[arg(long, default_value_t = 8)]
+    pub max_windows: usize,
+    /// Evaluation window length.
+    #[arg(long, default_value_t = 2048)]
+    pub seq_len: usize,
+    /// Calibration windows for GPTQ / AWQ.
+    #[arg(long, default_value_t = 32)]
+    pub calib_windows: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    pub calib_seq_len: usize,
+    /// Bit widths of the baselines.
+    #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
+    pub bits: Vec<u8>,
+    /// Group size of the grouped configurations (`wNg128`).
+    #[arg(long, default_value_t = 128)]
+    pub group_size: usize,
+    /// Baselines: rtn, gptq, gptq-act, awq.
+    #[arg(long, value_delimiter = ',', default_value = "rtn,gptq,awq", value_parser = parse_baseline)]
+    pub methods: Vec<Baseline>,
+    /// Skip the original model's row.
+    #[arg(long)]
+    pub skip_original: bool,
+    /// Also evaluate BitStack without activation scaling and with k in --ablation-ranks
+    /// (each compressed afresh into OUT_DIR and deleted afterwards), at the memory of the
+    /// first method's grouped configurations.
+    #[arg(long)]
+    pub ablations: bool,
+    /// Only the ablations (no baseline rows); their budgets are then those of RTN
+    /// `wNg128` computed analytically.
+    #[arg(long)]
+    pub ablations_only: bool,
+    /// Ranks k of the k ablation (16, the main stack's usual k, is reused from --stack).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,32")]
+    pub ablation_ranks: Vec<usize>,
+    /// Evaluation windows for the ablations (default: --max-windows).
+    #[arg(long)]
+    pub ablation_windows: Option<usize>,
+}
+
+/// Parses a baseline name (`rtn`, `gptq`, `gptq-act`, `awq`).
+pub fn parse_baseline(s: &str) -> Result<Baseline, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "rtn" => Ok(Baseline::Rtn),
+        "gptq" => Ok(Baseline::Gptq),
+        "gptq-act" | "gptq_act" => Ok(Baseline::GptqActOrder),
+        "awq" => Ok(Baseline::Awq),
+        o => Err(format!("unknown method {o:?} (rtn, gptq, gptq-act, awq)")),
+    }
+}
+
+/// Bytes a quantized `rows × cols` weight holds under `quant`, computed from the storage format
+/// alone: rows padded to whole `u32` words of codes, one f16 scale and one f16 zero per row and
+/// group, and (AWQ) one f16 input scale per column. Equals [`QuantizedLinear::bytes`] of every
+/// layer RTN / GPTQ / AWQ produce.
+///
+/// [`QuantizedLinear::bytes`]: crate::baselines::QuantizedLinear::bytes
+pub fn quant_bytes(
+    rows: usize,
+    cols: usize,
+    quant: &QuantConfig,
+    input_scale: bool,
+) -> Res<QuantBytes> {
+    let gl = quant.group_len(cols)?;
+    let groups = (rows * cols.div_ceil(gl)) as u64;
+    Ok(QuantBytes {
+        codes: (rows * packed_words(cols, quant.bits) * 4) as u64,
+        scales: 2 * groups,
+        zeros: 2 * groups,
+        input_scale: if input_scale { 2 * cols as u64 } else { 0 },
+    })
+}
+
+/// Memory of a whole model quantized with `method`: the resident bytes plus
+/// [`quant_bytes`] of every `(rows, cols)` linear in `shapes`.
+pub fn baseline_model_bytes(
+    shapes: &[(usize, usize)],
+    quant: &QuantConfig,
+    method: Baseline,
+    resident_bytes: u64,
+) -> Res<u64> {
+    let mut total = resident_bytes;
+    for &(r, c) in shapes {
+        total += quant_bytes(r, c, quant, method == Baseline::Awq)?.total();
+    }
+    Ok(total)
+}
+
+/// The largest prefix `p ≥ floor` of a universal order whose bytes `cumulative[p]` do not exceed
+/// `bytes` (`cumulative[p]` = bytes held with `p` blocks; non-decreasing), or `None` when even
+/// the minimum model (`floor` blocks, one per weight) is larger.
+pub fn largest_prefix_within(cumulative: &[u64], floor: usize, bytes: u64) -> Option<usize> {
+    let min = *cumulative.get(floor)?;
+    if min > bytes {
+        return None;
+    }
+    Some(cumulative.partition_point(|&b| b <= bytes) - 1)
+}
+
+/// The baseline configurations of the table: for each bit width, per-channel then grouped.
+pub fn configs(bits: &[u8], group_size: usize) -> Vec<QuantConfig> {
+    bits.iter()
+        .flat_map(|&b| {
+            [
+                QuantConfig {
+                    bits: b,
+                    grouping: Grouping::PerChannel,
+                },
+                QuantConfig {
+                    bits: b,
+                    grouping: Grouping::Groups(group_size),
+                },
+            ]
+        })
+        .collect()
+}
+
+/// Which shared statistics slot a linear's input falls in: Q/K/V read the same normalised
+/// input, as do Gate/Up.
+fn stats_slot(kind: LinearKind) -> usize {
+    match kind {
+        LinearKind::Q | LinearKind::K | LinearKind::V => 0,
+        LinearKind::O => 1,
+        LinearKind::Gate | LinearKind::Up => 2,
+        LinearKind::Down => 3,
+    }
+}
+
+struct HessianObserver {
+    stats: Vec<Mutex<HessianAccumulator>>,
+    error: Mutex<Option<String>>,
+}
+
+impl ActivationObserver for HessianObserver {
+    fn observe(&self, layer: usize, kind: LinearKind, x: &[f32]) {
+        // Observe each shared input once (at its first reader).
+        if !matches!(
+            kind,
+            LinearKind::Q | LinearKind::O | LinearKind::Gate | LinearKind::Down
+        ) {
+            return;
+        }
+        let Some(slot) = self.stats.get(layer * 4 + stats_slot(kind)) else {
+            return;
+        };
+        let mut acc = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = acc.observe(x) {
+            self.error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(format!("layer {layer} {kind:?}: {e}"));
+        }
+    }
+}
+
+/// Calibration statistics of every shared linear input (`4 · n_layers`, see `stats_slot`).
+fn collect_stats(
+    source: &dyn ModelSource,
+    model: &Llama<'_>,
+    tokens: &[u32],
+    windows: usize,
+    seq_len: usize,
+) -> Res<Vec<HessianAccumulator>> {
+    let c = source.config();
+    let available = tokens.len() / seq_len.max(1);
+    if windows == 0 || seq_len < 2 || available < windows {
+        return Err(format!(
+            "{windows} calibration windows of {seq_len} tokens requested, the text has {} tokens",
+            tokens.len()
+        )
+        .into());
+    }
+    let mut stats = Vec::with_capacity(4 * c.n_layers);
+    for _ in 0..c.n_layers {
+        for kind in [
+            LinearKind::Q,
+            LinearKind::O,
+            LinearKind::Gate,
+            LinearKind::Down,
+        ] {
+            stats.push(Mutex::new(HessianAccumulator::new(kind.shape(c).1)?));
+        }
+    }
+    let observer = HessianObserver {
+        stats,
+        error: Mutex::new(None),
+    };
+    let batch = model.seq_batch(1, seq_len)?;
+    let mut progress = Progress::new("baseline calibration windows", windows);
+    for i in 0..windows {
+        let start = (i * available / windows) * seq_len;
+        model.forward_hidden(&tokens[start..start + seq_len], &batch, Some(&observer))?;
+        progress.update(i + 1);
+    }
+    if let Some(e) = observer
+        .error
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        return Err(format!("calibration statistics: {e}").into());
+    }
+    Ok(observer
+        .stats
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+        .collect())
+}
+
+fn ppl_progress(label: String) -> impl FnMut(&PerplexityProgress) {
+    move |p| {
+        eprint!(
+            "\r{label}: window {}/{} running ppl {:.3}, {:.0}s elapsed, ETA {:.0}s   ",
+            p.windows_done,
+            p.windows_total,
+            p.running_ppl,
+            p.elapsed.as_secs_f64(),
+            p.eta.as_secs_f64()
+        );
+        if p.windows_done == p.windows_total {
+            eprintln!();
+        }
+    }
+}
+
+fn ppl_json(p: &Perplexity) -> Value {
+    json!({
+        "ppl": p.ppl,
+        "mean_nll": p.mean_nll,
+        "windows": p.windows,
+        "windows_available": p.windows_available,
+        "tokens_scored": p.tokens_scored,
+        "seconds": p.seconds,
+    })
+}
+
+fn mb(bytes: u64) -> f64 {
+    bytes as f64 / MB
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder, fsync and rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp-write");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Make the rename itself durable (best effort: not every platform opens folders).
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// A BitStack point: the prefix loaded, the bytes held and its perplexity.
+#[derive(Clone, Debug)]
+struct StackPoint {
+    prefix: usize,
+    held: u64,
+    ppl: Perplexity,
+}
+
+/// One baseline row and its BitStack counterpart.
+#[derive(Clone, Debug)]
+struct Row {
+    config: QuantConfig,
+    method: Baseline,
+    bytes: QuantBytes,
+    total: u64,
+    quantize_seconds: f64,
+    ppl: Perplexity,
+    bitstack: Option<StackPoint>,
+}
+
+#[derive(Clone, Debug)]
+struct AblationPoint {
+    variant: String,
+    config: String,
+    budget: u64,
+    point: Option<StackPoint>,
+    note: Option<String>,
+}
+
+struct Report {
+    header: Value,
+    original: Option<(u64, Perplexity)>,
+    rows: Vec<Row>,
+    extra_stack_points: BTreeMap<usize, StackPoint>,
+    ablations: Vec<AblationPoint>,
+    ablation_notes: Vec<String>,
+}
+
+impl Report {
+    fn json(&self) -> Value {
+        let mut doc = self.header.clone();
+        doc["original"] = self.original.as_ref().map_or(
+            Value::Null,
+            |(b, p)| json!({"memory_bytes": b, "perplexity": ppl_json(p)}),
+        );
+        doc["rows"] = self
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "config": r.config.label(),
+                    "bits": r.config.bits,
+                    "method": r.method.name(),
+                    "memory_bytes": r.total,
+                    "codes_bytes": r.bytes.codes,
+                    "scales_bytes": r.bytes.scales,
+                    "zeros_bytes": r.bytes.zeros,
+                    "input_scale_bytes": r.bytes.input_scale,
+                    "quantize_seconds": r.quantize_seconds,
+                    "perplexity": ppl_json(&r.ppl),
+                    "bitstack": r.bitstack.as_ref().map(|s| json!({
+                        "prefix_blocks": s.prefix,
+                        "memory_bytes": s.held,
+                        "perplexity": ppl_json(&s.ppl),
+                    })),
+                })
+            })
+            .collect();
+        doc["ablations"] = json!({
+            "notes": self.ablation_notes,
+            "points": self.ablations.iter().map(|a| json!({
+                "variant": a.variant,
+                "config": a.config,
+                "budget_bytes": a.budget,
+                "prefix_blocks": a.point.as_ref().map(|p| p.prefix),
+                "memory_bytes": a.point.as_ref().map(|p| p.held),
+                "perplexity": a.point.as_ref().map(|p| ppl_json(&p.ppl)),
+                "note": a.note,
+            })).collect::<Vec<_>>(),
+        });
+        doc
+    }
+
+    fn markdown(&self) -> String {
+        let h = &self.header;
+        let mut s = format!(
+            "Perplexity on {} ({} windows of {} tokens, evenly spaced, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
+            h["text"].as_str().unwrap_or("?"),
+            h["max_windows"],
+            h["seq_len"],
+            self.rows
+                .first()
+                .map(|r| r.ppl.windows_available)
+                .or(self.original.as_ref().map(|o| o.1.windows_available))
+                .unwrap_or(0),
+            h["stack"].as_str().unwrap_or("?"),
+            h["calib_windows"],
+            h["calib_seq_len"],
+            h["calib"].as_str().unwrap_or("?"),
+        );
+        let mut rows = Vec::new();
+        if let Some((b, p)) = &self.original {
+            rows.push(vec![
+                "FP16".into(),
+                "original".into(),
+                format!("{:.1}", mb(*b)),
+                format!("{:.3}", p.ppl),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for r in &self.rows {
+            let (bm, bp, win) = match &r.bitstack {
+                Some(s) => (
+                    format!("{:.1}", mb(s.held)),
+                    format!("{:.3}", s.ppl.ppl),
+                    if s.ppl.ppl < r.ppl.ppl {
+                        "BitStack"
+                    } else {
+                        r.method.name()
+                    }
+                    .to_owned(),
+                ),
+                None => (
+                    "below minimum".into(),
+                    "n/a".into(),
+                    r.method.name().to_owned(),
+                ),
+            };
+            rows.push(vec![
+                r.config.label(),
+                r.method.name().into(),
+                format!("{:.1}", mb(r.total)),
+                format!("{:.3}", r.ppl.ppl),
+                bm,
+                bp,
+                win,
+            ]);
+        }
+        s.push_str(&markdown_table(
+            &[
+                "config",
+                "method",
+                "memory MB",
+                "ppl",
+                "BitStack MB (≤)",
+                "BitStack ppl",
+                "lower ppl",
+            ],
+            &rows,
+        ));
+        if !self.ablations.is_empty() || !self.ablation_notes.is_empty() {
+            s.push_str(&format!(
+                "\nBitStack ablations ({} windows):\n\n",
+                h["ablation_windows"]
+            ));
+            let rows: Vec<Vec<String>> = self
+                .ablations
+                .iter()
+                .map(|a| {
+                    vec![
+                        a.variant.clone(),
+                        a.config.clone(),
+                        format!("{:.1}", mb(a.budget)),
+                        a.point
+                            .as_ref()
+                            .map_or("n/a".into(), |p| format!("{:.1}", mb(p.held))),
+                        a.point.as_ref().map_or_else(
+                            || a.note.clone().unwrap_or_default(),
+                            |p| format!("{:.3}", p.ppl.ppl),
+                        ),
+                    ]
+                })
+                .collect();
+            s.push_str(&markdown_table(
+                &["variant", "at memory of", "budget MB", "held MB", "ppl"],
+                &rows,
+            ));
+            for n in &self.ablation_notes {
+                s.push_str(&format!("\n* {n}"));
+            }
+            s.push('\n');
+        }
+        s
+    }
+
+    fn svg(&self) -> String {
+        let mut series: Vec<Series> = Vec::new();
+        let mut methods: Vec<Baseline> = Vec::new();
+        for r in &self.rows {
+            if !methods.contains(&r.method) {
+                methods.push(r.method);
+            }
+        }
+        for m in methods {
+            let mut points: Vec<(f64, f64)> = self
+                .rows
+                .iter()
+                .filter(|r| r.method == m)
+                .map(|r| (mb(r.total), r.ppl.ppl))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            series.push(Series {
+                name: m.name().into(),
+                points,
+            });
+        }
+        let mut bs: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+        for s in self
+            .rows
+            .iter()
+            .filter_map(|r| r.bitstack.as_ref())
+            .chain(self.extra_stack_points.values())
+        {
+            bs.insert(s.prefix, (mb(s.held), s.ppl.ppl));
+        }
+        if !bs.is_empty() {
+            series.push(Series {
+                name: "BitStack".into(),
+                points: bs.into_values().collect(),
+            });
+        }
+        let mut variants: Vec<&str> = Vec::new();
+        for a in &self.ablations {
+            if !variants.contains(&a.variant.as_str()) {
+                variants.push(&a.variant);
+            }
+        }
+        for v in variants {
+            let mut points: Vec<(f64, f64)> = self
+                .ablations
+                .iter()
+                .filter(|a| a.variant == v)
+                .filter_map(|a| a.point.as_ref().map(|p| (mb(p.held), p.ppl.ppl)))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if !points.is_empty() {
+                series.push(Series {
+                    name: v.to_owned(),
+                    points,
+                });
+            }
+        }
+        let hlines: Vec<(String, f64)> = self
+            .original
+            .as_ref()
+            .map(|(_, p)| vec![("original".to_owned(), p.ppl)])
+            .unwrap_or_default();
+        svg_plot(
+            "Perplexity at equal memory: baselines vs BitStack",
+            "memory (MB = 10^6 bytes, weights + resident tensors)",
+            "perplexity (log scale)",
+            &series,
+            &hlines,
+        )
+    }
+
+    fn write(&self, out_dir: &Path) -> Res<()> {
+        write_atomic(
+            &out_dir.join("compare.json"),
+            serde_json::to_string_pretty(&self.json())?.as_bytes(),
+        )?;
+        write_atomic(&out_dir.join("compare.md"), self.markdown().as_bytes())?;
+        write_atomic(&out_dir.join("compare.svg"), self.svg().as_bytes())?;
+        Ok(())
+    }
+}
+
+/// Evaluates the stack at the largest prefix within `bytes`, reusing `cache` by prefix.
+fn eval_stack_within(
+    loaded: &LoadedStack,
+    bytes: u64,
+    tokens: &[u32],
+    params: &PerplexityParams,
+    label: &str,
+    cache: &mut BTreeMap<usize, StackPoint>,
+) -> Res<Option<StackPoint>> {
+    let layout = loaded.elastic.layout();
+    let cumulative: Vec<u64> = (0..=layout.order.len())
+        .map(|p| loaded.elastic.bytes_at_prefix(p).unwrap_or(u64::MAX))
+        .collect();
+    let Some(prefix) = largest_prefix_within(&cumulative, layout.stacks.len(), bytes) else {
+        return Ok(None);
+    };
+    // The runtime's own budget rule must agree.
+    debug_assert_eq!(
+        loaded
+            .elastic
+            .prefix_for_budget(MemoryBudget::from_bytes(bytes))
+            .ok(),
+        Some(prefix)
+    );
+    if let Some(p) = cache.get(&prefix) {
+        return Ok(Some(p.clone()));
+    }
+    loaded.elastic.resize_to_prefix(prefix)?;
+    let linears = loaded.linears();
+    let held = linears.0.held_bytes();
+    if held > bytes {
+        return Err(format!("BitStack holds {held} bytes at prefix {prefix}, over {bytes}").into());
+    }
+    let model = Llama::new(&loaded.resident, &linears)?;
+    let ppl = perplexity(
+        &model,
+        tokens,
+        params,
+        &mut ppl_progress(format!("{label} ({:.2} MB, {prefix} blocks)", mb(held))),
+    )?;
+    let p = StackPoint { prefix, held, ppl };
+    cache.insert(prefix, p.clone());
+    Ok(Some(p))
+}
+
+/// [`run`] for the command line: prints the markdown table and where the files went.
+pub fn run_cli(args: &CompareArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let md = run(args).map_err(|e| -> Box<dyn std::error::Error> { e })?;
+    println!("{md}");
+    println!(
+        "wrote {}/compare.json, compare.md, compare.svg",
+        args.out_dir.display()
+    );
+    Ok(())
+}
+
+/// Runs the comparison and writes OUT_DIR/compare.{json,md,svg}; returns the markdown.
+pub fn run(args: &CompareArgs) -> Result<String, Error> {
+    let t_all = Instant::now();
+    std::fs::create_dir_all(&args.out_dir)?;
+    let source = open_model(&args.model)?;
+    let c = source.config().clone();
+    let tokenizer = source.tokenizer()?;
+    let text = std::fs::read_to_string(&args.text)
+        .map_err(|e| format!("cannot read {}: {e}", args.text.display()))?;
+    let calib_text = std::fs::read_to_string(&args.calib)
+        .map_err(|e| format!("cannot read {}: {e}", args.calib.display()))?;
+    let tokens = tokenizer.encode(&text, false)?;
+    let calib_tokens = tokenizer.encode(&calib_text, false)?;
+    let params = PerplexityParams {
+        seq_len: args.seq_len,
+        max_windows: (args.max_windows > 0).then_some(args.max_windows),
+        ..Default::default()
+    };
+    let ablation_params = PerplexityParams {
+        max_windows: args.ablation_windows.or(params.max_windows),
+        ..params.clone()
+    };
+
+    // The stack file: given, or compressed with default settings (reused when present).
+    let stack_path = match &args.stack {
+        Some(p) => p.clone(),
+        None => {
+            let p = args.out_dir.join("stack.bitstack");
+            if !p.is_file() {
+                eprintln!(
+                    "no --stack: compressing {} into {}",
+                    args.model.display(),
+                    p.display()
+                );
+                let out = compress(source.as_ref(), &calib_text, &CompressParams::default())?;
+                write_compressed(&out, &p)?;
+            }
+            p
+        }
+    };
+    let loaded = LoadedStack::open(&stack_path, None)?;
+    let stack_compression = loaded
+        .model
+        .file()
+        .metadata_str(META_COMPRESSION)
+        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+        .unwrap_or(Value::Null);
+
+    let resident = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
+    let resident_bytes = resident.held_bytes();
+    if resident_bytes != loaded.elastic.layout().resident_bytes {
+        return Err(format!(
+            "resident bytes differ: model {resident_bytes}, stack {}",
+            loaded.elastic.layout().resident_bytes
+        )
+        .into());
+    }
+    let n_weights = c.n_layers * LinearKind::ALL.len();
+    let shapes: Vec<(usize, usize)> = (0..n_weights)
+        .map(|w| weight_of_index(w).1.shape(&c))
+        .collect();
+    let original_f16 = 2
+        * (shapes.iter().map(|&(r, cc)| (r * cc) as u64).sum::<u64>()
+            + resident.param_count() as u64);
+
+    let mut report = Report {
+        header: json!({
+            "model": args.model.display().to_string(),
+            "stack": stack_path.display().to_string(),
+            "stack_compression": stack_compression,
+            "text": args.text.display().to_string(),
+            "text_tokens": tokens.len(),
+            "seq_len": args.seq_len,
+            "max_windows": params.max_windows,
+            "window_selection": "evenly spaced",
+            "ablation_windows": ablation_params.max_windows,
+            "calib": args.calib.display().to_string(),
+            "calib_windows": args.calib_windows,
+            "calib_seq_len": args.calib_seq_len,
+            "calibration_note": "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
+            "resident_bytes": resident_bytes,
+            "memory_note": "weights + scales + zeros (+ AWQ input scale) + resident tensors (f16 embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors",
+            "original_note": "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
+            "bitstack_minimum_bytes": loaded.elastic.minimum_bytes(),
+            "bitstack_full_bytes": loaded.elastic.full_bytes(),
+            "original_f16_bytes": original_f16,
+        }),
+        original: None,
+        rows: Vec::new(),
+        extra_stack_points: BTreeMap::new(),
+        ablations: Vec::new(),
+        ablation_notes: Vec::new(),
+    };
+    eprintln!(
+        "text {} tokens; resident {:.2} MB; BitStack {:.1}..{:.1} MB; evaluating {} windows of {}",
+        tokens.len(),
+        mb(resident_bytes),
+        mb(loaded.elastic.minimum_bytes()),
+        mb(loaded.elastic.full_bytes()),
+        params
+            .max_windows
+            .map_or("all".to_owned(), |w| w.to_string()),
+        args.seq_len
+    );
+    let mut cache: BTreeMap<usize, StackPoint> = BTreeMap::new();
+    let mut phases: Vec<(String, f64)> = Vec::new();
+
+    let cfgs = configs(&args.bits, args.group_size);
+    if !args.ablations_only {
+        // Original weights, kept in f32 for quantizing; the dense model for the FP16 row and
+        // the calibration pass.
+        let t = Instant::now();
+        let dense = LinearTable::dense_from_source(source.as_ref())?;
+        let model = Llama::new(&resident, &dense)?;
+        if !args.skip_original {
+            let p = perplexity(
+                &model,
+                &tokens,
+                &params,
+                &mut ppl_progress("original".into()),
+            )?;
+            report.original = Some((original_f16, p));
+            report.write(&args.out_dir)?;
+        }
+        phases.push(("original".into(), t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let need_stats = args.methods.iter().any(|m| m.needs_calibration());
+        let stats = if need_stats {
+            Some(collect_stats(
+                source.as_ref(),
+                &model,
+                &calib_tokens,
+                args.calib_windows,
+                args.calib_seq_len,
+            )?)
+        } else {
+            None
+        };
+        drop(dense);
+        phases.push(("baseline calibration".into(), t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        let weights: Vec<Vec<f32>> = (0..n_weights)
+            .map(|w| {
+                let (layer, kind) = weight_of_index(w);
+                let (shape, data) = source.tensor_f32(&kind.tensor_name(layer))?;
+                let (r, cc) = shapes[w];
+                if shape != [r, cc] {
+                    return Err(format!("{} has shape {shape:?}", kind.tensor_name(layer)).into());
+                }
+                Ok(data)
+            })
+            .collect::<Res<_>>()?;
+        phases.push(("load weights".into(), t.elapsed().as_secs_f64()));
+
+        for cfg in &cfgs {
+            for &method in &args.methods {
+                let label = format!("{} {}", method.name(), cfg.label());
+                let t = Instant::now();
+                let done = std::sync::atomic::AtomicUsize::new(0);
+                let progress = Mutex::new(Progress::new(format!("{label}: quantizing"), n_weights));
+                let quantized: Vec<crate::baselines::QuantizedLinear> = (0..n_weights)
+                    .into_par_iter()
+                    .map(|w| -> Res<_> {
+                        let (layer, kind) = weight_of_index(w);
+                        let (r, cc) = shapes[w];
+                        let view = WeightView::new(&weights[w], r, cc)?;
+                        let st = stats.as_ref().map(|s| &s[layer * 4 + stats_slot(kind)]);
+                        let q = method
+                            .quantize(view, st, *cfg)
+                            .map_err(|e| format!("{label}: {}: {e}", kind.tensor_name(layer)))?;
+                        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if let Ok(mut p) = progress.lock() {
+                            p.update(n);
+                        }
+                        Ok(q)
+                    })
+                    .collect::<Res<_>>()?;
+                let quantize_seconds = t.elapsed().as_secs_f64();
+                let mut bytes = QuantBytes::default();
+                for q in &quantized {
+                    let b = q.bytes();
+                    bytes.codes += b.codes;
+                    bytes.scales += b.scales;
+                    bytes.zeros += b.zeros;
+                    bytes.input_scale += b.input_scale;
+                }
+                let total = resident_bytes + bytes.total();
+                let predicted = baseline_model_bytes(&shapes, cfg, method, resident_bytes)?;
+                if predicted != total {
+                    return Err(format!(
+                        "{label}: held {total} bytes, the storage format predicts {predicted}"
+                    )
+                    .into());
+                }
+                let mut it = quantized.into_iter();
+                let layers: Vec<[Box<dyn LinearOp>; 7]> = (0..c.n_layers)
+                    .map(|_| {
+                        std::array::from_fn(|_| {
+                            Box::new(it.next().expect("7 per layer")) as Box<dyn LinearOp>
+                        })
+                    })
+                    .collect();
+                debug_assert_eq!(weight_index(1, LinearKind::Q), 7);
+                let table = LinearTable::new(layers);
+                let model = Llama::new(&resident, &table)?;
+                let ppl = perplexity(
+                    &model,
+                    &tokens,
+                    &params,
+                    &mut ppl_progress(format!("{label} ({:.2} MB)", mb(total))),
+                )?;
+                drop(table);
+                phases.push((format!("{label} quantize"), quantize_seconds));
+                phases.push((format!("{label} eval"), ppl.seconds));
+                let t = Instant::now();
+                let bitstack = eval_stack_within(
+                    &loaded,
+                    total,
+                    &tokens,
+                    &params,
+                    &format!("BitStack at {label}"),
+                    &mut cache,
+                )?;
+                phases.push((format!("BitStack at {label}"), t.elapsed().as_secs_f64()));
+                eprintln!(
+                    "{label}: {:.2} MB ppl {:.3} | BitStack {}",
+                    mb(total),
+                    ppl.ppl,
+                    bitstack
+                        .as_ref()
+                        .map_or("below its minimum".into(), |s| format!(
+                            "{:.2} MB ppl {:.3}",
+                            mb(s.held),
+                            s.ppl.ppl
+                        ))
+                );
+                report.rows.push(Row {
+                    config: *cfg,
+                    method,
+                    bytes,
+                    total,
+                    quantize_seconds,
+                    ppl,
+                    bitstack,
+                });
+                report.write(&args.out_dir)?;
+            }
+        }
+    }
+
+    if args.ablations || args.ablations_only {
+        run_ablations(
+            args,
+            source.as_ref(),
+            &calib_text,
+            &loaded,
+            &stack_compression,
+            &cfgs,
+            &shapes,
+            resident_bytes,
+            &tokens,
+            &ablation_params,
+            &mut report,
+            &mut phases,
+        )?;
+    }
+    phases.push(("total".into(), t_all.elapsed().as_secs_f64()));
+    report.header["phases_seconds"] = phases.iter().map(|(n, s)| json!([n, s])).collect();
+    report.write(&args.out_dir)?;
+    Ok(report.markdown())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_ablations(
+    args: &CompareArgs,
+    source: &dyn ModelSource,
+    calib_text: &str,
+    loaded: &LoadedStack,
+    stack_compression: &Value,
+    cfgs: &[QuantConfig],
+    shapes: &[(usize, usize)],
+    resident_bytes: u64,
+    tokens: &[u32],
+    params: &PerplexityParams,
+    report: &mut Report,
+    phases: &mut Vec<(String, f64)>,
+) -> Res<()> {
+    // Budgets: the memory of the first method (RTN by default) at the grouped configurations,
+    // from the storage format (identical to the measured bytes, checked above).
+    let method = args.methods.first().copied().unwrap_or(Baseline::Rtn);
+    let budgets: Vec<(String, u64)> = cfgs
+        .iter()
+        .filter(|q| matches!(q.grouping, Grouping::Groups(_)))
+        .map(|q| {
+            Ok((
+                format!("{} {}", method.name(), q.label()),
+                baseline_model_bytes(shapes, q, method, resident_bytes)?,
+            ))
+        })
+        .collect::<Res<_>>()?;
+    let main_rank = stack_compression.get("rank").and_then(Value::as_u64);
+    let main_scaled = stack_compression
+        .get("activation_scaling")
+        .and_then(Value::as_bool);
+    let main_name = format!(
+        "BitStack k={} (main stack)",
+        main_rank.map_or("?".into(), |k| k.to_string())
+    );
+    report.ablation_notes.push(
+        "w/o absolute value decomposition (vanilla SVD with k' = k + mn/(16(m+n)), same sorting) is not run: the runtime's residual blocks always carry a sign matrix, so it needs a sign-free block type in bitstack-core and the sorter; left out rather than approximated.".into(),
+    );
+    report.ablation_notes.push(format!(
+        "ablation stacks are compressed with the default settings ({} calibration windows of {} tokens, 16 levels, proxy order) except for the ablated one; the main stack's settings: {}",
+        CompressParams::default().calib_windows,
+        CompressParams::default().calib_seq_len,
+        stack_compression
+    ));
+    // The main stack at the ablation budgets (same windows as the ablations).
+    let mut main_cache = BTreeMap::new();
+    for (cfg, b) in &budgets {
+        let point = eval_stack_within(loaded, *b, tokens, params, &main_name, &mut main_cache)?;
+        report.ablations.push(AblationPoint {
+            variant: main_name.clone(),
+            config: cfg.clone(),
+            budget: *b,
+            note: point.is_none().then(|| "below minimum".into()),
+            point,
+        });
+        report.write(&args.out_dir)?;
+    }
+    let mut variants: Vec<(String, CompressParams)> = Vec::new();
+    if main_scaled != Some(false) {
+        variants.push((
+            "BitStack w/o scaling".into(),
+            CompressParams {
+                scale: None,
+                ..Default::default()
+            },
+        ));
+    }
+    for &k in &args.ablation_ranks {
+        if Some(k as u64) == main_rank {
+            continue;
+        }
+        let mut p = CompressParams::default();
+        p.iavd.rank = k;
+        variants.push((format!("BitStack k={k}"), p));
+    }
+    for (name, p) in variants {
+        let t = Instant::now();
+        eprintln!("ablation {name}: compressing");
+        let out = compress(source, calib_text, &p)?;
+        let path = args.out_dir.join(format!(
+            "ablation-{}.bitstack",
+            name.replace(|ch: char| !ch.is_ascii_alphanumeric(), "-")
+        ));
+        write_compressed(&out, &path)?;
+        drop(out);
+        phases.push((format!("{name} compress"), t.elapsed().as_secs_f64()));
+        let result = (|| -> Res<()> {
+            let ab = LoadedStack::open(&path, None)?;
+            let mut c = BTreeMap::new();
+            for (cfg, b) in &budgets {
+                let t = Instant::now();
+                let point = eval_stack_within(&ab, *b, tokens, params, &name, &mut c)?;
+                phases.push((format!("{name} at {cfg}"), t.elapsed().as_secs_f64()));
+                report.ablations.push(AblationPoint {
+                    variant: name.clone(),
+                    config: cfg.clone(),
+                    budget: *b,
+                    note: point.is_none().then(|| {
+                        format!(
+                            "below this stack's minimum {:.1} MB",
+                            mb(ab.elastic.minimum_bytes())
+                        )
+                    }),
+                    point,
+                });
+                report.write(&args.out_dir)?;
+            }
+            Ok(())
+        })();
+        let _ = std::fs::remove_file(&path);
+        result?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::baselines::rtn;
+
+    fn weight(rows: usize, cols: usize, seed: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 50.0)
+            .collect()
+    }
+
+    #[test]
+    fn baseline_memory_is_packed_codes_scales_zeros_and_residents() {
+        // A 3-linear "model" whose column counts exercise padding (20 columns of 3 bits do not
+        // fill whole words) and a short last group (20 = 8 + 8 + 4).
+        let shapes = [(4usize, 20usize), (6, 8), (3, 33)];
+        let resident = 1000u64;
+        for bits in [2u8, 3, 4] {
+            for grouping in [Grouping::PerChannel, Grouping::Groups(8)] {
+                let quant = QuantConfig { bits, grouping };
+                let mut by_hand = resident;
+                let mut measured = resident;
+                for (i, &(r, cc)) in shapes.iter().enumerate() {
+                    let words = (cc * bits as usize).div_ceil(32);
+                    let groups = match grouping {
+                        Grouping::PerChannel => 1,
+                        Grouping::Groups(g) => cc.div_ceil(g),
+                    };
+                    by_hand += (r * words * 4 + r * groups * 2 * 2) as u64;
+                    let w = weight(r, cc, i);
+                    let q = rtn(WeightView::new(&w, r, cc).unwrap(), &quant).unwrap();
+                    assert_eq!(
+                        q.bytes(),
+                        quant_bytes(r, cc, &quant, false).unwrap(),
+                        "{bits} bits {grouping:?} {r}x{cc}"
+                    );
+                    measured += q.weight_bytes();
+                }
+                let predicted = baseline_model_bytes(&shapes, &quant, Baseline::Rtn, resident);
+                assert_eq!(predicted.unwrap(), by_hand);
+                assert_eq!(measured, by_hand);
+                // AWQ adds one f16 per input column.
+                let awq = baseline_model_bytes(&shapes, &quant, Baseline::Awq, resident).unwrap();
+                assert_eq!(awq, by_hand + 2 * (20 + 8 + 33));
+            }
+        }
+        // 3-bit per-channel on 32 columns: exactly 3 words per row, one scale and zero.
+        let q = quant_bytes(
+            8,
+            32,
+            &QuantConfig {
+                bits: 3,
+                grouping: Grouping::PerChannel,
+            },
+            false,
+        )
+        .unwrap();
+        assert_eq!(q.total(), 8 * (3 * 4 + 2 + 2));
+    }
+
+    #[test]
+    fn awq_bytes_match_the_storage_format() {
+        let (r, cc) = (6, 40);
+        let w = weight(r, cc, 3);
+        let x: Vec<f32> = (0..64 * cc)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+            .collect();
+        let mut stats = HessianAccumulator::new(cc).unwrap();
+        stats.observe(&x).unwrap();
+        let quant = QuantConfig {
+            bits: 3,
+            grouping: Grouping::Groups(16),
+        };
+        for m in Baseline::ALL {
+            let q = m
+                .quantize(WeightView::new(&w, r, cc).unwrap(), Some(&stats), quant)
+                .unwrap();
+            assert_eq!(
+                q.bytes(),
+                quant_bytes(r, cc, &quant, m == Baseline::Awq).unwrap(),
+                "{m:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn budget_matching_picks_the_largest_fitting_prefix() {
+        // 3 weights (floor 3), then blocks of varying size; cumulative[p] = bytes with p blocks.
+        let cum = [100, 110, 120, 130, 140, 140, 155, 170];
+        assert_eq!(largest_prefix_within(&cum, 3, 129), None);
+        assert_eq!(largest_prefix_within(&cum, 3, 130), Some(3));
+        assert_eq!(largest_prefix_within(&cum, 3, 139), Some(3));
+        // A zero-byte block at the boundary is included (the longest prefix within budget).
+        assert_eq!(largest_prefix_within(&cum, 3, 140), Some(5));
+        assert_eq!(largest_prefix_within(&cum, 3, 154), Some(5));
+        assert_eq!(largest_prefix_within(&cum, 3, 155), Some(6));
+        assert_eq!(largest_prefix_within(&cum, 3, 10_000), Some(7));
+        // Never exceeds the budget, and the next prefix would.
+        for b in 130..200u64 {
+            let p = largest_prefix_within(&cum, 3, b).unwrap();
+            assert!(cum[p] <= b);
+            assert!(p + 1 == cum.len() || cum[p + 1] > b);
+        }
+        assert_eq!(largest_prefix_within(&cum, 9, 10_000), None);
+    }
+
+    #[test]
+    fn configs_follow_the_table_order() {
+        let labels: Vec<String> = configs(&[2, 3, 4], 128).iter().map(|q| q.label()).collect();
+        assert_eq!(
+            labels,
+            ["w2", "w2g128", "w3", "w3g128", "w4", "w4g128"].map(String::from)
+        );
+        assert_eq!(parse_baseline("GPTQ"), Ok(Baseline::Gptq));
+        assert!(parse_baseline("svd").is_err());
+    }
+}
