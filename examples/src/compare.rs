@@ -31,7 +31,7 @@ use crate::gguf::{open_model, ModelSource};
 use crate::llama::{
     ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaResident,
 };
-use crate::perplexity::{perplexity, Perplexity, PerplexityParams, PerplexityProgress};
+use crate::perplexity::{perplexity, Perplexity, PerplexityParams};
 use crate::report::{markdown_table, svg_plot, Progress, Series};
 use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRESSION};
 use bitstack_core::{LinearOp, MemoryBudget, MB};
@@ -253,13 +253,14 @@ fn collect_stats(
         stats,
         error: Mutex::new(None),
     };
-    let batch = model.seq_batch(1, seq_len)?;
-    let mut progress = Progress::new("baseline calibration windows", windows);
-    for i in 0..windows {
-        let start = (i * available / windows) * seq_len;
-        model.forward_hidden(&tokens[start..start + seq_len], &batch, Some(&observer))?;
-        progress.update(i + 1);
-    }
+    crate::compress::run_calibration(
+        &model,
+        tokens,
+        windows,
+        seq_len,
+        &observer,
+        "baseline calibration windows",
+    )?;
     if let Some(e) = observer
         .error
         .into_inner()
@@ -272,22 +273,6 @@ fn collect_stats(
         .into_iter()
         .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
         .collect())
-}
-
-fn ppl_progress(label: String) -> impl FnMut(&PerplexityProgress) {
-    move |p| {
-        eprint!(
-            "\r{label}: window {}/{} running ppl {:.3}, {:.0}s elapsed, ETA {:.0}s   ",
-            p.windows_done,
-            p.windows_total,
-            p.running_ppl,
-            p.elapsed.as_secs_f64(),
-            p.eta.as_secs_f64()
-        );
-        if p.windows_done == p.windows_total {
-            eprintln!();
-        }
-    }
 }
 
 fn ppl_json(p: &Perplexity) -> Value {
@@ -633,7 +618,10 @@ fn eval_stack_within(
         &model,
         tokens,
         params,
-        &mut ppl_progress(format!("{label} ({:.2} MB, {prefix} blocks)", mb(held))),
+        &mut crate::report::perplexity_progress(format!(
+            "{label} ({:.2} MB, {prefix} blocks)",
+            mb(held)
+        )),
     )?;
     let p = StackPoint { prefix, held, ppl };
     cache.insert(prefix, p.clone());
@@ -770,7 +758,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
                 &model,
                 &tokens,
                 &params,
-                &mut ppl_progress("original".into()),
+                &mut crate::report::perplexity_progress("original".into()),
             )?;
             report.original = Some((original_f16, p));
             report.write(&args.out_dir)?;
@@ -860,7 +848,10 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
                     &model,
                     &tokens,
                     &params,
-                    &mut ppl_progress(format!("{label} ({:.2} MB)", mb(total))),
+                    &mut crate::report::perplexity_progress(format!(
+                        "{label} ({:.2} MB)",
+                        mb(total)
+                    )),
                 )?;
                 drop(table);
                 phases.push((format!("{label} quantize"), quantize_seconds));

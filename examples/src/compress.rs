@@ -201,13 +201,14 @@ pub fn calibrate(
             })?,
         error: Mutex::new(None),
     };
-    let batch = model.seq_batch(1, seq_len)?;
-    let mut progress = Progress::new("calibration windows", windows);
-    for i in 0..windows {
-        let start = (i * available / windows) * seq_len;
-        model.forward_hidden(&tokens[start..start + seq_len], &batch, Some(&observer))?;
-        progress.update(i + 1);
-    }
+    run_calibration(
+        &model,
+        tokens,
+        windows,
+        seq_len,
+        &observer,
+        "calibration windows",
+    )?;
     if let Some(e) = observer
         .error
         .into_inner()
@@ -232,6 +233,34 @@ pub fn calibrate(
                 })
         })
         .collect()
+}
+
+/// Runs `model` over `windows` evenly spaced windows of `seq_len` tokens of `tokens`, one
+/// forward pass per window, showing `observer` every linear's input (a window is one
+/// observation). The caller checks that the text holds `windows` windows.
+pub fn run_calibration(
+    model: &Llama<'_>,
+    tokens: &[u32],
+    windows: usize,
+    seq_len: usize,
+    observer: &dyn ActivationObserver,
+    label: &str,
+) -> Result<(), LlamaError> {
+    let available = tokens.len() / seq_len.max(1);
+    let batch = model.seq_batch(1, seq_len)?;
+    let mut progress = Progress::new(label, windows);
+    for i in 0..windows {
+        let start = (i * available / windows.max(1)) * seq_len;
+        let window = tokens
+            .get(start..start + seq_len)
+            .ok_or(LlamaError::InvalidParameter {
+                name: "calibration windows",
+                reason: format!("{windows} windows of {seq_len} tokens exceed the text"),
+            })?;
+        model.forward_hidden(window, &batch, Some(observer))?;
+        progress.update(i + 1);
+    }
+    Ok(())
 }
 
 fn weight_name(w: usize) -> String {

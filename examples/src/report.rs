@@ -257,3 +257,24 @@ mod tests {
         assert_eq!(t.lines().count(), 3);
     }
 }
+
+/// A progress callback for [`crate::perplexity::perplexity`] that prints
+/// `label: window i/n running ppl …, elapsed, ETA` on one stderr line.
+pub fn perplexity_progress(label: String) -> impl FnMut(&crate::perplexity::PerplexityProgress) {
+    move |p| {
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{label}: window {}/{} running ppl {:.3}, {:.0}s elapsed, ETA {:.0}s   ",
+            p.windows_done,
+            p.windows_total,
+            p.running_ppl,
+            p.elapsed.as_secs_f64(),
+            p.eta.as_secs_f64()
+        );
+        if p.windows_done == p.windows_total {
+            let _ = writeln!(err);
+        }
+        let _ = err.flush();
+    }
+}

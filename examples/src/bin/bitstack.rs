@@ -362,22 +362,6 @@ fn ppl_params(seq_len: usize, max_windows: Option<usize>) -> PerplexityParams {
     }
 }
 
-fn ppl_progress(label: String) -> impl FnMut(&bitstack_examples::perplexity::PerplexityProgress) {
-    move |p| {
-        eprint!(
-            "\r{label}: window {}/{} running ppl {:.3}, {:.0}s elapsed, ETA {:.0}s   ",
-            p.windows_done,
-            p.windows_total,
-            p.running_ppl,
-            p.elapsed.as_secs_f64(),
-            p.eta.as_secs_f64()
-        );
-        if p.windows_done == p.windows_total {
-            eprintln!();
-        }
-    }
-}
-
 fn is_stack_file(path: &Path) -> bool {
     let mut magic = [0u8; 8];
     std::fs::File::open(path)
@@ -411,7 +395,7 @@ fn eval_original(args: &EvalArgs) -> Res<f64> {
         &model,
         &tokens,
         &params,
-        &mut ppl_progress("original".into()),
+        &mut bitstack_examples::report::perplexity_progress("original".into()),
     )?;
     let c = source.config();
     let params_total: u64 = resident.param_count() as u64
@@ -470,7 +454,12 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
         let linears = SnapshotLinears(snap.clone());
         let model = Llama::new(&loaded.resident, &linears)?;
         let label = format!("budget {:.1} MB", mb(b.bytes()));
-        let r = perplexity(&model, &tokens, &params, &mut ppl_progress(label))?;
+        let r = perplexity(
+            &model,
+            &tokens,
+            &params,
+            &mut bitstack_examples::report::perplexity_progress(label),
+        )?;
         let peak = memstat::read().peak;
         rows.push(EvalRow {
             budget: Some(b.bytes()),
