@@ -805,10 +805,10 @@ fn sort(args: &SortArgs) -> Res<()> {
             (
                 order,
                 format!(
-                    "{} evaluations of {n} x {l} tokens, levels 1..{scored_levels} scored{}",
+                    "{} evaluations of {n} x {l} tokens; blocks 2..={scored_levels} of each weight scored{}",
                     out.evaluations,
                     if scored_levels < *levels.iter().max().unwrap_or(&0) {
-                        ", later levels in the input file's order"
+                        ", later blocks in the input file's order"
                     } else {
                         ""
                     }
