@@ -254,7 +254,7 @@ fn collect_stats(
         error: Mutex::new(None),
     };
     crate::compress::run_calibration(
-        &model,
+        model,
         tokens,
         windows,
         seq_len,
@@ -405,7 +405,11 @@ impl Report {
                 .first()
                 .map(|r| r.ppl.windows_available)
                 .or(self.original.as_ref().map(|o| o.1.windows_available))
-                .unwrap_or(0),
+                .or(self
+                    .ablations
+                    .iter()
+                    .find_map(|a| a.point.as_ref().map(|p| p.ppl.windows_available)))
+                .map_or("?".to_owned(), |n| n.to_string()),
             h["stack"].as_str().unwrap_or("?"),
             h["calib_windows"],
             h["calib_seq_len"],
@@ -954,7 +958,7 @@ fn run_ablations(
         "w/o absolute value decomposition (vanilla SVD with k' = k + mn/(16(m+n)), same sorting) is not run: the runtime's residual blocks always carry a sign matrix, so it needs a sign-free block type in bitstack-core and the sorter; left out rather than approximated.".into(),
     );
     report.ablation_notes.push(format!(
-        "ablation stacks are compressed with the default settings ({} calibration windows of {} tokens, 16 levels, proxy order) except for the ablated one; the main stack's settings: {}",
+        "ablation stacks are compressed with the main stack's k and order and the default calibration ({} calibration windows of {} tokens, 16 levels), changing only the ablated setting; the main stack's settings: {}",
         CompressParams::default().calib_windows,
         CompressParams::default().calib_seq_len,
         stack_compression
@@ -972,13 +976,26 @@ fn run_ablations(
         });
         report.write(&args.out_dir)?;
     }
+    // Ablations change one setting of the main stack's: its k (when fixed) and its order.
+    let main_order = match stack_compression.get("order").and_then(Value::as_str) {
+        Some("Proxy") => crate::compress::OrderMethod::Proxy,
+        Some(o) if o.starts_with("Random") => crate::compress::OrderMethod::Random { seed: 0 },
+        _ => crate::compress::OrderMethod::RoundRobin,
+    };
+    let base = CompressParams {
+        rank: main_rank.map_or(CompressParams::default().rank, |k| {
+            crate::compress::RankRule::Fixed(k as usize)
+        }),
+        order: main_order,
+        ..Default::default()
+    };
     let mut variants: Vec<(String, CompressParams)> = Vec::new();
     if main_scaled != Some(false) {
         variants.push((
             "BitStack w/o scaling".into(),
             CompressParams {
                 scale: None,
-                ..Default::default()
+                ..base.clone()
             },
         ));
     }
@@ -986,8 +1003,10 @@ fn run_ablations(
         if Some(k as u64) == main_rank {
             continue;
         }
-        let mut p = CompressParams::default();
-        p.iavd.rank = k;
+        let p = CompressParams {
+            rank: crate::compress::RankRule::Fixed(k),
+            ..base.clone()
+        };
         variants.push((format!("BitStack k={k}"), p));
     }
     for (name, p) in variants {

@@ -236,6 +236,27 @@ fn xml(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// A progress callback for [`crate::perplexity::perplexity`] that prints
+/// `label: window i/n running ppl …, elapsed, ETA` on one stderr line.
+pub fn perplexity_progress(label: String) -> impl FnMut(&crate::perplexity::PerplexityProgress) {
+    move |p| {
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{label}: window {}/{} running ppl {:.3}, {:.0}s elapsed, ETA {:.0}s   ",
+            p.windows_done,
+            p.windows_total,
+            p.running_ppl,
+            p.elapsed.as_secs_f64(),
+            p.eta.as_secs_f64()
+        );
+        if p.windows_done == p.windows_total {
+            let _ = writeln!(err);
+        }
+        let _ = err.flush();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,26 +276,5 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.contains("a&lt;b") && svg.contains("polyline"));
         let t = markdown_table(&["a", "b"], &[vec!["1".into(), "2".into()]]);
         assert_eq!(t.lines().count(), 3);
-    }
-}
-
-/// A progress callback for [`crate::perplexity::perplexity`] that prints
-/// `label: window i/n running ppl …, elapsed, ETA` on one stderr line.
-pub fn perplexity_progress(label: String) -> impl FnMut(&crate::perplexity::PerplexityProgress) {
-    move |p| {
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r{label}: window {}/{} running ppl {:.3}, {:.0}s elapsed, ETA {:.0}s   ",
-            p.windows_done,
-            p.windows_total,
-            p.running_ppl,
-            p.elapsed.as_secs_f64(),
-            p.eta.as_secs_f64()
-        );
-        if p.windows_done == p.windows_total {
-            let _ = writeln!(err);
-        }
-        let _ = err.flush();
     }
 }

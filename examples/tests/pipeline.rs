@@ -3,7 +3,9 @@
 //! model runs, gets better as it grows, and carries its tokenizer.
 
 use bitstack_core::MemoryBudget;
-use bitstack_examples::compress::{compress, write_compressed, CompressParams, OrderMethod};
+use bitstack_examples::compress::{
+    compress, write_compressed, CompressParams, OrderMethod, RankRule,
+};
 use bitstack_examples::gguf::{open_model, ModelSource};
 use bitstack_examples::llama::Llama;
 use bitstack_examples::stackmodel::{LoadedStack, StackModel};
@@ -43,7 +45,7 @@ fn compress_write_reopen_resize_on_smollm2() {
         ..Default::default()
     };
     params.iavd.levels = 2;
-    params.iavd.rank = 4;
+    params.rank = RankRule::Fixed(4);
     let out = compress(source.as_ref(), &calib_text, &params).unwrap();
     assert_eq!(out.contents.stacks.len(), 210);
     assert!(out.mean_relative_errors[1] < out.mean_relative_errors[0]);

@@ -12,7 +12,9 @@
 
 use bitstack_core::runtime::trim_allocator;
 use bitstack_core::{MemoryBudget, MB, MIB};
-use bitstack_examples::compress::{compress, write_compressed, CompressParams, OrderMethod};
+use bitstack_examples::compress::{
+    compress, write_compressed, CompressParams, OrderMethod, RankRule,
+};
 use bitstack_examples::gguf::{open_model, ModelSource};
 use bitstack_examples::llama::{GenerateParams, LinearTable, Llama, LlamaResident, Sampling};
 use bitstack_examples::memstat::{self, fmt_bytes};
@@ -74,14 +76,16 @@ struct CalibArgs {
     /// Residual blocks per weight (n).
     #[arg(long, default_value_t = 16)]
     levels: usize,
-    /// Singular vectors per block (k).
-    #[arg(long, default_value_t = 16)]
-    rank: usize,
+    /// Singular vectors per block (k): a number, `auto` (about 0.5 bits per weight per level
+    /// of vectors, k in 4..=16, by weight shape) or `auto:BITS`.
+    #[arg(long, default_value = "auto")]
+    rank: RankRule,
     /// Decompose the raw weights without activation-aware scaling (ablation).
     #[arg(long)]
     no_scaling: bool,
-    /// Universal order: proxy (default), roundrobin or random.
-    #[arg(long, default_value = "proxy")]
+    /// Universal order: roundrobin (default: the best measured of the orders that need no
+    /// forward passes), proxy or random; `bitstack sort` computes Average and Greedy.
+    #[arg(long, default_value = "roundrobin")]
     order: OrderMethod,
 }
 
@@ -95,7 +99,7 @@ impl CalibArgs {
             ..Default::default()
         };
         p.iavd.levels = self.levels;
-        p.iavd.rank = self.rank;
+        p.rank = self.rank;
         p
     }
 }
@@ -218,12 +222,12 @@ fn run_compress(
         .map_err(|e| format!("cannot read calibration text {}: {e}", calib.display()))?;
     let params = args.params();
     eprintln!(
-        "compressing {} with {} calibration windows of {} tokens, {} levels of k = {}, activation scaling {}, order {:?}",
+        "compressing {} with {} calibration windows of {} tokens, {} levels, k {:?}, activation scaling {}, order {:?}",
         model.display(),
         params.calib_windows,
         params.calib_seq_len,
         params.iavd.levels,
-        params.iavd.rank,
+        params.rank,
         if params.scale.is_some() { "on" } else { "off" },
         params.order
     );
@@ -311,13 +315,17 @@ fn inspect(path: &Path) -> Res<()> {
         mib(per_level),
         mb(scales)
     );
+    // What a running model holds: the resident part as the runtime keeps it (f16 embedding,
+    // f32 norms; the tokenizer is not counted), scales and blocks.
+    let loaded = LoadedStack::open(path, None)?;
     println!(
-        "resident tensors (f16, tokenizer included): {:.1} MB; minimum budget {:.1} MB ({:.1} MiB); full stack {:.1} MB ({:.1} MiB)",
+        "resident payloads in the file (f16, tokenizer included): {:.1} MB; held at run time: {:.1} MB; minimum budget {:.1} MB ({:.1} MiB); full stack {:.1} MB ({:.1} MiB)",
         mb(layout.resident_bytes),
-        mb(layout.minimum_bytes()),
-        mib(layout.minimum_bytes()),
-        mb(layout.full_bytes()),
-        mib(layout.full_bytes())
+        mb(loaded.elastic.layout().resident_bytes),
+        mb(loaded.elastic.minimum_bytes()),
+        mib(loaded.elastic.minimum_bytes()),
+        mb(loaded.elastic.full_bytes()),
+        mib(loaded.elastic.full_bytes())
     );
     Ok(())
 }
@@ -423,6 +431,9 @@ fn eval_original(args: &EvalArgs) -> Res<f64> {
 }
 
 fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
+    // Earlier work in this process (the demo's compress and original-model runs) leaves freed
+    // memory in the allocator; return it so the RSS figures describe this model.
+    trim_allocator();
     let base_rss = memstat::read();
     let loaded = LoadedStack::open(&args.file, None)?;
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
@@ -596,7 +607,13 @@ fn generate_text(
         params.stop_tokens.push(eos);
     }
     let out = model.generate(&ids, &params, &mut |_| {})?;
-    let body = loaded.tokenizer.decode(&out.tokens)?;
+    // The stop token (e.g. `<|im_end|>`) ends the answer; it is not part of it.
+    let shown = if out.stopped {
+        &out.tokens[..out.tokens.len() - 1]
+    } else {
+        &out.tokens[..]
+    };
+    let body = loaded.tokenizer.decode(shown)?;
     println!(
         "[{:.1} MB held, {} blocks] {} new tokens, prefill {:.2}s, decode {:.1} tokens/s",
         mb(snap.held_bytes()),
