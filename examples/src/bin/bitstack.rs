@@ -677,6 +677,10 @@ struct SortArgs {
     /// Seed for random.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Proxy: rank a block by the share of its layer's output energy it restores (relative,
+    /// default) or by the raw activation-weighted error it removes (absolute).
+    #[arg(long, default_value = "relative")]
+    proxy_normalisation: String,
 }
 
 fn sort(args: &SortArgs) -> Res<()> {
@@ -735,7 +739,21 @@ fn sort(args: &SortArgs) -> Res<()> {
                 })
                 .collect();
             let t = Instant::now();
-            let out = bitstack_sort::sort_proxy(&weights, &ProxyConfig::default())?;
+            let normalisation = match args.proxy_normalisation.as_str() {
+                "relative" => bitstack_sort::ProxyNormalisation::Relative,
+                "absolute" => bitstack_sort::ProxyNormalisation::Absolute,
+                other => {
+                    return Err(format!(
+                        "--proxy-normalisation {other:?}: expected relative or absolute"
+                    )
+                    .into())
+                }
+            };
+            let config = ProxyConfig {
+                normalisation,
+                ..Default::default()
+            };
+            let out = bitstack_sort::sort_proxy(&weights, &config)?;
             (
                 out.order,
                 format!("proxy itself {:.2} s", t.elapsed().as_secs_f64()),
