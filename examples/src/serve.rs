@@ -18,7 +18,6 @@
 use crate::llama::{sample, KvCache, Llama, Sampling, SplitMix64};
 use crate::memstat;
 use crate::stackmodel::{LoadedStack, SnapshotLinears};
-use crate::tokenizer::ChatMessage;
 use bitstack_core::policy::{
     CgroupSource, Decision, FallbackChain, FileSource, FixedSource, MemInfoSource, MemoryPolicy,
     MemorySource, PolicyParams, Reading,
@@ -352,23 +351,6 @@ pub struct ServeArgs {
     pub sampling: SamplingArgs,
 }
 
-fn prompt_ids(loaded: &LoadedStack, prompt: &str, chat: bool) -> Res<Vec<u32>> {
-    let text = if chat {
-        loaded.tokenizer.apply_chat_template(
-            &[ChatMessage {
-                role: "user",
-                content: prompt,
-            }],
-            true,
-        )?
-    } else {
-        prompt.to_owned()
-    };
-    Ok(loaded
-        .tokenizer
-        .encode(&text, loaded.tokenizer.add_bos_default())?)
-}
-
 /// Ids that end a turn: EOS and, for chat models, `<|im_end|>`.
 fn stop_ids(loaded: &LoadedStack) -> Vec<u32> {
     let mut v: Vec<u32> = loaded.tokenizer.eos_id().into_iter().collect();
@@ -456,7 +438,7 @@ pub fn serve(args: &ServeArgs) -> Res<()> {
             continue;
         }
         follower.poll(&format!("before prompt {}", n + 1))?;
-        let ids = prompt_ids(&loaded, prompt, !args.raw)?;
+        let ids = loaded.prompt_ids(prompt, !args.raw)?;
         let mut cache = KvCache::new(&config, ids.len() + args.max_tokens);
         let mut rng = SplitMix64::new(args.sampling.seed.wrapping_add(n as u64));
         let mut linears = loaded.linears();
@@ -673,7 +655,7 @@ fn pressure_inner(
         params,
         Box::new(|s: &str| println!("  {s}")),
     );
-    let ids = prompt_ids(&loaded, &args.prompt, true)?;
+    let ids = loaded.prompt_ids(&args.prompt, true)?;
     let total_tokens = ids.len() + schedule.len() * args.tokens_per_phase + 1;
     let config = loaded.resident.config().clone();
     if total_tokens > config.max_seq {

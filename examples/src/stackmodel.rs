@@ -344,6 +344,28 @@ impl LoadedStack {
         })
     }
 
+    /// Token ids of a user prompt: wrapped in the model's chat template when `chat`, with BOS
+    /// when the tokenizer asks for it.
+    pub fn prompt_ids(
+        &self,
+        prompt: &str,
+        chat: bool,
+    ) -> Result<Vec<u32>, crate::tokenizer::TokenizerError> {
+        let text = if chat {
+            self.tokenizer.apply_chat_template(
+                &[crate::tokenizer::ChatMessage {
+                    role: "user",
+                    content: prompt,
+                }],
+                true,
+            )?
+        } else {
+            prompt.to_owned()
+        };
+        self.tokenizer
+            .encode(&text, self.tokenizer.add_bos_default())
+    }
+
     /// The linears of the current snapshot, for [`Llama::new`](crate::llama::Llama::new).
     /// Later resizes do not affect them.
     pub fn linears(&self) -> SnapshotLinears {

@@ -21,7 +21,6 @@ use bitstack_examples::memstat::{self, fmt_bytes};
 use bitstack_examples::perplexity::{perplexity, Perplexity, PerplexityParams};
 use bitstack_examples::report::{markdown_table, svg_plot, Series};
 use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears, StackModel};
-use bitstack_examples::tokenizer::ChatMessage;
 use bitstack_linalg::ScaleParams;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -585,20 +584,7 @@ fn generate_text(
     chat: bool,
     params: &GenerateParams,
 ) -> Res<String> {
-    let text = if chat {
-        loaded.tokenizer.apply_chat_template(
-            &[ChatMessage {
-                role: "user",
-                content: prompt,
-            }],
-            true,
-        )?
-    } else {
-        prompt.to_owned()
-    };
-    let ids = loaded
-        .tokenizer
-        .encode(&text, loaded.tokenizer.add_bos_default())?;
+    let ids = loaded.prompt_ids(prompt, chat)?;
     let snap = loaded.elastic.snapshot();
     let linears = SnapshotLinears(snap.clone());
     let model = Llama::new(&loaded.resident, &linears)?;
