@@ -11,6 +11,8 @@
 //! * [`iavd`]: iterative absolute value decomposition (eq. 5–8) — [`decompose`] turns a weight
 //!   into `levels` [`bitstack_core::ResidualBlock`]s and reports the relative Frobenius error
 //!   after each, measured against the f16 factors as stored.
+//! * [`plain`]: the sign-free iterative SVD of the paper's "w/o absolute value
+//!   decomposition" ablation, at the same bits per level ([`same_size_rank`]).
 //!
 //! ```
 //! use bitstack_core::kernels::restore_into;
@@ -45,6 +47,7 @@
 
 mod error;
 pub mod iavd;
+pub mod plain;
 mod rng;
 pub mod scale;
 pub mod signs;
@@ -52,6 +55,7 @@ pub mod svd;
 
 pub use error::{LinalgError, Result};
 pub use iavd::{decompose, decompose_slice, relative_error, Decomposition, IavdParams};
+pub use plain::{decompose_plain_slice, same_size_rank, PlainDecomposition, PlainLevel};
 pub use scale::{inverse_scale, ActivationNorms, ScaleParams, ScaleRule};
 pub use signs::pack_signs;
 pub use svd::{truncated_svd, SvdMethod, TruncatedSvd, TruncatedSvdParams};

@@ -8,6 +8,8 @@
 //! * [`sort_greedy`] and [`sort_random`]: the paper's two baselines.
 //! * [`sort_proxy`]: our addition, no forward pass at all: blocks are ranked within each
 //!   level by the activation-weighted output error they remove ([`proxy`] explains why).
+//! * [`measure_sensitivity`] + [`sort_proxy_sensitive`]: the proxy weighted by each
+//!   weight's measured loss sensitivity, one evaluation per weight ([`sensitivity`]).
 //!
 //! The search-based sorts talk to the model only through [`StackEvaluator`], so this crate
 //! knows nothing of Llama; they checkpoint after every level ([`SortConfig::checkpoint`])
@@ -50,15 +52,18 @@ mod evaluator;
 mod order;
 pub mod proxy;
 mod search;
+pub mod sensitivity;
 
 pub use capped::{splice_orders, LevelCap};
 pub use error::{Result, SortError};
 pub use evaluator::{NoObserver, SortObserver, SortProgress, SortWarning, StackEvaluator};
 pub use order::{level_major_order, BlockScores};
 pub use proxy::{
-    sort_proxy, ActivationStats, ProxyConfig, ProxyNormalisation, ProxyOutcome, ProxyWeight,
+    sort_proxy, sort_proxy_sensitive, ActivationStats, ProxyConfig, ProxyNormalisation,
+    ProxyOutcome, ProxyWeight,
 };
 pub use search::{sort_average, sort_greedy, sort_random, SortConfig, SortOutcome};
+pub use sensitivity::{measure_sensitivity, Sensitivity};
 
 /// The orderings this crate computes, e.g. for a `--order` command-line flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

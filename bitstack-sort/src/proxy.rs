@@ -117,29 +117,104 @@ pub struct ProxyOutcome {
 /// decreasing normalised gain, ties by weight index.
 pub fn sort_proxy(weights: &[ProxyWeight<'_>], config: &ProxyConfig) -> Result<ProxyOutcome> {
     let started = Instant::now();
+    let errors = all_errors(weights)?;
+    let multipliers: Vec<f64> = errors
+        .iter()
+        .map(|e| match config.normalisation {
+            // A zero weight has nothing to restore: every block gains nothing.
+            ProxyNormalisation::Relative if e[0] > 0.0 => 1.0 / e[0],
+            ProxyNormalisation::Relative => 0.0,
+            ProxyNormalisation::Absolute => 1.0,
+        })
+        .collect();
+    rank_by_gain(weights, errors, &multipliers, config.per_byte, started)
+}
+
+/// The sensitivity-weighted proxy ([`crate::sensitivity`]): block `l` of weight `w` is worth
+/// `c_w · (E_{l−1} − E_l)` with `c_w = ΔL_w / (E_probe − E_full)`, the loss increase
+/// [`measure_sensitivity`](crate::measure_sensitivity) saw when `w` alone was cut to `probe`
+/// blocks, per unit of activation-weighted output error that cut adds. Level-major, like
+/// Average and [`sort_proxy`]; `config.normalisation` is replaced by `c_w`.
+///
+/// A negative `ΔL_w` (evaluation noise) counts as zero sensitivity; a non-finite one (the
+/// model collapsed without that weight) as ten times the largest finite sensitivity.
+pub fn sort_proxy_sensitive(
+    weights: &[ProxyWeight<'_>],
+    sensitivity: &crate::Sensitivity,
+    config: &ProxyConfig,
+) -> Result<ProxyOutcome> {
+    let started = Instant::now();
+    if sensitivity.losses.len() != weights.len() || sensitivity.probe_blocks.len() != weights.len()
+    {
+        return Err(SortError::InvalidInput(format!(
+            "sensitivity has {} weights, the proxy {}",
+            sensitivity.losses.len(),
+            weights.len()
+        )));
+    }
+    let errors = all_errors(weights)?;
+    let raw: Vec<f64> = errors
+        .iter()
+        .enumerate()
+        .map(|(w, e)| {
+            let probe = sensitivity.probe_blocks[w] as usize;
+            let added = e.get(probe).copied().unwrap_or(0.0) - e[e.len() - 1];
+            let delta = sensitivity.delta(w);
+            if !delta.is_finite() {
+                f64::INFINITY
+            } else if delta <= 0.0 || added <= 0.0 {
+                0.0
+            } else {
+                delta / added
+            }
+        })
+        .collect();
+    let top = raw
+        .iter()
+        .copied()
+        .filter(|c| c.is_finite())
+        .fold(0.0f64, f64::max);
+    let multipliers: Vec<f64> = raw
+        .iter()
+        .map(|&c| {
+            if c.is_finite() {
+                c
+            } else {
+                10.0 * top.max(1.0)
+            }
+        })
+        .collect();
+    rank_by_gain(weights, errors, &multipliers, config.per_byte, started)
+}
+
+fn all_errors(weights: &[ProxyWeight<'_>]) -> Result<Vec<Vec<f64>>> {
     if weights.is_empty() {
         return Err(SortError::InvalidInput("no weights".into()));
     }
-    let errors: Vec<Vec<f64>> = weights
+    weights
         .par_iter()
         .enumerate()
         .map(|(w, pw)| weighted_errors(pw).map_err(|e| annotate(e, w)))
-        .collect::<Result<_>>()?;
+        .collect()
+}
 
+/// Level-major order by decreasing `multiplier[w] · (E_{l−1} − E_l)` (per byte if asked).
+fn rank_by_gain(
+    weights: &[ProxyWeight<'_>],
+    errors: Vec<Vec<f64>>,
+    multipliers: &[f64],
+    per_byte: bool,
+    started: Instant,
+) -> Result<ProxyOutcome> {
     let mut gains: BlockScores = Vec::with_capacity(weights.len());
     let mut keys: BlockScores = Vec::with_capacity(weights.len());
-    for (w, (pw, e)) in weights.iter().zip(&errors).enumerate() {
-        let energy = e[0];
+    for (w, ((pw, e), m)) in weights.iter().zip(&errors).zip(multipliers).enumerate() {
         let g: Vec<Option<f64>> = e
             .windows(2)
             .zip(pw.blocks)
             .map(|(p, block)| {
-                let mut g = p[0] - p[1];
-                if config.normalisation == ProxyNormalisation::Relative {
-                    // A zero weight has nothing to restore: every block gains nothing.
-                    g = if energy > 0.0 { g / energy } else { 0.0 };
-                }
-                if config.per_byte {
+                let mut g = (p[0] - p[1]) * m;
+                if per_byte {
                     g /= block_bytes(pw.rows, pw.cols, block.rank()) as f64;
                 }
                 Some(g)

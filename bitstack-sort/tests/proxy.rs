@@ -4,7 +4,8 @@ use bitstack_core::signs::{pack_row_bools, words_per_row};
 use bitstack_core::testutil::{random_block, XorShift};
 use bitstack_core::{kernels, ResidualBlock, UniversalOrder};
 use bitstack_sort::{
-    sort_proxy, ActivationStats, ProxyConfig, ProxyNormalisation, ProxyWeight, SortError,
+    sort_proxy, sort_proxy_sensitive, ActivationStats, ProxyConfig, ProxyNormalisation,
+    ProxyWeight, Sensitivity, SortError,
 };
 use half::f16;
 
@@ -223,6 +224,48 @@ fn normalisation_and_per_byte_change_the_comparison_as_documented() {
     let bytes = bitstack_core::block_bytes(rows, cols, 1) as f64;
     let (a, b) = (per_byte.gains[1][1].unwrap(), plain.gains[1][1].unwrap());
     assert!((a * bytes - b).abs() < 1e-12);
+}
+
+#[test]
+fn measured_sensitivity_overrides_the_energy_normalisation() {
+    let (rows, cols) = (4, 8);
+    // The same two weights as above: relative normalisation loads weight 1's block first.
+    let s0 = [column_block(rows, &[4.0; 8]), column_block(rows, &[0.5; 8])];
+    let s1 = [column_block(rows, &[0.5; 8]), column_block(rows, &[0.3; 8])];
+    let (w0, w1) = (dense(&s0, rows, cols), dense(&s1, rows, cols));
+    let ws = [weight(&w0, &s0, cols), weight(&w1, &s1, cols)];
+    let sens = |d0: f64, d1: f64| Sensitivity {
+        probe_blocks: vec![1, 1],
+        base_loss: 2.0,
+        losses: vec![2.0 + d0, 2.0 + d1],
+        evaluations: 3,
+        elapsed: std::time::Duration::ZERO,
+    };
+    let run = |s: &Sensitivity| sort_proxy_sensitive(&ws, s, &ProxyConfig::default()).unwrap();
+    // Equal loss increases for both cuts: the same loss per unit of error removed, so the
+    // block removing more raw error (weight 0's, 0.5² vs 0.3² per entry) ranks first.
+    let equal = run(&sens(1.0, 1.0));
+    assert_eq!(equal.order.as_slice()[2].weight, 0);
+    // Weight 1 ten times as sensitive: its block first. The gain is c_w · ΔE with
+    // c_w = ΔL / (E_probe − E_full) = ΔL / ΔE for a two-level stack: exactly ΔL.
+    let skewed = run(&sens(1.0, 10.0));
+    assert_eq!(skewed.order.as_slice()[2].weight, 1);
+    assert!((skewed.gains[1][1].unwrap() - 10.0).abs() < 1e-9);
+    assert!((skewed.gains[0][1].unwrap() - 1.0).abs() < 1e-9);
+    // A collapsed model without weight 0 makes it the most sensitive; noise (a loss drop)
+    // makes a weight insensitive rather than negative.
+    let collapsed = run(&sens(f64::NAN, 10.0));
+    assert_eq!(collapsed.order.as_slice()[2].weight, 0);
+    let noisy = run(&sens(-0.5, 0.1));
+    assert_eq!(noisy.gains[0][1], Some(0.0));
+    assert_eq!(noisy.order.as_slice()[2].weight, 1);
+    // A sensitivity for another model is an error.
+    let mut wrong = sens(1.0, 1.0);
+    wrong.losses.pop();
+    assert!(matches!(
+        sort_proxy_sensitive(&ws, &wrong, &ProxyConfig::default()),
+        Err(SortError::InvalidInput(_))
+    ));
 }
 
 #[test]

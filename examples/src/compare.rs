@@ -104,6 +104,21 @@ pub struct CompareArgs {
     /// Evaluation windows for the ablations (default: --max-windows).
     #[arg(long)]
     pub ablation_windows: Option<usize>,
+    /// Which ablations to run.
+    #[arg(long, value_delimiter = ',', default_value = "no-scaling,no-avd,ranks")]
+    pub ablation_variants: Vec<AblationKind>,
+}
+
+/// One kind of BitStack ablation (paper Fig. 5 and Fig. 7b).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AblationKind {
+    /// Without activation-aware scaling.
+    NoScaling,
+    /// Without absolute value decomposition: plain iterative SVD with `k' = k + mn/(16(m+n))`
+    /// ([`bitstack_linalg::same_size_rank`]), so every level costs what a block costs.
+    NoAvd,
+    /// Other ranks `k` (`--ablation-ranks`).
+    Ranks,
 }
 
 /// Parses a baseline name (`rtn`, `gptq`, `gptq-act`, `awq`).
@@ -918,6 +933,188 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
     Ok(report.markdown())
 }
 
+/// The "w/o absolute value decomposition" ablation: every linear decomposed by the plain
+/// iterative SVD at the main stack's calibration, levels and per-weight `k' =
+/// same_size_rank(m, n, k)`, ordered as the main stack (proxy: the level's share of the
+/// scaled weight's energy, the plain-SVD counterpart of [`bitstack_sort::sort_proxy`] with
+/// [`bitstack_sort::ActivationStats::FromScale`]), charged like BitStack (resident tensors +
+/// f32 scale vectors + `2·k'·(m+n)` bytes per level) and evaluated on the restored weights.
+#[allow(clippy::too_many_arguments)]
+fn eval_plain_svd_ablation(
+    source: &dyn ModelSource,
+    calib_text: &str,
+    loaded: &LoadedStack,
+    base: &CompressParams,
+    budgets: &[(String, u64)],
+    tokens: &[u32],
+    params: &PerplexityParams,
+    report: &mut Report,
+    phases: &mut Vec<(String, f64)>,
+) -> Res<()> {
+    use crate::compress::{calibrate, OrderMethod};
+    use bitstack_linalg::{decompose_plain_slice, same_size_rank, IavdParams};
+    let name = "BitStack w/o AVD (plain SVD, same bits)".to_owned();
+    let t = Instant::now();
+    let c = source.config().clone();
+    let calib_tokens = source.tokenizer()?.encode(calib_text, false)?;
+    let scales = match base.scale {
+        Some(sp) => Some(calibrate(
+            source,
+            &calib_tokens,
+            base.calib_windows,
+            base.calib_seq_len,
+            sp,
+        )?),
+        None => None,
+    };
+    let n = c.n_layers * LinearKind::ALL.len();
+    let mut decs = Vec::with_capacity(n);
+    let mut progress = Progress::new("w/o AVD: plain SVD of every linear", n);
+    for w in 0..n {
+        let (layer, kind) = weight_of_index(w);
+        let (rows, cols) = kind.shape(&c);
+        let tensor = kind.tensor_name(layer);
+        let (_, data) = source.tensor_f32(&tensor)?;
+        let p = IavdParams {
+            rank: same_size_rank(rows, cols, base.rank.rank_for(rows, cols)),
+            ..base.iavd
+        };
+        let scale = scales.as_ref().map(|s| s[w].as_slice());
+        decs.push(
+            decompose_plain_slice(&data, rows, cols, scale, &p)
+                .map_err(|e| format!("{tensor}: {e}"))?,
+        );
+        progress.update(w + 1);
+    }
+    phases.push((format!("{name} decompose"), t.elapsed().as_secs_f64()));
+    let levels: Vec<u16> = decs.iter().map(|d| d.levels.len() as u16).collect();
+    let order = match base.order {
+        OrderMethod::Proxy => {
+            let scores: Vec<Vec<Option<f64>>> = decs
+                .iter()
+                .map(|d| {
+                    let mut prev = 1.0f64;
+                    d.relative_errors
+                        .iter()
+                        .enumerate()
+                        .map(|(l, e)| {
+                            let gain = prev * prev - e * e;
+                            prev = *e;
+                            (l > 0).then_some(-gain)
+                        })
+                        .collect()
+                })
+                .collect();
+            bitstack_sort::level_major_order(&levels, &scores)?
+        }
+        OrderMethod::RoundRobin => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
+        OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
+    };
+    let resident = loaded
+        .elastic
+        .bytes_at_prefix(0)
+        .ok_or("the stack has no prefix 0")?
+        - loaded
+            .elastic
+            .layout()
+            .stacks
+            .iter()
+            .map(|m| m.scale_bytes())
+            .sum::<u64>();
+    let fixed = resident
+        + scales
+            .as_ref()
+            .map_or(0, |s| s.iter().map(|v| 4 * v.len() as u64).sum());
+    let mut cumulative = vec![fixed];
+    for id in order.as_slice() {
+        let last = *cumulative.last().unwrap_or(&fixed);
+        cumulative.push(last + decs[id.weight as usize].level_bytes());
+    }
+    let mut cache: BTreeMap<usize, StackPoint> = BTreeMap::new();
+    for (cfg, budget) in budgets {
+        let Some(prefix) = largest_prefix_within(&cumulative, n, *budget) else {
+            report.ablations.push(AblationPoint {
+                variant: name.clone(),
+                config: cfg.clone(),
+                budget: *budget,
+                point: None,
+                note: Some(format!(
+                    "below this variant's minimum {:.1} MB",
+                    mb(cumulative[n])
+                )),
+            });
+            continue;
+        };
+        let point = match cache.get(&prefix) {
+            Some(p) => p.clone(),
+            None => {
+                let t = Instant::now();
+                let mut counts = vec![0usize; n];
+                for id in &order.as_slice()[..prefix] {
+                    // A prefix of a level-major order: counts are levels.
+                    counts[id.weight as usize] += 1;
+                }
+                let mut ops = decs
+                    .iter()
+                    .zip(&counts)
+                    .enumerate()
+                    .map(|(w, (d, &count))| -> Res<Box<dyn LinearOp>> {
+                        let mut dense = vec![0f32; d.rows * d.cols];
+                        let scale = scales.as_ref().map(|s| s[w].as_slice());
+                        d.restore_into(count, scale, &mut dense)?;
+                        Ok(Box::new(bitstack_core::DenseLinear::new(
+                            d.rows, d.cols, dense,
+                        )?))
+                    })
+                    .collect::<Res<Vec<_>>>()?
+                    .into_iter();
+                let layers: Vec<[Box<dyn LinearOp>; 7]> = (0..c.n_layers)
+                    .map(|_| {
+                        std::array::from_fn(|_| ops.next().expect("7 restored linears per layer"))
+                    })
+                    .collect();
+                let table = LinearTable::new(layers);
+                let model = Llama::new(&loaded.resident, &table)?;
+                let ppl = perplexity(
+                    &model,
+                    tokens,
+                    params,
+                    &mut crate::report::perplexity_progress(format!(
+                        "{name} ({:.2} MB, {prefix} levels)",
+                        mb(cumulative[prefix])
+                    )),
+                )?;
+                phases.push((format!("{name} at {cfg}"), t.elapsed().as_secs_f64()));
+                let p = StackPoint {
+                    prefix,
+                    held: cumulative[prefix],
+                    ppl,
+                };
+                cache.insert(prefix, p.clone());
+                p
+            }
+        };
+        eprintln!(
+            "{name} at {cfg}: {:.2} MB ppl {:.3}",
+            mb(point.held),
+            point.ppl.ppl
+        );
+        report.ablations.push(AblationPoint {
+            variant: name.clone(),
+            config: cfg.clone(),
+            budget: *budget,
+            point: Some(point),
+            note: None,
+        });
+    }
+    report.ablation_notes.push(format!(
+        "w/o absolute value decomposition: plain iterative SVD of the scaled weight with k' = k + round(mn/(16(m+n))) per level (f16 factors, residual against the stored factors), {} levels, the main stack's calibration and order rule; memory = resident tensors + f32 scale vectors + 2·k'·(m+n) bytes per level (minimum, one level per weight: {:.1} MB); perplexity of the restored dense weights",
+        base.iavd.levels,
+        mb(cumulative[n])
+    ));
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_ablations(
     args: &CompareArgs,
@@ -954,9 +1151,6 @@ fn run_ablations(
         "BitStack k={} (main stack)",
         main_rank.map_or("?".into(), |k| k.to_string())
     );
-    report.ablation_notes.push(
-        "w/o absolute value decomposition (vanilla SVD with k' = k + mn/(16(m+n)), same sorting) is not run: the runtime's residual blocks always carry a sign matrix, so it needs a sign-free block type in bitstack-core and the sorter; left out rather than approximated.".into(),
-    );
     report.ablation_notes.push(format!(
         "ablation stacks are compressed with the main stack's k and order and the default calibration ({} calibration windows of {} tokens, 16 levels), changing only the ablated setting; the main stack's settings: {}",
         CompressParams::default().calib_windows,
@@ -989,8 +1183,14 @@ fn run_ablations(
         order: main_order,
         ..Default::default()
     };
+    if args.ablation_variants.contains(&AblationKind::NoAvd) {
+        eval_plain_svd_ablation(
+            source, calib_text, loaded, &base, &budgets, tokens, params, report, phases,
+        )?;
+        report.write(&args.out_dir)?;
+    }
     let mut variants: Vec<(String, CompressParams)> = Vec::new();
-    if main_scaled != Some(false) {
+    if main_scaled != Some(false) && args.ablation_variants.contains(&AblationKind::NoScaling) {
         variants.push((
             "BitStack w/o scaling".into(),
             CompressParams {
@@ -999,7 +1199,12 @@ fn run_ablations(
             },
         ));
     }
-    for &k in &args.ablation_ranks {
+    let ranks: &[usize] = if args.ablation_variants.contains(&AblationKind::Ranks) {
+        &args.ablation_ranks
+    } else {
+        &[]
+    };
+    for &k in ranks {
         if Some(k as u64) == main_rank {
             continue;
         }

@@ -635,7 +635,7 @@ fn generate(args: &GenerateArgs) -> Res<()> {
 struct SortArgs {
     /// The stack file to reorder (its blocks are reused; only the order changes).
     file: PathBuf,
-    /// average | greedy | random | roundrobin | proxy.
+    /// average | greedy | random | roundrobin | proxy | proxy-sensitive.
     #[arg(long)]
     method: String,
     /// Output stack file.
@@ -657,6 +657,10 @@ struct SortArgs {
     /// file's order (which must be level-major, as proxy, roundrobin and average are).
     #[arg(long)]
     max_level: Option<u16>,
+    /// proxy-sensitive: blocks each weight is cut back to when its loss sensitivity is
+    /// measured (1 = the floor).
+    #[arg(long, default_value_t = 1)]
+    probe_blocks: u16,
     /// Checkpoint file for resumable average / greedy sorts.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -672,10 +676,9 @@ struct SortArgs {
 fn sort(args: &SortArgs) -> Res<()> {
     use bitstack_core::BlockId;
     use bitstack_sort::{
-        sort_average, sort_greedy, splice_orders, ActivationStats, LevelCap, ProxyConfig,
-        ProxyWeight, SortConfig, SortProgress, StackEvaluator,
+        sort_average, sort_greedy, splice_orders, LevelCap, ProxyConfig, SortConfig, SortProgress,
+        StackEvaluator,
     };
-    use std::sync::Arc;
     let sm = StackModel::open(&args.file)?;
     let file = sm.file();
     let levels: Vec<u16> = file.stacks().iter().map(|m| m.levels).collect();
@@ -700,30 +703,8 @@ fn sort(args: &SortArgs) -> Res<()> {
             format!("seed {}", args.seed),
         ),
         "proxy" => {
-            let model = args
-                .model
-                .as_ref()
-                .ok_or("proxy needs --model (the original weights)")?;
-            let source = open_model(model)?;
-            let mut originals = Vec::new();
-            let mut blocks = Vec::new();
-            for (w, m) in file.stacks().iter().enumerate() {
-                originals.push(source.tensor_f32(&m.name)?.1);
-                blocks.push(read_all(w)?);
-            }
-            let weights: Vec<ProxyWeight<'_>> = file
-                .stacks()
-                .iter()
-                .enumerate()
-                .map(|(w, m)| ProxyWeight {
-                    original: &originals[w],
-                    rows: m.rows,
-                    cols: m.cols,
-                    blocks: &blocks[w],
-                    scale: m.scale.as_deref(),
-                    stats: ActivationStats::FromScale,
-                })
-                .collect();
+            let (originals, blocks) = proxy_inputs(args, file, &read_all)?;
+            let weights = proxy_weights(file, &originals, &blocks);
             let t = Instant::now();
             let normalisation = match args.proxy_normalisation.as_str() {
                 "relative" => bitstack_sort::ProxyNormalisation::Relative,
@@ -745,36 +726,50 @@ fn sort(args: &SortArgs) -> Res<()> {
                 format!("proxy itself {:.2} s", t.elapsed().as_secs_f64()),
             )
         }
-        "average" | "greedy" => {
-            let calib = args
-                .calib
-                .as_ref()
-                .ok_or("average/greedy need --calib TEXT")?;
+        "proxy-sensitive" => {
+            let (originals, blocks) = proxy_inputs(args, file, &read_all)?;
+            let weights = proxy_weights(file, &originals, &blocks);
             let resident = LlamaResident::from_source_with(
                 &sm,
                 bitstack_examples::llama::EmbeddingPrecision::F16,
             )?;
-            let tokens = sm
-                .tokenizer()?
-                .encode(&std::fs::read_to_string(calib)?, false)?;
+            let (calib, scoring, parts) = evaluator_inputs(args, &sm, &read_all)?;
             let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
-            let avail = tokens.len() / l.max(1);
-            if n == 0 || avail < n {
-                return Err(format!("{n} scoring windows of {l} tokens need more text").into());
-            }
-            let scoring: Vec<u32> = (0..n)
-                .flat_map(|i| {
-                    let s = i * avail / n * l;
-                    tokens[s..s + l].iter().copied()
-                })
-                .collect();
-            let mut parts = Vec::new();
-            for (w, m) in file.stacks().iter().enumerate() {
-                parts.push((
-                    m.clone(),
-                    read_all(w)?.into_iter().map(Arc::new).collect::<Vec<_>>(),
-                ));
-            }
+            let mut ev = bitstack_examples::sorting::LlamaStackEvaluator::from_parts(
+                &resident, parts, scoring, l,
+            )?;
+            let mut last = Instant::now();
+            let mut observer = |p: &SortProgress| {
+                if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
+                    last = Instant::now();
+                    eprint!("\rsensitivity: {p}   ");
+                }
+            };
+            let sens =
+                bitstack_sort::measure_sensitivity(&mut ev, args.probe_blocks, &mut observer)?;
+            eprintln!();
+            drop(ev);
+            let out =
+                bitstack_sort::sort_proxy_sensitive(&weights, &sens, &ProxyConfig::default())?;
+            (
+                out.order,
+                format!(
+                    "{} evaluations of {n} x {l} tokens of {} (each weight cut to {} block(s)) in {:.1} s, then the proxy in {:.2} s",
+                    sens.evaluations,
+                    calib.display(),
+                    args.probe_blocks,
+                    sens.elapsed.as_secs_f64(),
+                    out.elapsed.as_secs_f64()
+                ),
+            )
+        }
+        "average" | "greedy" => {
+            let resident = LlamaResident::from_source_with(
+                &sm,
+                bitstack_examples::llama::EmbeddingPrecision::F16,
+            )?;
+            let (calib, scoring, parts) = evaluator_inputs(args, &sm, &read_all)?;
+            let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
             let ev = bitstack_examples::sorting::LlamaStackEvaluator::from_parts(
                 &resident, parts, scoring, l,
             )?;
@@ -847,6 +842,92 @@ fn sort(args: &SortArgs) -> Res<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// The original weights and every block of every stack, for the proxies.
+#[allow(clippy::type_complexity)]
+fn proxy_inputs(
+    args: &SortArgs,
+    file: &bitstack_format::StackFile,
+    read_all: &dyn Fn(usize) -> Res<Vec<bitstack_core::ResidualBlock>>,
+) -> Res<(Vec<Vec<f32>>, Vec<Vec<bitstack_core::ResidualBlock>>)> {
+    let model = args
+        .model
+        .as_ref()
+        .ok_or("the proxies need --model (the original weights)")?;
+    let source = open_model(model)?;
+    let mut originals = Vec::new();
+    let mut blocks = Vec::new();
+    for (w, m) in file.stacks().iter().enumerate() {
+        originals.push(source.tensor_f32(&m.name)?.1);
+        blocks.push(read_all(w)?);
+    }
+    Ok((originals, blocks))
+}
+
+fn proxy_weights<'a>(
+    file: &'a bitstack_format::StackFile,
+    originals: &'a [Vec<f32>],
+    blocks: &'a [Vec<bitstack_core::ResidualBlock>],
+) -> Vec<bitstack_sort::ProxyWeight<'a>> {
+    file.stacks()
+        .iter()
+        .enumerate()
+        .map(|(w, m)| bitstack_sort::ProxyWeight {
+            original: &originals[w],
+            rows: m.rows,
+            cols: m.cols,
+            blocks: &blocks[w],
+            scale: m.scale.as_deref(),
+            stats: bitstack_sort::ActivationStats::FromScale,
+        })
+        .collect()
+}
+
+/// The scoring text, its `--scoring-seqs` evenly spaced windows and every stack's blocks,
+/// for a [`bitstack_examples::sorting::LlamaStackEvaluator`].
+#[allow(clippy::type_complexity)]
+fn evaluator_inputs<'a>(
+    args: &'a SortArgs,
+    sm: &StackModel,
+    read_all: &dyn Fn(usize) -> Res<Vec<bitstack_core::ResidualBlock>>,
+) -> Res<(
+    &'a Path,
+    Vec<u32>,
+    Vec<(
+        std::sync::Arc<bitstack_core::StackMeta>,
+        Vec<std::sync::Arc<bitstack_core::ResidualBlock>>,
+    )>,
+)> {
+    let calib = args
+        .calib
+        .as_ref()
+        .ok_or("average, greedy and proxy-sensitive need --calib TEXT")?;
+    let tokens = sm
+        .tokenizer()?
+        .encode(&std::fs::read_to_string(calib)?, false)?;
+    let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
+    let avail = tokens.len() / l.max(1);
+    if n == 0 || avail < n {
+        return Err(format!("{n} scoring windows of {l} tokens need more text").into());
+    }
+    let scoring: Vec<u32> = (0..n)
+        .flat_map(|i| {
+            let s = i * avail / n * l;
+            tokens[s..s + l].iter().copied()
+        })
+        .collect();
+    let mut parts = Vec::new();
+    for (w, m) in sm.file().stacks().iter().enumerate() {
+        parts.push((
+            m.clone(),
+            read_all(w)?
+                .into_iter()
+                .map(std::sync::Arc::new)
+                .collect::<Vec<_>>(),
+        ));
+    }
+    Ok((calib.as_path(), scoring, parts))
 }
 
 /// The shared folder next to the workspace (`../shared` from the repository root).
