@@ -24,6 +24,27 @@ impl XorShift {
     pub fn next_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
+    /// Standard normal (Box–Muller, one value per two draws).
+    pub fn next_gaussian(&mut self) -> f32 {
+        let u1 = ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        let u2 = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+    }
+}
+
+/// A `rows × cols` weight like a real LLM layer's: Gaussian (σ = 0.02) with three input
+/// columns (3, cols/2, cols−5, those that exist) scaled ×8, the heavy-channel pattern.
+pub fn heavy_gaussian(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    let mut rng = XorShift::new(seed);
+    let mut w: Vec<f32> = (0..rows * cols)
+        .map(|_| 0.02 * rng.next_gaussian())
+        .collect();
+    for j in [3, cols / 2, cols.saturating_sub(5)] {
+        for i in (0..rows).filter(|_| j < cols) {
+            w[i * cols + j] *= 8.0;
+        }
+    }
+    w
 }
 
 /// A random valid block (factors uniform in [-1, 1), random signs).

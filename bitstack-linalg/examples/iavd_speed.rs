@@ -9,28 +9,9 @@
 //! of real LLM weights). 16 levels, k = 16. The exact path on 4096×4096 runs only 2 levels
 //! (one exact SVD of a 4096² matrix takes tens of seconds); per-level medians are compared.
 
-use bitstack_core::testutil::XorShift;
+use bitstack_core::testutil::heavy_gaussian;
 use bitstack_linalg::{decompose_slice, IavdParams, SvdMethod, TruncatedSvdParams};
 use std::time::Duration;
-
-fn gaussian(rng: &mut XorShift) -> f32 {
-    let u1 = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-}
-
-fn heavy_gaussian(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = XorShift::new(seed);
-    let mut w: Vec<f32> = (0..rows * cols)
-        .map(|_| 0.02 * gaussian(&mut rng))
-        .collect();
-    for j in [3, cols / 2, cols - 5] {
-        for i in 0..rows {
-            w[i * cols + j] *= 8.0;
-        }
-    }
-    w
-}
 
 fn median(ts: &[Duration]) -> Duration {
     let mut v = ts.to_vec();

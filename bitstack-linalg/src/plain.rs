@@ -219,18 +219,12 @@ mod tests {
     use super::*;
     use crate::relative_error;
     use bitstack_core::block_bytes;
+    use bitstack_core::testutil::XorShift;
     use proptest::prelude::*;
 
     fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..rows * cols)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
+        let mut rng = XorShift::new(seed);
+        (0..rows * cols).map(|_| 0.5 * rng.next_f32()).collect()
     }
 
     #[test]

@@ -1,44 +1,24 @@
 //! End-to-end properties of the iterative absolute value decomposition.
 
 use bitstack_core::kernels::restore_into;
-use bitstack_core::testutil::XorShift;
+use bitstack_core::testutil::{heavy_gaussian, XorShift};
 use bitstack_linalg::{
     decompose, decompose_slice, relative_error, Decomposition, IavdParams, LinalgError, SvdMethod,
     TruncatedSvdParams,
 };
 use faer::MatRef;
 
-fn gaussian(rng: &mut XorShift) -> f32 {
-    let u1 = ((rng.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    let u2 = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-}
-
-/// Gaussian weights with a few heavy input columns, like real LLM layers.
-fn heavy_gaussian(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = XorShift::new(seed);
-    let mut w: Vec<f32> = (0..rows * cols)
-        .map(|_| 0.02 * gaussian(&mut rng))
-        .collect();
-    for j in [3, cols / 2, cols.saturating_sub(5)] {
-        for i in (0..rows).filter(|_| j < cols) {
-            w[i * cols + j] *= 8.0;
-        }
-    }
-    w
-}
-
 /// Rank-8 signal plus 10% noise.
 fn low_rank_plus_noise(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let mut rng = XorShift::new(seed);
     let r = 8;
-    let u: Vec<f32> = (0..rows * r).map(|_| gaussian(&mut rng)).collect();
-    let v: Vec<f32> = (0..cols * r).map(|_| gaussian(&mut rng)).collect();
+    let u: Vec<f32> = (0..rows * r).map(|_| rng.next_gaussian()).collect();
+    let v: Vec<f32> = (0..cols * r).map(|_| rng.next_gaussian()).collect();
     let mut w = vec![0.0; rows * cols];
     for i in 0..rows {
         for j in 0..cols {
             let signal: f32 = (0..r).map(|q| u[i * r + q] * v[j * r + q]).sum();
-            w[i * cols + j] = signal / (r as f32).sqrt() + 0.1 * gaussian(&mut rng);
+            w[i * cols + j] = signal / (r as f32).sqrt() + 0.1 * rng.next_gaussian();
         }
     }
     w
