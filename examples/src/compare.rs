@@ -1007,7 +1007,11 @@ fn eval_plain_svd_ablation(
                 .collect();
             bitstack_sort::level_major_order(&levels, &scores)?
         }
-        OrderMethod::RoundRobin => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
+        // Sensitivities are measured by evaluating block stacks, which the sign-free levels are
+        // not; they fall back to round robin.
+        OrderMethod::RoundRobin | OrderMethod::ProxySensitive { .. } => {
+            bitstack_core::UniversalOrder::round_robin(levels.clone())?
+        }
         OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
     };
     let resident = loaded
@@ -1173,6 +1177,7 @@ fn run_ablations(
     // Ablations change one setting of the main stack's: its k (when fixed) and its order.
     let main_order = match stack_compression.get("order").and_then(Value::as_str) {
         Some("Proxy") => crate::compress::OrderMethod::Proxy,
+        Some(o) if o.starts_with("ProxySensitive") => crate::compress::OrderMethod::PROXY_SENSITIVE,
         Some(o) if o.starts_with("Random") => crate::compress::OrderMethod::Random { seed: 0 },
         _ => crate::compress::OrderMethod::RoundRobin,
     };

@@ -19,7 +19,10 @@
 //!   at 6 of 8 budgets; `bitstack sort` computes the paper's Average.
 
 use crate::gguf::{ModelError, ModelSource};
-use crate::llama::{ActivationObserver, LinearKind, LinearTable, Llama, LlamaError, LlamaResident};
+use crate::llama::{
+    ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaError,
+    LlamaResident,
+};
 use crate::report::Progress;
 use crate::stackmodel::{
     config_to_json, resident_tensor_names, weight_index, weight_of_index, META_COMPRESSION,
@@ -34,7 +37,7 @@ use half::f16;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Errors of [`compress`].
@@ -86,6 +89,28 @@ pub enum OrderMethod {
     },
     /// The forward-pass-free proxy of `bitstack-sort` (activation-weighted output error).
     Proxy,
+    /// The proxy weighted by each weight's measured loss sensitivity
+    /// ([`bitstack_sort::measure_sensitivity`]): one evaluation per weight on `scoring_seqs`
+    /// evenly spaced windows of `seq_len` calibration tokens, each weight cut to `probe`
+    /// blocks.
+    ProxySensitive {
+        /// Scoring windows.
+        scoring_seqs: usize,
+        /// Tokens per scoring window.
+        seq_len: usize,
+        /// Blocks a weight is cut back to when its sensitivity is measured.
+        probe: u16,
+    },
+}
+
+impl OrderMethod {
+    /// [`OrderMethod::ProxySensitive`] as measured in the README: 1 window of 256 tokens,
+    /// each weight cut to its floor block.
+    pub const PROXY_SENSITIVE: Self = Self::ProxySensitive {
+        scoring_seqs: 1,
+        seq_len: 256,
+        probe: 1,
+    };
 }
 
 impl std::str::FromStr for OrderMethod {
@@ -95,8 +120,9 @@ impl std::str::FromStr for OrderMethod {
             "roundrobin" | "round-robin" => Ok(Self::RoundRobin),
             "random" => Ok(Self::Random { seed: 0 }),
             "proxy" => Ok(Self::Proxy),
+            "proxy-sensitive" => Ok(Self::PROXY_SENSITIVE),
             other => Err(format!(
-                "unknown order {other:?} here (roundrobin, random, proxy; average and greedy run through `bitstack sort`)"
+                "unknown order {other:?} here (roundrobin, random, proxy, proxy-sensitive; average and greedy run through `bitstack sort`)"
             )),
         }
     }
@@ -385,7 +411,10 @@ pub fn compress(
 
     let t = Instant::now();
     let n_weights = c.n_layers * LinearKind::ALL.len();
-    let keep_originals = params.order == OrderMethod::Proxy;
+    let keep_originals = matches!(
+        params.order,
+        OrderMethod::Proxy | OrderMethod::ProxySensitive { .. }
+    );
     let mut originals: Vec<Vec<f32>> = Vec::new();
     let mut blocks: Vec<Vec<ResidualBlock>> = Vec::with_capacity(n_weights);
     let mut stacks: Vec<StackMeta> = Vec::with_capacity(n_weights);
@@ -448,6 +477,44 @@ pub fn compress(
                 })
                 .collect();
             bitstack_sort::sort_proxy(&weights, &ProxyConfig::default())?.order
+        }
+        OrderMethod::ProxySensitive {
+            scoring_seqs,
+            seq_len,
+            probe,
+        } => {
+            let scoring = crate::sorting::scoring_windows(&calib_tokens, scoring_seqs, seq_len)?;
+            let resident = LlamaResident::from_source_with(source, EmbeddingPrecision::F16)?;
+            let parts = stacks
+                .iter()
+                .zip(&blocks)
+                .map(|(m, b)| {
+                    (
+                        Arc::new(m.clone()),
+                        b.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+                    )
+                })
+                .collect();
+            let mut evaluator = crate::sorting::LlamaStackEvaluator::from_parts(
+                &resident, parts, scoring, seq_len,
+            )?;
+            let mut progress = Progress::new("sensitivity evaluations", n_weights + 1);
+            let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
+            let sensitivity =
+                bitstack_sort::measure_sensitivity(&mut evaluator, probe, &mut observer)?;
+            drop(evaluator);
+            let weights: Vec<ProxyWeight<'_>> = (0..n_weights)
+                .map(|w| ProxyWeight {
+                    original: &originals[w],
+                    rows: stacks[w].rows,
+                    cols: stacks[w].cols,
+                    blocks: &blocks[w],
+                    scale: stacks[w].scale.as_deref(),
+                    stats: ActivationStats::FromScale,
+                })
+                .collect();
+            bitstack_sort::sort_proxy_sensitive(&weights, &sensitivity, &ProxyConfig::default())?
+                .order
         }
     };
     drop(originals);

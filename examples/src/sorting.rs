@@ -69,6 +69,27 @@ pub fn weight_location(weight: usize) -> (usize, LinearKind) {
     (weight / n, LinearKind::ALL[weight % n])
 }
 
+/// `n` evenly spaced windows of `seq_len` tokens of `tokens`, concatenated: the scoring set
+/// of a [`LlamaStackEvaluator`]. Errors when the text holds fewer than `n` windows.
+pub fn scoring_windows(tokens: &[u32], n: usize, seq_len: usize) -> Result<Vec<u32>> {
+    let available = tokens.len() / seq_len.max(1);
+    if n == 0 || seq_len < 2 || available < n {
+        return Err(invalid(
+            "scoring windows",
+            format!(
+                "{n} windows of {seq_len} tokens requested, the text has {} tokens",
+                tokens.len()
+            ),
+        ));
+    }
+    Ok((0..n)
+        .flat_map(|i| {
+            let start = i * available / n * seq_len;
+            tokens[start..start + seq_len].iter().copied()
+        })
+        .collect())
+}
+
 /// Work counters of a [`LlamaStackEvaluator`], for progress lines and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EvaluatorStats {

@@ -50,6 +50,29 @@ fn compress_write_reopen_resize_on_smollm2() {
     assert_eq!(out.contents.stacks.len(), 210);
     assert!(out.mean_relative_errors[1] < out.mean_relative_errors[0]);
 
+    // The sensitivity-weighted proxy: one evaluation per weight on a tiny scoring set gives a
+    // valid level-major order (floor first) that is not plain round robin.
+    let sensitive = compress(
+        source.as_ref(),
+        &calib_text,
+        &CompressParams {
+            order: OrderMethod::ProxySensitive {
+                scoring_seqs: 1,
+                seq_len: 16,
+                probe: 1,
+            },
+            ..params.clone()
+        },
+    )
+    .unwrap();
+    let order = &sensitive.contents.order;
+    assert_eq!(order.len(), 420);
+    assert!(order.as_slice()[..210].iter().all(|b| b.level == 0));
+    assert!(order.as_slice()[210..].iter().all(|b| b.level == 1));
+    let round_robin = bitstack_core::UniversalOrder::round_robin(vec![2; 210]).unwrap();
+    assert_ne!(order.as_slice(), round_robin.as_slice());
+    drop(sensitive);
+
     let dir = std::env::temp_dir().join(format!("bitstack-pipeline-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("tiny.bitstack");
