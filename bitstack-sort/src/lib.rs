@@ -63,7 +63,7 @@ pub use proxy::{
     ProxyOutcome, ProxyWeight,
 };
 pub use search::{sort_average, sort_greedy, sort_random, SortConfig, SortOutcome};
-pub use sensitivity::{measure_sensitivity, Sensitivity};
+pub use sensitivity::{measure_sensitivity, Sensitivity, SensitivityProbe};
 
 /// The orderings this crate computes, e.g. for a `--order` command-line flag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

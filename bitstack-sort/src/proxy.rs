@@ -131,9 +131,9 @@ pub fn sort_proxy(weights: &[ProxyWeight<'_>], config: &ProxyConfig) -> Result<P
 }
 
 /// The sensitivity-weighted proxy ([`crate::sensitivity`]): block `l` of weight `w` is worth
-/// `c_w · (E_{l−1} − E_l)` with `c_w = ΔL_w / (E_probe − E_full)`, the loss increase
-/// [`measure_sensitivity`](crate::measure_sensitivity) saw when `w` alone was cut to `probe`
-/// blocks, per unit of activation-weighted output error that cut adds. Level-major, like
+/// `c_w · (E_{l−1} − E_l)` with `c_w = ΔL_w / (E_cut − E_base)`, the loss increase
+/// [`measure_sensitivity`](crate::measure_sensitivity) saw when `w` alone was cut from its base
+/// to its probe blocks, per unit of activation-weighted output error that cut adds. Level-major, like
 /// Average and [`sort_proxy`]; `config.normalisation` is replaced by `c_w`.
 ///
 /// A negative `ΔL_w` (evaluation noise) counts as zero sensitivity; a non-finite one (the
@@ -144,7 +144,9 @@ pub fn sort_proxy_sensitive(
     config: &ProxyConfig,
 ) -> Result<ProxyOutcome> {
     let started = Instant::now();
-    if sensitivity.losses.len() != weights.len() || sensitivity.probe_blocks.len() != weights.len()
+    if sensitivity.losses.len() != weights.len()
+        || sensitivity.probe_blocks.len() != weights.len()
+        || sensitivity.base_blocks.len() != weights.len()
     {
         return Err(SortError::InvalidInput(format!(
             "sensitivity has {} weights, the proxy {}",
@@ -157,8 +159,12 @@ pub fn sort_proxy_sensitive(
         .iter()
         .enumerate()
         .map(|(w, e)| {
-            let probe = sensitivity.probe_blocks[w] as usize;
-            let added = e.get(probe).copied().unwrap_or(0.0) - e[e.len() - 1];
+            let (cut, base) = (
+                sensitivity.probe_blocks[w] as usize,
+                sensitivity.base_blocks[w] as usize,
+            );
+            let at = |blocks: usize| e.get(blocks).copied().unwrap_or(0.0);
+            let added = at(cut) - at(base);
             let delta = sensitivity.delta(w);
             if !delta.is_finite() {
                 f64::INFINITY

@@ -7,9 +7,11 @@
 //! signal; on SmolLM2-135M that loses to plain round robin (README, issue 3).
 //!
 //! [`measure_sensitivity`] measures `c_w` directly with **one evaluation per weight**: the
-//! loss of the full stack with weight `w` alone cut back to `probe` blocks, minus the loss of
-//! the full stack. Dividing that loss increase by the error energy the cut adds
-//! (`E_probe − E_full`) gives `c_w` ([`crate::sort_proxy_sensitive`]). That is
+//! loss of a base configuration (by default the full stack; [`SensitivityProbe`]) with weight
+//! `w` alone cut back to `cut_to` blocks, minus the loss of the base. Dividing that loss
+//! increase by the error energy the cut adds (`E_cut − E_base`) gives `c_w`
+//! ([`crate::sort_proxy_sensitive`]). A base of a few blocks everywhere measures the
+//! sensitivities where low budgets operate; the full stack, near the original model. That is
 //! `num_weights` evaluations instead of Average's `Σ_w (levels(w) − 1)` — 1/15 of a
 //! 16-level Average at the same scoring set — and all of them differ from one fixed base in a
 //! single weight, so an evaluator that caches hidden states re-runs only the layers from
@@ -20,12 +22,33 @@ use crate::evaluator::{SortObserver, SortProgress, StackEvaluator};
 use crate::order::check_levels;
 use std::time::{Duration, Instant};
 
+/// Where [`measure_sensitivity`] probes: every weight holds `min(base_blocks, levels)` blocks
+/// and each weight in turn is cut to `min(cut_to, …)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SensitivityProbe {
+    /// Blocks every weight holds in the base (`u16::MAX`: all of them, the default).
+    pub base_blocks: u16,
+    /// Blocks a probed weight is cut back to (`≥ 1`; default 1, the floor).
+    pub cut_to: u16,
+}
+
+impl Default for SensitivityProbe {
+    fn default() -> Self {
+        Self {
+            base_blocks: u16::MAX,
+            cut_to: 1,
+        }
+    }
+}
+
 /// What [`measure_sensitivity`] measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sensitivity {
-    /// Blocks weight `w` was cut back to (`min(probe, levels(w))`).
+    /// Blocks weight `w` held in the base configuration.
+    pub base_blocks: Vec<u16>,
+    /// Blocks weight `w` was cut back to (`probe_blocks[w] ≤ base_blocks[w]`).
     pub probe_blocks: Vec<u16>,
-    /// Loss of the full stack.
+    /// Loss of the base configuration.
     pub base_loss: f64,
     /// Loss with weight `w` alone cut to `probe_blocks[w]` (the base loss when nothing was cut).
     pub losses: Vec<f64>,
@@ -42,31 +65,32 @@ impl Sensitivity {
     }
 }
 
-/// Measures every weight's loss increase when it alone is cut to `probe ≥ 1` blocks while
-/// all others hold all their blocks (module docs). Non-finite losses are kept as returned;
+/// Measures every weight's loss increase when it alone is cut from the probe's base to
+/// `probe.cut_to` blocks (module docs). Non-finite losses are kept as returned;
 /// [`crate::sort_proxy_sensitive`] treats them as the most sensitive.
 pub fn measure_sensitivity<E: StackEvaluator>(
     evaluator: &mut E,
-    probe: u16,
+    probe: SensitivityProbe,
     observer: &mut dyn SortObserver,
 ) -> Result<Sensitivity> {
     let started = Instant::now();
-    if probe == 0 {
+    if probe.cut_to == 0 || probe.base_blocks == 0 {
         return Err(SortError::InvalidInput(
-            "probe must be at least 1 block (the floor)".into(),
+            "a probe holds and cuts to at least 1 block (the floor)".into(),
         ));
     }
     let n = evaluator.num_weights();
-    let full: Vec<u16> = (0..n).map(|w| evaluator.levels(w)).collect();
-    check_levels(&full)?;
+    let levels: Vec<u16> = (0..n).map(|w| evaluator.levels(w)).collect();
+    check_levels(&levels)?;
+    let full: Vec<u16> = levels.iter().map(|&l| l.min(probe.base_blocks)).collect();
     let wrap = |e: E::Error| SortError::Evaluator(Box::new(e));
     let base_loss = evaluator.loss(&full).map_err(wrap)?;
     if !base_loss.is_finite() {
         return Err(SortError::NonFinite(format!(
-            "loss of the full stack is {base_loss}"
+            "loss of the probe's base configuration is {base_loss}"
         )));
     }
-    let probe_blocks: Vec<u16> = full.iter().map(|&l| l.min(probe)).collect();
+    let probe_blocks: Vec<u16> = full.iter().map(|&l| l.min(probe.cut_to)).collect();
     let total = 1 + full
         .iter()
         .zip(&probe_blocks)
@@ -96,6 +120,7 @@ pub fn measure_sensitivity<E: StackEvaluator>(
         });
     }
     Ok(Sensitivity {
+        base_blocks: full,
         probe_blocks,
         base_loss,
         losses,
@@ -144,7 +169,8 @@ mod tests {
             importance: vec![1.0, 8.0, 3.0],
             calls: 0,
         };
-        let s = measure_sensitivity(&mut toy, 1, &mut NoObserver).unwrap();
+        let s =
+            measure_sensitivity(&mut toy, SensitivityProbe::default(), &mut NoObserver).unwrap();
         // Weight 2 has a single block: nothing to cut, no evaluation.
         assert_eq!(toy.calls, 3);
         assert_eq!(s.evaluations, 3);
@@ -153,6 +179,15 @@ mod tests {
         assert!((s.delta(0) - 1.0 * (0.5 - 0.0625)).abs() < 1e-12);
         assert!((s.delta(1) - 8.0 * (0.5 - 0.0625)).abs() < 1e-12);
         assert_eq!(s.delta(2), 0.0);
+        assert_eq!(s.base_blocks, vec![4, 4, 1]);
+        // A base of 2 blocks, cut to 1: importance · (1/2 − 1/4).
+        let probe = SensitivityProbe {
+            base_blocks: 2,
+            cut_to: 1,
+        };
+        let s = measure_sensitivity(&mut toy, probe, &mut NoObserver).unwrap();
+        assert_eq!(s.base_blocks, vec![2, 2, 1]);
+        assert!((s.delta(1) - 8.0 * 0.25).abs() < 1e-12);
     }
 
     #[test]
@@ -161,9 +196,15 @@ mod tests {
             importance: vec![1.0],
             calls: 0,
         };
-        assert!(matches!(
-            measure_sensitivity(&mut toy, 0, &mut NoObserver),
-            Err(SortError::InvalidInput(_))
-        ));
+        for (base_blocks, cut_to) in [(u16::MAX, 0), (0, 1)] {
+            let probe = SensitivityProbe {
+                base_blocks,
+                cut_to,
+            };
+            assert!(matches!(
+                measure_sensitivity(&mut toy, probe, &mut NoObserver),
+                Err(SortError::InvalidInput(_))
+            ));
+        }
     }
 }

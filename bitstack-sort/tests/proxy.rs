@@ -235,6 +235,7 @@ fn measured_sensitivity_overrides_the_energy_normalisation() {
     let (w0, w1) = (dense(&s0, rows, cols), dense(&s1, rows, cols));
     let ws = [weight(&w0, &s0, cols), weight(&w1, &s1, cols)];
     let sens = |d0: f64, d1: f64| Sensitivity {
+        base_blocks: vec![2, 2],
         probe_blocks: vec![1, 1],
         base_loss: 2.0,
         losses: vec![2.0 + d0, 2.0 + d1],

@@ -91,25 +91,27 @@ pub enum OrderMethod {
     Proxy,
     /// The proxy weighted by each weight's measured loss sensitivity
     /// ([`bitstack_sort::measure_sensitivity`]): one evaluation per weight on `scoring_seqs`
-    /// evenly spaced windows of `seq_len` calibration tokens, each weight cut to `probe`
-    /// blocks.
+    /// evenly spaced windows of `seq_len` calibration tokens, at `probe`.
     ProxySensitive {
         /// Scoring windows.
         scoring_seqs: usize,
         /// Tokens per scoring window.
         seq_len: usize,
-        /// Blocks a weight is cut back to when its sensitivity is measured.
-        probe: u16,
+        /// Where the sensitivities are measured.
+        probe: bitstack_sort::SensitivityProbe,
     },
 }
 
 impl OrderMethod {
     /// [`OrderMethod::ProxySensitive`] as measured in the README: 1 window of 256 tokens,
-    /// each weight cut to its floor block.
+    /// each weight cut from the full stack to its floor block.
     pub const PROXY_SENSITIVE: Self = Self::ProxySensitive {
         scoring_seqs: 1,
         seq_len: 256,
-        probe: 1,
+        probe: bitstack_sort::SensitivityProbe {
+            base_blocks: u16::MAX,
+            cut_to: 1,
+        },
     };
 }
 

@@ -59,7 +59,7 @@ fn compress_write_reopen_resize_on_smollm2() {
             order: OrderMethod::ProxySensitive {
                 scoring_seqs: 1,
                 seq_len: 16,
-                probe: 1,
+                probe: bitstack_sort::SensitivityProbe::default(),
             },
             ..params.clone()
         },

@@ -664,6 +664,9 @@ struct SortArgs {
     /// measured (1 = the floor).
     #[arg(long, default_value_t = 1)]
     probe_blocks: u16,
+    /// proxy-sensitive: blocks every weight holds while the others are probed (default: all).
+    #[arg(long)]
+    probe_base: Option<u16>,
     /// Checkpoint file for resumable average / greedy sorts.
     #[arg(long)]
     checkpoint: Option<PathBuf>,
@@ -748,8 +751,14 @@ fn sort(args: &SortArgs) -> Res<()> {
                     eprint!("\rsensitivity: {p}   ");
                 }
             };
-            let sens =
-                bitstack_sort::measure_sensitivity(&mut ev, args.probe_blocks, &mut observer)?;
+            let sens = bitstack_sort::measure_sensitivity(
+                &mut ev,
+                bitstack_sort::SensitivityProbe {
+                    base_blocks: args.probe_base.unwrap_or(u16::MAX),
+                    cut_to: args.probe_blocks,
+                },
+                &mut observer,
+            )?;
             eprintln!();
             drop(ev);
             let out =
@@ -757,9 +766,10 @@ fn sort(args: &SortArgs) -> Res<()> {
             (
                 out.order,
                 format!(
-                    "{} evaluations of {n} x {l} tokens of {} (each weight cut to {} block(s)) in {:.1} s, then the proxy in {:.2} s",
+                    "{} evaluations of {n} x {l} tokens of {} (each weight cut from {} to {} block(s)) in {:.1} s, then the proxy in {:.2} s",
                     sens.evaluations,
                     calib.display(),
+                    args.probe_base.map_or("all".into(), |b| b.to_string()),
                     args.probe_blocks,
                     sens.elapsed.as_secs_f64(),
                     out.elapsed.as_secs_f64()
