@@ -104,6 +104,9 @@ pub struct CompareArgs {
     /// Evaluation windows for the ablations (default: --max-windows).
     #[arg(long)]
     pub ablation_windows: Option<usize>,
+    /// Extra budgets for the ablations, beyond the baselines' grouped memories (e.g. `250MB`).
+    #[arg(long, value_delimiter = ',')]
+    pub ablation_budgets: Vec<MemoryBudget>,
     /// Which ablations to run.
     #[arg(long, value_delimiter = ',', default_value = "no-scaling,no-avd,ranks")]
     pub ablation_variants: Vec<AblationKind>,
@@ -1137,7 +1140,7 @@ fn run_ablations(
     // Budgets: the memory of the first method (RTN by default) at the grouped configurations,
     // from the storage format (identical to the measured bytes, checked above).
     let method = args.methods.first().copied().unwrap_or(Baseline::Rtn);
-    let budgets: Vec<(String, u64)> = cfgs
+    let mut budgets: Vec<(String, u64)> = cfgs
         .iter()
         .filter(|q| matches!(q.grouping, Grouping::Groups(_)))
         .map(|q| {
@@ -1147,6 +1150,11 @@ fn run_ablations(
             ))
         })
         .collect::<Res<_>>()?;
+    budgets.extend(
+        args.ablation_budgets
+            .iter()
+            .map(|b| (format!("{:.1} MB", b.mb()), b.bytes())),
+    );
     let main_rank = stack_compression.get("rank").and_then(Value::as_u64);
     let main_scaled = stack_compression
         .get("activation_scaling")
