@@ -124,6 +124,19 @@ pub fn decompose_slice(
     scale: Option<&[f32]>,
     params: &IavdParams,
 ) -> Result<Decomposition> {
+    let (r, svd) = scaled_copy(w, rows, cols, scale, params)?;
+    run(r, rows, cols, &svd, params.levels)
+}
+
+/// Validates a row-major `w`, its scale and `params`, and returns `w·diag(scale)` (checked
+/// finite) with the SVD settings of one level.
+pub(crate) fn scaled_copy(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    scale: Option<&[f32]>,
+    params: &IavdParams,
+) -> Result<(Vec<f32>, TruncatedSvdParams)> {
     check_len("weight", rows.saturating_mul(cols), w.len())?;
     let svd = validate(rows, cols, scale, params)?;
     let r = match scale {
@@ -134,7 +147,7 @@ pub fn decompose_slice(
             .collect(),
     };
     check_scaled(&r, |index| w[index])?;
-    run(r, rows, cols, &svd, params.levels)
+    Ok((r, svd))
 }
 
 /// `‖reference − approx‖_F / ‖reference‖_F` in f64 (`0` when both are zero, `inf` when only

@@ -18,7 +18,7 @@
 //! runtime block: it exists to measure what the absolute value decomposition buys.
 
 use crate::error::{check_len, LinalgError, Result};
-use crate::iavd::IavdParams;
+use crate::iavd::{scaled_copy, IavdParams};
 use crate::rng::derive_seed;
 use crate::scale::check_scale;
 use crate::svd::{truncated_svd, TruncatedSvdParams};
@@ -119,38 +119,7 @@ pub fn decompose_plain_slice(
     scale: Option<&[f32]>,
     params: &IavdParams,
 ) -> Result<PlainDecomposition> {
-    check_len("weight", rows.saturating_mul(cols), w.len())?;
-    if params.levels == 0 || params.levels > u16::MAX as usize {
-        return Err(LinalgError::InvalidParameter {
-            name: "levels",
-            reason: format!("must be in 1..=65535, got {}", params.levels),
-        });
-    }
-    let svd = TruncatedSvdParams {
-        rank: params.rank,
-        ..params.svd
-    };
-    svd.validate(rows, cols)?;
-    if let Some(s) = scale {
-        check_scale(s, cols)?;
-    }
-    let mut r: Vec<f32> = match scale {
-        None => w.to_vec(),
-        Some(s) => w
-            .chunks_exact(cols)
-            .flat_map(|row| row.iter().zip(s).map(|(x, s)| x * s))
-            .collect(),
-    };
-    if let Some(index) = r.iter().position(|v| !v.is_finite()) {
-        return Err(LinalgError::NonFinite {
-            what: if w[index].is_finite() {
-                "scaled weight (overflow)"
-            } else {
-                "weight"
-            },
-            index,
-        });
-    }
+    let (mut r, svd) = scaled_copy(w, rows, cols, scale, params)?;
     let norm0 = frobenius(&r);
     let k = params.rank;
     let mut levels = Vec::with_capacity(params.levels);

@@ -464,21 +464,24 @@ pub fn compress(
 
     let t = Instant::now();
     let levels: Vec<u16> = stacks.iter().map(|m| m.levels).collect();
+    let proxy_weights = || -> Vec<ProxyWeight<'_>> {
+        (0..n_weights)
+            .map(|w| ProxyWeight {
+                original: &originals[w],
+                rows: stacks[w].rows,
+                cols: stacks[w].cols,
+                blocks: &blocks[w],
+                scale: stacks[w].scale.as_deref(),
+                stats: ActivationStats::FromScale,
+            })
+            .collect()
+    };
     let order = match params.order {
         OrderMethod::RoundRobin => UniversalOrder::round_robin(levels)
             .map_err(|e| CompressError::Sort(SortError::from(e)))?,
         OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
         OrderMethod::Proxy => {
-            let weights: Vec<ProxyWeight<'_>> = (0..n_weights)
-                .map(|w| ProxyWeight {
-                    original: &originals[w],
-                    rows: stacks[w].rows,
-                    cols: stacks[w].cols,
-                    blocks: &blocks[w],
-                    scale: stacks[w].scale.as_deref(),
-                    stats: ActivationStats::FromScale,
-                })
-                .collect();
+            let weights = proxy_weights();
             bitstack_sort::sort_proxy(&weights, &ProxyConfig::default())?.order
         }
         OrderMethod::ProxySensitive {
@@ -506,16 +509,7 @@ pub fn compress(
             let sensitivity =
                 bitstack_sort::measure_sensitivity(&mut evaluator, probe, &mut observer)?;
             drop(evaluator);
-            let weights: Vec<ProxyWeight<'_>> = (0..n_weights)
-                .map(|w| ProxyWeight {
-                    original: &originals[w],
-                    rows: stacks[w].rows,
-                    cols: stacks[w].cols,
-                    blocks: &blocks[w],
-                    scale: stacks[w].scale.as_deref(),
-                    stats: ActivationStats::FromScale,
-                })
-                .collect();
+            let weights = proxy_weights();
             bitstack_sort::sort_proxy_sensitive(&weights, &sensitivity, &ProxyConfig::default())?
                 .order
         }
