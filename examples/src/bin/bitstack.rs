@@ -63,6 +63,64 @@ enum Command {
     Sort(SortArgs),
     /// The paper's Table 1: RTN / GPTQ / AWQ at w2..w4 (g128) vs BitStack at equal memory.
     Compare(bitstack_examples::compare::CompareArgs),
+    /// Plot several `eval --json` results as perplexity against budget in one SVG.
+    Plot(PlotArgs),
+}
+
+#[derive(Args, Debug)]
+struct PlotArgs {
+    /// `LABEL=FILE.json` per line, FILE written by `bitstack eval --json`.
+    #[arg(required = true)]
+    series: Vec<String>,
+    /// Output SVG.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Plot title.
+    #[arg(long, default_value = "Perplexity against memory budget")]
+    title: String,
+    /// Original model's perplexity, drawn as a horizontal line.
+    #[arg(long)]
+    original_ppl: Option<f64>,
+}
+
+fn plot(args: &PlotArgs) -> Res<()> {
+    let mut series = Vec::new();
+    for item in &args.series {
+        let (name, path) = item
+            .split_once('=')
+            .ok_or_else(|| format!("{item:?}: expected LABEL=FILE.json"))?;
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)
+            .map_err(|e| format!("{path}: {e}"))?;
+        let rows = json["rows"]
+            .as_array()
+            .ok_or_else(|| format!("{path}: no \"rows\" array (not an eval --json file)"))?;
+        let points = rows
+            .iter()
+            .map(|r| match (r["budget_bytes"].as_f64(), r["ppl"].as_f64()) {
+                (Some(b), Some(p)) => Ok((b / 1e6, p)),
+                _ => Err(format!("{path}: a row lacks budget_bytes or ppl")),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        series.push(bitstack_examples::report::Series {
+            name: name.to_owned(),
+            points,
+        });
+    }
+    let hlines: Vec<(String, f64)> = args
+        .original_ppl
+        .map(|p| ("original".to_owned(), p))
+        .into_iter()
+        .collect();
+    let svg = bitstack_examples::report::svg_plot(
+        &args.title,
+        "budget (MB, 10^6 bytes)",
+        "perplexity (log scale)",
+        &series,
+        &hlines,
+    );
+    bitstack_examples::compare::write_atomic(&args.output, svg.as_bytes())?;
+    println!("wrote {}", args.output.display());
+    Ok(())
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1108,6 +1166,7 @@ fn run(cli: Cli) -> Res<()> {
         Command::PressureDemo(a) => bitstack_examples::serve::pressure_demo(&a),
         Command::Sort(a) => sort(&a),
         Command::Compare(a) => bitstack_examples::compare::run_cli(&a),
+        Command::Plot(a) => plot(&a),
     }
 }
 
