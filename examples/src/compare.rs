@@ -1010,11 +1010,12 @@ fn eval_plain_svd_ablation(
                 .collect();
             bitstack_sort::level_major_order(&levels, &scores)?
         }
-        // Sensitivities are measured by evaluating block stacks, which the sign-free levels are
-        // not; they fall back to round robin.
-        OrderMethod::RoundRobin | OrderMethod::ProxySensitive { .. } => {
-            bitstack_core::UniversalOrder::round_robin(levels.clone())?
-        }
+        // The evaluated orders score residual blocks, which the sign-free levels are not; they
+        // fall back to round robin.
+        OrderMethod::RoundRobin
+        | OrderMethod::ProxySensitive { .. }
+        | OrderMethod::Average { .. }
+        | OrderMethod::Greedy { .. } => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
         OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
     };
     let resident = loaded

@@ -100,6 +100,22 @@ pub enum OrderMethod {
         /// Where the sensitivities are measured.
         probe: bitstack_sort::SensitivityProbe,
     },
+    /// The paper's Average ([`bitstack_sort::sort_average`]) scored on `scoring_seqs` evenly
+    /// spaced windows of `seq_len` calibration tokens: `levels − 1` evaluations per weight.
+    /// For long runs `bitstack sort --method average --checkpoint` is resumable.
+    Average {
+        /// Scoring windows.
+        scoring_seqs: usize,
+        /// Tokens per scoring window.
+        seq_len: usize,
+    },
+    /// The paper's Greedy ([`bitstack_sort::sort_greedy`]), scored like [`OrderMethod::Average`].
+    Greedy {
+        /// Scoring windows.
+        scoring_seqs: usize,
+        /// Tokens per scoring window.
+        seq_len: usize,
+    },
 }
 
 impl OrderMethod {
@@ -124,8 +140,16 @@ impl std::str::FromStr for OrderMethod {
             "random" => Ok(Self::Random { seed: 0 }),
             "proxy" => Ok(Self::Proxy),
             "proxy-sensitive" => Ok(Self::PROXY_SENSITIVE),
+            "average" => Ok(Self::Average {
+                scoring_seqs: 4,
+                seq_len: 256,
+            }),
+            "greedy" => Ok(Self::Greedy {
+                scoring_seqs: 4,
+                seq_len: 256,
+            }),
             other => Err(format!(
-                "unknown order {other:?} here (roundrobin, random, proxy, proxy-sensitive; average and greedy run through `bitstack sort`)"
+                "unknown order {other:?} (proxy-sensitive, roundrobin, random, proxy, average, greedy)"
             )),
         }
     }
@@ -489,20 +513,14 @@ pub fn compress(
             seq_len,
             probe,
         } => {
-            let scoring = crate::sorting::scoring_windows(&calib_tokens, scoring_seqs, seq_len)?;
             let resident = LlamaResident::from_source_with(source, EmbeddingPrecision::F16)?;
-            let parts = stacks
-                .iter()
-                .zip(&blocks)
-                .map(|(m, b)| {
-                    (
-                        Arc::new(m.clone()),
-                        b.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
-                    )
-                })
-                .collect();
-            let mut evaluator = crate::sorting::LlamaStackEvaluator::from_parts(
-                &resident, parts, scoring, seq_len,
+            let mut evaluator = stack_evaluator(
+                &resident,
+                &stacks,
+                &blocks,
+                &calib_tokens,
+                scoring_seqs,
+                seq_len,
             )?;
             let mut progress = Progress::new("sensitivity evaluations", n_weights + 1);
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
@@ -512,6 +530,34 @@ pub fn compress(
             let weights = proxy_weights();
             bitstack_sort::sort_proxy_sensitive(&weights, &sensitivity, &ProxyConfig::default())?
                 .order
+        }
+        OrderMethod::Average {
+            scoring_seqs,
+            seq_len,
+        }
+        | OrderMethod::Greedy {
+            scoring_seqs,
+            seq_len,
+        } => {
+            let resident = LlamaResident::from_source_with(source, EmbeddingPrecision::F16)?;
+            let mut evaluator = stack_evaluator(
+                &resident,
+                &stacks,
+                &blocks,
+                &calib_tokens,
+                scoring_seqs,
+                seq_len,
+            )?;
+            let total: usize = levels.iter().map(|&l| l as usize - 1).sum();
+            let mut progress = Progress::new("order evaluations", total);
+            let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
+            let config = bitstack_sort::SortConfig::default();
+            if matches!(params.order, OrderMethod::Average { .. }) {
+                bitstack_sort::sort_average(&mut evaluator, &config, &mut observer)?.order
+            } else {
+                evaluator.prepare_greedy()?;
+                bitstack_sort::sort_greedy(&mut evaluator, &config, &mut observer)?.order
+            }
         }
     };
     drop(originals);
@@ -573,6 +619,32 @@ pub fn compress(
         phases,
         calib_tokens: params.calib_windows * params.calib_seq_len,
     })
+}
+
+/// A [`crate::sorting::LlamaStackEvaluator`] over freshly decomposed stacks, scored on `n`
+/// evenly spaced windows of `seq_len` calibration tokens.
+fn stack_evaluator<'r>(
+    resident: &'r LlamaResident,
+    stacks: &[StackMeta],
+    blocks: &[Vec<ResidualBlock>],
+    calib_tokens: &[u32],
+    n: usize,
+    seq_len: usize,
+) -> Result<crate::sorting::LlamaStackEvaluator<'r>, CompressError> {
+    let scoring = crate::sorting::scoring_windows(calib_tokens, n, seq_len)?;
+    let parts = stacks
+        .iter()
+        .zip(blocks)
+        .map(|(m, b)| {
+            (
+                Arc::new(m.clone()),
+                b.iter().cloned().map(Arc::new).collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    Ok(crate::sorting::LlamaStackEvaluator::from_parts(
+        resident, parts, scoring, seq_len,
+    )?)
 }
 
 /// Writes compressed contents atomically (temporary file, fsync, rename) and returns the

@@ -72,6 +72,24 @@ fn compress_write_reopen_resize_on_smollm2() {
     let round_robin = bitstack_core::UniversalOrder::round_robin(vec![2; 210]).unwrap();
     assert_ne!(order.as_slice(), round_robin.as_slice());
     drop(sensitive);
+    // The paper's Average straight from compress: level-major as well, and its own order.
+    let average = compress(
+        source.as_ref(),
+        &calib_text,
+        &CompressParams {
+            order: OrderMethod::Average {
+                scoring_seqs: 1,
+                seq_len: 16,
+            },
+            ..params.clone()
+        },
+    )
+    .unwrap();
+    let avg = average.contents.order.as_slice();
+    assert!(avg[..210].iter().all(|b| b.level == 0));
+    assert!(avg[210..].iter().all(|b| b.level == 1));
+    assert_ne!(avg, round_robin.as_slice());
+    drop(average);
 
     let dir = std::env::temp_dir().join(format!("bitstack-pipeline-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

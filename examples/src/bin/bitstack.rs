@@ -142,9 +142,10 @@ struct CalibArgs {
     #[arg(long)]
     no_scaling: bool,
     /// Universal order: proxy-sensitive (default, the best measured: the proxy weighted by
-    /// loss sensitivities from 211 forward evaluations of 256 calibration tokens, a few
-    /// minutes on 2 cores), roundrobin (the best measured with no forward pass), proxy or
-    /// random; `bitstack sort` computes Average and Greedy.
+    /// loss sensitivities from 211 forward evaluations of 256 calibration tokens, about a
+    /// minute on 2 cores), roundrobin (the best measured with no forward pass), proxy, random,
+    /// or the paper's average / greedy (4 windows of 256 tokens, 3150 evaluations at 16
+    /// levels: about an hour; `bitstack sort` runs them resumably on an existing file).
     #[arg(long, default_value = "proxy-sensitive")]
     order: OrderMethod,
 }
