@@ -131,13 +131,15 @@ pub fn sort_proxy(weights: &[ProxyWeight<'_>], config: &ProxyConfig) -> Result<P
 }
 
 /// The sensitivity-weighted proxy ([`crate::sensitivity`]): block `l` of weight `w` is worth
-/// `c_w · (E_{l−1} − E_l)` with `c_w = ΔL_w / (E_cut − E_base)`, the loss increase
-/// [`measure_sensitivity`](crate::measure_sensitivity) saw when `w` alone was cut from its base
-/// to its probe blocks, per unit of activation-weighted output error that cut adds. Level-major, like
-/// Average and [`sort_proxy`]; `config.normalisation` is replaced by `c_w`.
+/// `c_w · (E_{l−1} − E_l)` with `c_w = ΔL_w / (E_probe − E_base)`, the loss change
+/// [`measure_sensitivity`](crate::measure_sensitivity) saw when `w` alone was moved from its
+/// base to its probe blocks, per unit of activation-weighted output error that move added (a
+/// cut) or removed (an addition). Level-major, like Average and [`sort_proxy`];
+/// `config.normalisation` is replaced by `c_w`.
 ///
-/// A negative `ΔL_w` (evaluation noise) counts as zero sensitivity; a non-finite one (the
-/// model collapsed without that weight) as ten times the largest finite sensitivity.
+/// A loss change against the error change (evaluation noise) counts as zero sensitivity; a
+/// non-finite loss after a cut (the model collapsed without that weight) as ten times the
+/// largest finite sensitivity, and after an addition as zero.
 pub fn sort_proxy_sensitive(
     weights: &[ProxyWeight<'_>],
     sensitivity: &crate::Sensitivity,
@@ -167,8 +169,12 @@ pub fn sort_proxy_sensitive(
             let added = at(cut) - at(base);
             let delta = sensitivity.delta(w);
             if !delta.is_finite() {
-                f64::INFINITY
-            } else if delta <= 0.0 || added <= 0.0 {
+                if cut < base {
+                    f64::INFINITY
+                } else {
+                    0.0
+                }
+            } else if delta * added <= 0.0 {
                 0.0
             } else {
                 delta / added

@@ -8,10 +8,12 @@
 //!
 //! [`measure_sensitivity`] measures `c_w` directly with **one evaluation per weight**: the
 //! loss of a base configuration (by default the full stack; [`SensitivityProbe`]) with weight
-//! `w` alone cut back to `cut_to` blocks, minus the loss of the base. Dividing that loss
-//! increase by the error energy the cut adds (`E_cut − E_base`) gives `c_w`
-//! ([`crate::sort_proxy_sensitive`]). A base of a few blocks everywhere measures the
-//! sensitivities where low budgets operate; the full stack, near the original model. That is
+//! `w` alone set to `probe_blocks` blocks — fewer than the base (a cut) or more (an
+//! addition) — minus the loss of the base. Dividing that loss change by the change of error
+//! energy (`E_probe − E_base`) gives `c_w` ([`crate::sort_proxy_sensitive`]). A base of a few
+//! blocks everywhere measures the sensitivities where low budgets operate; the full stack,
+//! near the original model. An addition on a base of `b` blocks is exactly what Average
+//! measures for level `b + 1`, so that level's ranking is Average's own. That is
 //! `num_weights` evaluations instead of Average's `Σ_w (levels(w) − 1)` — 1/15 of a
 //! 16-level Average at the same scoring set — and all of them differ from one fixed base in a
 //! single weight, so an evaluator that caches hidden states re-runs only the layers from
@@ -23,20 +25,21 @@ use crate::order::check_levels;
 use std::time::{Duration, Instant};
 
 /// Where [`measure_sensitivity`] probes: every weight holds `min(base_blocks, levels)` blocks
-/// and each weight in turn is cut to `min(cut_to, …)`.
+/// and each weight in turn is set to `min(probe_blocks, levels)` blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SensitivityProbe {
     /// Blocks every weight holds in the base (`u16::MAX`: all of them, the default).
     pub base_blocks: u16,
-    /// Blocks a probed weight is cut back to (`≥ 1`; default 1, the floor).
-    pub cut_to: u16,
+    /// Blocks a probed weight is set to (`≥ 1`, `≠ base_blocks`; default 1, the floor): fewer
+    /// than the base measures a cut, more an addition.
+    pub probe_blocks: u16,
 }
 
 impl Default for SensitivityProbe {
     fn default() -> Self {
         Self {
             base_blocks: u16::MAX,
-            cut_to: 1,
+            probe_blocks: 1,
         }
     }
 }
@@ -46,11 +49,11 @@ impl Default for SensitivityProbe {
 pub struct Sensitivity {
     /// Blocks weight `w` held in the base configuration.
     pub base_blocks: Vec<u16>,
-    /// Blocks weight `w` was cut back to (`probe_blocks[w] ≤ base_blocks[w]`).
+    /// Blocks weight `w` was set to (equal to `base_blocks[w]` when it was not probed).
     pub probe_blocks: Vec<u16>,
     /// Loss of the base configuration.
     pub base_loss: f64,
-    /// Loss with weight `w` alone cut to `probe_blocks[w]` (the base loss when nothing was cut).
+    /// Loss with weight `w` alone set to `probe_blocks[w]` (the base loss when it was not probed).
     pub losses: Vec<f64>,
     /// Evaluations run (the base included).
     pub evaluations: usize,
@@ -59,14 +62,15 @@ pub struct Sensitivity {
 }
 
 impl Sensitivity {
-    /// Loss increase caused by cutting weight `w` (may be slightly negative: noise).
+    /// Loss change caused by probing weight `w` (positive for a cut, negative for an addition,
+    /// up to noise).
     pub fn delta(&self, w: usize) -> f64 {
         self.losses[w] - self.base_loss
     }
 }
 
-/// Measures every weight's loss increase when it alone is cut from the probe's base to
-/// `probe.cut_to` blocks (module docs). Non-finite losses are kept as returned;
+/// Measures every weight's loss change when it alone is moved from the probe's base to
+/// `probe.probe_blocks` blocks (module docs). Non-finite losses are kept as returned;
 /// [`crate::sort_proxy_sensitive`] treats them as the most sensitive.
 pub fn measure_sensitivity<E: StackEvaluator>(
     evaluator: &mut E,
@@ -74,10 +78,16 @@ pub fn measure_sensitivity<E: StackEvaluator>(
     observer: &mut dyn SortObserver,
 ) -> Result<Sensitivity> {
     let started = Instant::now();
-    if probe.cut_to == 0 || probe.base_blocks == 0 {
+    if probe.probe_blocks == 0 || probe.base_blocks == 0 {
         return Err(SortError::InvalidInput(
-            "a probe holds and cuts to at least 1 block (the floor)".into(),
+            "a probe holds and probes at least 1 block (the floor)".into(),
         ));
+    }
+    if probe.probe_blocks == probe.base_blocks {
+        return Err(SortError::InvalidInput(format!(
+            "a probe of {} blocks on a base of {} changes nothing",
+            probe.probe_blocks, probe.base_blocks
+        )));
     }
     let n = evaluator.num_weights();
     let levels: Vec<u16> = (0..n).map(|w| evaluator.levels(w)).collect();
@@ -90,11 +100,11 @@ pub fn measure_sensitivity<E: StackEvaluator>(
             "loss of the probe's base configuration is {base_loss}"
         )));
     }
-    let probe_blocks: Vec<u16> = full.iter().map(|&l| l.min(probe.cut_to)).collect();
+    let probe_blocks: Vec<u16> = levels.iter().map(|&l| l.min(probe.probe_blocks)).collect();
     let total = 1 + full
         .iter()
         .zip(&probe_blocks)
-        .filter(|(f, p)| p < f)
+        .filter(|(f, p)| p != f)
         .count();
     let mut done = 1;
     let mut losses = Vec::with_capacity(n);
@@ -183,11 +193,22 @@ mod tests {
         // A base of 2 blocks, cut to 1: importance · (1/2 − 1/4).
         let probe = SensitivityProbe {
             base_blocks: 2,
-            cut_to: 1,
+            probe_blocks: 1,
         };
         let s = measure_sensitivity(&mut toy, probe, &mut NoObserver).unwrap();
         assert_eq!(s.base_blocks, vec![2, 2, 1]);
         assert!((s.delta(1) - 8.0 * 0.25).abs() < 1e-12);
+        // An addition: base 2, each weight given a third block (weight 2 has none to add).
+        let calls = toy.calls;
+        let probe = SensitivityProbe {
+            base_blocks: 2,
+            probe_blocks: 3,
+        };
+        let s = measure_sensitivity(&mut toy, probe, &mut NoObserver).unwrap();
+        assert_eq!(toy.calls - calls, 3);
+        assert_eq!(s.probe_blocks, vec![3, 3, 1]);
+        assert!((s.delta(1) + 8.0 * 0.125).abs() < 1e-12);
+        assert_eq!(s.delta(2), 0.0);
     }
 
     #[test]
@@ -196,10 +217,10 @@ mod tests {
             importance: vec![1.0],
             calls: 0,
         };
-        for (base_blocks, cut_to) in [(u16::MAX, 0), (0, 1)] {
+        for (base_blocks, cut_to) in [(u16::MAX, 0), (0, 1), (2, 2)] {
             let probe = SensitivityProbe {
                 base_blocks,
-                cut_to,
+                probe_blocks: cut_to,
             };
             assert!(matches!(
                 measure_sensitivity(&mut toy, probe, &mut NoObserver),

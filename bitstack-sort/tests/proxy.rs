@@ -260,6 +260,23 @@ fn measured_sensitivity_overrides_the_energy_normalisation() {
     let noisy = run(&sens(-0.5, 0.1));
     assert_eq!(noisy.gains[0][1], Some(0.0));
     assert_eq!(noisy.order.as_slice()[2].weight, 1);
+    // An addition probe (base 1, each weight in turn given its second block) measures the
+    // same sensitivity with the signs of both changes flipped: the same order and gains.
+    let added = |d0: f64, d1: f64| Sensitivity {
+        base_blocks: vec![1, 1],
+        probe_blocks: vec![2, 2],
+        base_loss: 5.0,
+        losses: vec![5.0 - d0, 5.0 - d1],
+        evaluations: 3,
+        elapsed: std::time::Duration::ZERO,
+    };
+    let by_addition = run(&added(1.0, 10.0));
+    assert_eq!(by_addition.order.as_slice(), skewed.order.as_slice());
+    assert!((by_addition.gains[1][1].unwrap() - 10.0).abs() < 1e-9);
+    // A block that raised the loss is worth nothing, as is a collapse after an addition.
+    let hurt = run(&added(-0.5, f64::NAN));
+    assert_eq!(hurt.gains[0][1], Some(0.0));
+    assert_eq!(hurt.gains[1][1], Some(0.0));
     // A sensitivity for another model is an error.
     let mut wrong = sens(1.0, 1.0);
     wrong.losses.pop();

@@ -127,7 +127,7 @@ impl OrderMethod {
         seq_len: 256,
         probe: bitstack_sort::SensitivityProbe {
             base_blocks: 2,
-            cut_to: 1,
+            probe_blocks: 1,
         },
     };
 }

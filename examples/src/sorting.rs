@@ -114,6 +114,8 @@ pub struct LlamaStackEvaluator<'a> {
     tokens: Vec<u32>,
     /// `targets[i]` is predicted from row `i` of the gathered final hidden states.
     targets: Vec<u32>,
+    /// Positions of each window that are context only (not scored).
+    skip: usize,
     seqs: SeqBatch,
     /// Level counts of the dense base; all 0 before the first base is set.
     base_levels: Vec<u16>,
@@ -123,7 +125,15 @@ pub struct LlamaStackEvaluator<'a> {
     /// (a prefix of the layers is valid). An empty entry marks non-finite states.
     hidden: Vec<Vec<f32>>,
     base_loss: Option<f64>,
+    /// With a reference, the loss is the mean `KL(p_ref ‖ p)` instead of the cross-entropy.
+    reference: Option<Reference>,
     stats: EvaluatorStats,
+}
+
+/// The next-token distributions of a reference configuration on the scoring rows.
+struct Reference {
+    probs: Vec<f32>,
+    neg_entropy: Vec<f64>,
 }
 
 impl std::fmt::Debug for LlamaStackEvaluator<'_> {
@@ -219,11 +229,13 @@ impl<'a> LlamaStackEvaluator<'a> {
             stacks,
             tokens,
             targets,
+            skip: 0,
             seqs,
             base_levels: vec![0; n],
             base_dense: Vec::new(),
             hidden: Vec::new(),
             base_loss: None,
+            reference: None,
             stats: EvaluatorStats::default(),
         })
     }
@@ -319,6 +331,82 @@ impl<'a> LlamaStackEvaluator<'a> {
         self.base_levels.copy_from_slice(levels);
         // hidden[l] depends on layers 0..l only.
         self.hidden.truncate(weight_location(first).0 + 1);
+        self.base_loss = None;
+        Ok(())
+    }
+
+    /// Switches the loss to the mean `KL(p_ref ‖ p)` over the scoring positions, with `p_ref`
+    /// the next-token distributions of the configuration `levels` (e.g. every block: the
+    /// model closest to the original). Each position then contributes its whole
+    /// distribution instead of the log-probability of one text token, which makes the small
+    /// loss differences sorting compares less noisy at the same scoring set. Costs one forward
+    /// pass and `positions · vocab` floats; leaves `levels` as the base.
+    pub fn use_kl_reference(&mut self, levels: &[u16]) -> Result<()> {
+        self.reference = None;
+        self.set_base(levels)?;
+        let n_layers = self.config().n_layers;
+        self.ensure_hidden(n_layers - 1)?;
+        let provider = Provider {
+            base: &self.base_dense,
+            over: None,
+        };
+        let model = Llama::new(self.resident, &provider)?;
+        let last = &self.hidden[n_layers - 1];
+        let x = if last.is_empty() {
+            Vec::new()
+        } else {
+            model.layer_forward(n_layers - 1, last, &self.seqs, None)?
+        };
+        if x.is_empty() || !x.iter().all(|v| v.is_finite()) {
+            return Err(invalid(
+                "reference",
+                "the reference configuration's hidden states are not finite".into(),
+            ));
+        }
+        let rows = self.scored_rows(&x);
+        let probs = model.token_probs(&rows)?;
+        let neg_entropy = probs
+            .chunks(self.config().vocab)
+            .map(|p| {
+                p.iter()
+                    .filter(|&&q| q > 0.0)
+                    .map(|&q| f64::from(q) * f64::from(q).ln())
+                    .sum()
+            })
+            .collect();
+        self.reference = Some(Reference { probs, neg_entropy });
+        self.base_loss = None;
+        Ok(())
+    }
+
+    /// The final hidden states of the scored positions (`skip..seq_len − 1` of each window),
+    /// row `i` predicting `targets[i]`.
+    fn scored_rows(&self, x: &[f32]) -> Vec<f32> {
+        let (h, t) = (self.config().hidden, self.seqs.seq_len());
+        x.chunks(t * h)
+            .flat_map(|s| s[self.skip * h..(t - 1) * h].iter().copied())
+            .collect()
+    }
+
+    /// Scores only positions `skip..` of each window; the first `skip` tokens are context.
+    /// Early positions see little context and behave unlike text read at full length, so
+    /// their loss differences are noise for ranking blocks. Drops a KL reference (set it
+    /// again after this call).
+    pub fn score_from_position(&mut self, skip: usize) -> Result<()> {
+        let t = self.seqs.seq_len();
+        if skip + 1 >= t {
+            return Err(invalid(
+                "skip",
+                format!("skipping {skip} of {t} positions leaves nothing to score"),
+            ));
+        }
+        self.skip = skip;
+        self.targets = self
+            .tokens
+            .chunks(t)
+            .flat_map(|s| s[1 + skip..].iter().copied())
+            .collect();
+        self.reference = None;
         self.base_loss = None;
         Ok(())
     }
@@ -440,14 +528,12 @@ impl<'a> LlamaStackEvaluator<'a> {
         self.stats.layers_run += layers_run;
         let loss = if finite {
             self.stats.heads_run += 1;
-            let h = self.config().hidden;
-            let t = self.seqs.seq_len();
-            let rows: Vec<f32> = x
-                .chunks(t * h)
-                .flat_map(|s| s[..(t - 1) * h].iter().copied())
-                .collect();
-            let nll = model.token_nll(&rows, &self.targets)?;
-            nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64
+            let rows = self.scored_rows(&x);
+            let per_token = match &self.reference {
+                None => model.token_nll(&rows, &self.targets)?,
+                Some(r) => model.token_kl(&rows, &r.probs, &r.neg_entropy)?,
+            };
+            per_token.iter().map(|&v| f64::from(v)).sum::<f64>() / per_token.len() as f64
         } else {
             f64::NAN
         };
@@ -598,6 +684,18 @@ mod tests {
         tokens: &[u32],
         seq_len: usize,
     ) -> f64 {
+        let nll = reference_nll(res, stacks, config, tokens, seq_len);
+        nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64
+    }
+
+    /// Per-token NLL of a plain forward pass with every stack truncated to `config`.
+    fn reference_nll(
+        res: &LlamaResident,
+        stacks: &[WeightStack],
+        config: &[u16],
+        tokens: &[u32],
+        seq_len: usize,
+    ) -> Vec<f32> {
         let layers = (0..res.config().n_layers)
             .map(|l| {
                 LinearKind::ALL.map(|k| {
@@ -610,8 +708,7 @@ mod tests {
             .collect();
         let table = LinearTable::new(layers);
         let model = Llama::new(res, &table).unwrap();
-        let nll = model.sequence_nll(tokens, seq_len).unwrap();
-        nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64
+        model.sequence_nll(tokens, seq_len).unwrap()
     }
 
     #[test]
@@ -737,6 +834,66 @@ mod tests {
             (all - original).abs() < (one - original).abs(),
             "all {all}, one {one}, original {original}"
         );
+    }
+
+    #[test]
+    fn skipped_positions_are_context_only() {
+        let c = tiny_config();
+        let res = LlamaResident::random(&c, 4).unwrap();
+        let (stacks, _) = decomposed(&c, 3, 5);
+        let (seq_len, skip) = (20, 8);
+        let tokens = scoring_tokens(&c, 2 * seq_len, 6);
+        let mut ev =
+            LlamaStackEvaluator::new(&res, stacks.clone(), tokens.clone(), seq_len).unwrap();
+        assert!(ev.score_from_position(seq_len - 1).is_err());
+        ev.score_from_position(skip).unwrap();
+        assert_eq!(ev.scored_tokens(), 2 * (seq_len - 1 - skip));
+        let cfg: Vec<u16> = (0..14).map(|w| 1 + (w % 3) as u16).collect();
+        let loss = ev.loss(&cfg).unwrap();
+        // The mean NLL of the later positions of a plain forward pass over whole windows.
+        let nll = reference_nll(&res, &stacks, &cfg, &tokens, seq_len);
+        let later: Vec<f64> = nll
+            .chunks(seq_len - 1)
+            .flat_map(|s| s[skip..].iter().map(|&v| f64::from(v)))
+            .collect();
+        let expected = later.iter().sum::<f64>() / later.len() as f64;
+        assert!(rel(loss, expected) < 1e-5, "{loss} vs {expected}");
+        // The single-weight path scores the same positions.
+        let mut plus = cfg.clone();
+        plus[5] = 1;
+        let cached = ev.loss(&plus).unwrap();
+        let mut fresh = LlamaStackEvaluator::new(&res, stacks, tokens, seq_len).unwrap();
+        fresh.score_from_position(skip).unwrap();
+        assert!(rel(cached, fresh.loss(&plus).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn kl_loss_is_zero_at_the_reference_and_shrinks_with_levels() {
+        let c = tiny_config();
+        let res = LlamaResident::random(&c, 7).unwrap();
+        let (stacks, _) = decomposed(&c, 6, 8);
+        let seq_len = 32;
+        let tokens = scoring_tokens(&c, 2 * seq_len, 9);
+        let mut ev = LlamaStackEvaluator::new(&res, stacks, tokens, seq_len).unwrap();
+        let ce_one = ev.loss(&[1; 14]).unwrap();
+        ev.use_kl_reference(&[6; 14]).unwrap();
+        let at_reference = ev.loss(&[6; 14]).unwrap();
+        assert!(at_reference.abs() < 1e-5, "KL to itself {at_reference}");
+        let one = ev.loss(&[1; 14]).unwrap();
+        let three = ev.loss(&[3; 14]).unwrap();
+        assert!(one > three && three > at_reference, "{one} {three}");
+        assert_ne!(one, ce_one);
+        // A single-weight override (the cached path) agrees with a moved base.
+        let mut cfg = [6u16; 14];
+        cfg[9] = 2;
+        let cached = ev.loss(&cfg).unwrap();
+        ev.set_base(&cfg).unwrap();
+        let moved = ev.loss(&cfg).unwrap();
+        assert!(
+            (cached - moved).abs() < 1e-6 * moved.abs().max(1e-3),
+            "{cached} vs {moved}"
+        );
+        assert!(cached > 0.0);
     }
 
     #[test]

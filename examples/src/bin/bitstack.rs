@@ -697,7 +697,7 @@ fn generate(args: &GenerateArgs) -> Res<()> {
 struct SortArgs {
     /// The stack file to reorder (its blocks are reused; only the order changes).
     file: PathBuf,
-    /// average | greedy | random | roundrobin | proxy | proxy-sensitive.
+    /// average | greedy | random | roundrobin | proxy | proxy-sensitive | import.
     #[arg(long)]
     method: String,
     /// Output stack file.
@@ -719,8 +719,8 @@ struct SortArgs {
     /// file's order (which must be level-major, as proxy, roundrobin and average are).
     #[arg(long)]
     max_level: Option<u16>,
-    /// proxy-sensitive: blocks each weight is cut back to when its loss sensitivity is
-    /// measured (1 = the floor).
+    /// proxy-sensitive: blocks each weight is set to when its loss sensitivity is measured:
+    /// fewer than --probe-base cuts it (1 = the floor), more adds blocks to it.
     #[arg(long, default_value_t = 1)]
     probe_blocks: u16,
     /// proxy-sensitive: blocks every weight holds while each is probed (65535: all of them).
@@ -736,6 +736,24 @@ struct SortArgs {
     /// default) or by the raw activation-weighted error it removes (absolute).
     #[arg(long, default_value = "relative")]
     proxy_normalisation: String,
+    /// proxy / proxy-sensitive: also write the numbers behind the order as JSON (per weight:
+    /// name, the activation-weighted errors `E_l`, the measured loss sensitivity, the block
+    /// scores), for analysis.
+    #[arg(long)]
+    dump_scores: Option<PathBuf>,
+    /// import: the order as a JSON list of `[weight, level]` pairs (0-based; every block
+    /// once, each weight's blocks in level order), e.g. computed by another engine.
+    #[arg(long)]
+    order_json: Option<PathBuf>,
+    /// average / greedy / proxy-sensitive: what an evaluation measures on the scoring text:
+    /// `ce` (the cross-entropy, the paper's perplexity) or `kl` (the mean KL divergence from
+    /// the full stack's next-token distributions).
+    #[arg(long, default_value = "ce")]
+    scoring_loss: String,
+    /// average / greedy / proxy-sensitive: the first N tokens of each scoring window are
+    /// context only, not scored.
+    #[arg(long, default_value_t = 0)]
+    scoring_skip: usize,
 }
 
 fn sort(args: &SortArgs) -> Res<()> {
@@ -763,6 +781,27 @@ fn sort(args: &SortArgs) -> Res<()> {
             bitstack_core::UniversalOrder::round_robin(levels.clone())?,
             String::new(),
         ),
+        "import" => {
+            let path = args
+                .order_json
+                .as_ref()
+                .ok_or("--method import needs --order-json FILE")?;
+            let pairs: Vec<(u32, u16)> =
+                serde_json::from_slice(&std::fs::read(path)?).map_err(|e| {
+                    format!(
+                        "{}: expected a JSON list of [weight, level] pairs: {e}",
+                        path.display()
+                    )
+                })?;
+            let ids = pairs
+                .into_iter()
+                .map(|(weight, level)| BlockId { weight, level })
+                .collect();
+            (
+                bitstack_core::UniversalOrder::new(levels.clone(), ids)?,
+                format!("imported from {}", path.display()),
+            )
+        }
         "random" => (
             bitstack_sort::sort_random(&levels, args.seed)?,
             format!("seed {}", args.seed),
@@ -786,6 +825,9 @@ fn sort(args: &SortArgs) -> Res<()> {
                 ..Default::default()
             };
             let out = bitstack_sort::sort_proxy(&weights, &config)?;
+            if let Some(path) = &args.dump_scores {
+                dump_scores(path, file, &out, None)?;
+            }
             (
                 out.order,
                 format!("proxy itself {:.2} s", t.elapsed().as_secs_f64()),
@@ -798,11 +840,8 @@ fn sort(args: &SortArgs) -> Res<()> {
                 &sm,
                 bitstack_examples::llama::EmbeddingPrecision::F16,
             )?;
-            let (calib, scoring, parts) = evaluator_inputs(args, &sm, &read_all)?;
+            let (calib, mut ev) = sort_evaluator(args, &sm, &read_all, &resident)?;
             let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
-            let mut ev = bitstack_examples::sorting::LlamaStackEvaluator::from_parts(
-                &resident, parts, scoring, l,
-            )?;
             let mut last = Instant::now();
             let mut observer = |p: &SortProgress| {
                 if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
@@ -814,7 +853,7 @@ fn sort(args: &SortArgs) -> Res<()> {
                 &mut ev,
                 bitstack_sort::SensitivityProbe {
                     base_blocks: args.probe_base,
-                    cut_to: args.probe_blocks,
+                    probe_blocks: args.probe_blocks,
                 },
                 &mut observer,
             )?;
@@ -822,10 +861,13 @@ fn sort(args: &SortArgs) -> Res<()> {
             drop(ev);
             let out =
                 bitstack_sort::sort_proxy_sensitive(&weights, &sens, &ProxyConfig::default())?;
+            if let Some(path) = &args.dump_scores {
+                dump_scores(path, file, &out, Some(&sens))?;
+            }
             (
                 out.order,
                 format!(
-                    "{} evaluations of {n} x {l} tokens of {} (each weight cut from {} to {} block(s)) in {:.1} s, then the proxy in {:.2} s",
+                    "{} evaluations of {n} x {l} tokens of {} (each weight moved from {} to {} block(s)) in {:.1} s, then the proxy in {:.2} s",
                     sens.evaluations,
                     calib.display(),
                     args.probe_base,
@@ -840,21 +882,24 @@ fn sort(args: &SortArgs) -> Res<()> {
                 &sm,
                 bitstack_examples::llama::EmbeddingPrecision::F16,
             )?;
-            let (calib, scoring, parts) = evaluator_inputs(args, &sm, &read_all)?;
+            let (calib, ev) = sort_evaluator(args, &sm, &read_all, &resident)?;
             let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
-            let ev = bitstack_examples::sorting::LlamaStackEvaluator::from_parts(
-                &resident, parts, scoring, l,
-            )?;
             let cap = args.max_level.unwrap_or(u16::MAX);
             let mut ev = LevelCap { inner: ev, cap };
             let config = SortConfig {
                 checkpoint: args.checkpoint.clone(),
+                // Old checkpoints (plain cross-entropy, every position) keep their key.
                 problem_key: format!(
-                    "{} {} {}x{} cap {cap}",
+                    "{} {} {}x{} cap {cap}{}",
                     args.file.display(),
                     calib.display(),
                     n,
-                    l
+                    l,
+                    if args.scoring_loss == "ce" && args.scoring_skip == 0 {
+                        String::new()
+                    } else {
+                        format!(" loss {} skip {}", args.scoring_loss, args.scoring_skip)
+                    }
                 ),
             };
             let mut last = Instant::now();
@@ -916,6 +961,40 @@ fn sort(args: &SortArgs) -> Res<()> {
     Ok(())
 }
 
+/// `--dump-scores`: the per-weight numbers a proxy order was computed from, as JSON.
+fn dump_scores(
+    path: &Path,
+    file: &bitstack_format::StackFile,
+    out: &bitstack_sort::ProxyOutcome,
+    sens: Option<&bitstack_sort::Sensitivity>,
+) -> Res<()> {
+    let weights: Vec<serde_json::Value> = file
+        .stacks()
+        .iter()
+        .enumerate()
+        .map(|(w, m)| {
+            let mut v = serde_json::json!({
+                "name": m.name,
+                "rows": m.rows,
+                "cols": m.cols,
+                "errors": out.errors[w],
+                "scores": out.gains[w],
+            });
+            if let Some(s) = sens {
+                v["base_blocks"] = s.base_blocks[w].into();
+                v["probe_blocks"] = s.probe_blocks[w].into();
+                v["probe_loss"] = s.losses[w].into();
+            }
+            v
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "base_loss": sens.map(|s| s.base_loss),
+        "weights": weights,
+    });
+    write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())
+}
+
 /// The original weights and every block of every stack, for the proxies.
 #[allow(clippy::type_complexity)]
 fn proxy_inputs(
@@ -956,21 +1035,19 @@ fn proxy_weights<'a>(
         .collect()
 }
 
-/// The scoring text, its `--scoring-seqs` evenly spaced windows and every stack's blocks,
-/// for a [`bitstack_examples::sorting::LlamaStackEvaluator`].
-#[allow(clippy::type_complexity)]
-fn evaluator_inputs<'a>(
+/// The evaluator `average`, `greedy` and `proxy-sensitive` sort with: `--scoring-seqs`
+/// evenly spaced windows of the `--calib` text, every stack's blocks, `--scoring-skip` and
+/// `--scoring-loss` applied. Returns the scoring text's path too, for the report.
+fn sort_evaluator<'a, 'r>(
     args: &'a SortArgs,
     sm: &StackModel,
     read_all: &dyn Fn(usize) -> Res<Vec<bitstack_core::ResidualBlock>>,
+    resident: &'r LlamaResident,
 ) -> Res<(
     &'a Path,
-    Vec<u32>,
-    Vec<(
-        std::sync::Arc<bitstack_core::StackMeta>,
-        Vec<std::sync::Arc<bitstack_core::ResidualBlock>>,
-    )>,
+    bitstack_examples::sorting::LlamaStackEvaluator<'r>,
 )> {
+    use bitstack_sort::StackEvaluator;
     let calib = args
         .calib
         .as_ref()
@@ -993,7 +1070,22 @@ fn evaluator_inputs<'a>(
                 .collect::<Vec<_>>(),
         ));
     }
-    Ok((calib.as_path(), scoring, parts))
+    let mut ev = bitstack_examples::sorting::LlamaStackEvaluator::from_parts(
+        resident,
+        parts,
+        scoring,
+        args.scoring_seq_len,
+    )?;
+    ev.score_from_position(args.scoring_skip)?;
+    match args.scoring_loss.as_str() {
+        "ce" => {}
+        "kl" => {
+            let full: Vec<u16> = (0..ev.num_weights()).map(|w| ev.levels(w)).collect();
+            ev.use_kl_reference(&full)?;
+        }
+        other => return Err(format!("--scoring-loss {other:?}: expected ce or kl").into()),
+    }
+    Ok((calib.as_path(), ev))
 }
 
 /// The shared folder next to the workspace (`../shared` from the repository root).

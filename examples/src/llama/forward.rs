@@ -266,6 +266,82 @@ impl<'a> Llama<'a> {
         Ok(out)
     }
 
+    /// Next-token distributions of `hidden` (pre-norm final hidden states, one row per
+    /// position): `rows × vocab` probabilities, for [`Llama::token_kl`].
+    pub fn token_probs(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        let c = self.config();
+        if !hidden.len().is_multiple_of(c.hidden) {
+            return Err(LlamaError::InvalidParameter {
+                name: "hidden states",
+                reason: format!("{} values are not rows of {}", hidden.len(), c.hidden),
+            });
+        }
+        let xn = rms_norm(hidden, &self.res.output_norm, c.rms_eps);
+        let mut probs = vec![0f32; hidden.len() / c.hidden * c.vocab];
+        for (xs, ps) in xn
+            .chunks(NLL_CHUNK * c.hidden)
+            .zip(probs.chunks_mut(NLL_CHUNK * c.vocab))
+        {
+            self.head(xs, ps)?;
+            ps.par_chunks_mut(c.vocab).for_each(|row| {
+                clear_upper_simd();
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut s = 0f64;
+                for v in row.iter_mut() {
+                    *v = (*v - m).exp();
+                    s += f64::from(*v);
+                }
+                let inv = (1.0 / s) as f32;
+                row.iter_mut().for_each(|v| *v *= inv);
+            });
+        }
+        Ok(probs)
+    }
+
+    /// Per-row `KL(p_ref ‖ p)` of the model's next-token distributions at `hidden` against
+    /// `reference` (from [`Llama::token_probs`]); `neg_entropy[i] = Σ p_ref ln p_ref` of row `i`
+    /// (precomputed: it does not depend on the model).
+    pub fn token_kl(
+        &self,
+        hidden: &[f32],
+        reference: &[f32],
+        neg_entropy: &[f64],
+    ) -> Result<Vec<f32>> {
+        let c = self.config();
+        let rows = neg_entropy.len();
+        check_len("hidden states", rows * c.hidden, hidden.len())?;
+        check_len("reference distributions", rows * c.vocab, reference.len())?;
+        let xn = rms_norm(hidden, &self.res.output_norm, c.rms_eps);
+        let mut out = Vec::with_capacity(rows);
+        let mut logits = vec![0f32; NLL_CHUNK.min(rows) * c.vocab];
+        for ((xs, ps), hs) in xn
+            .chunks(NLL_CHUNK * c.hidden)
+            .zip(reference.chunks(NLL_CHUNK * c.vocab))
+            .zip(neg_entropy.chunks(NLL_CHUNK))
+        {
+            let lg = &mut logits[..hs.len() * c.vocab];
+            self.head(xs, lg)?;
+            let kl: Vec<f32> = lg
+                .par_chunks(c.vocab)
+                .zip(ps.par_chunks(c.vocab))
+                .zip(hs.par_iter())
+                .map(|((row, p), &h)| {
+                    clear_upper_simd();
+                    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let (mut s, mut dot) = (0f64, 0f64);
+                    for (&l, &q) in row.iter().zip(p) {
+                        s += f64::from((l - m).exp());
+                        dot += f64::from(q) * f64::from(l - m);
+                    }
+                    // Σ p_ref ln p = Σ p_ref (l − m) − ln Σ e^(l − m), as Σ p_ref = 1.
+                    (h - (dot - s.ln())) as f32
+                })
+                .collect();
+            out.extend_from_slice(&kl);
+        }
+        Ok(out)
+    }
+
     /// Per-token NLL of whole sequences: `tokens` is cut into sequences of `seq_len`, each
     /// predicts its tokens `1..seq_len` from their prefixes. Returns `seq_len - 1` values per
     /// sequence, sequence after sequence.
