@@ -10,6 +10,9 @@
 //!   level by the activation-weighted output error they remove ([`proxy`] explains why).
 //! * [`measure_sensitivity`] + [`sort_proxy_sensitive`]: the proxy weighted by each
 //!   weight's measured loss sensitivity, one evaluation per weight ([`sensitivity`]).
+//! * [`sort_first_order`]: Average's criterion to first order, from a few gradients of the
+//!   loss instead of one forward pass per block ([`first_order`]); the engine supplies them
+//!   through [`FirstOrderEvaluator`].
 //!
 //! The search-based sorts talk to the model only through [`StackEvaluator`], so this crate
 //! knows nothing of Llama; they checkpoint after every level ([`SortConfig::checkpoint`])
@@ -49,6 +52,7 @@ mod capped;
 mod checkpoint;
 mod error;
 mod evaluator;
+pub mod first_order;
 mod order;
 pub mod proxy;
 mod search;
@@ -57,6 +61,7 @@ pub mod sensitivity;
 pub use capped::{splice_orders, LevelCap};
 pub use error::{Result, SortError};
 pub use evaluator::{NoObserver, SortObserver, SortProgress, SortWarning, StackEvaluator};
+pub use first_order::{sort_first_order, FirstOrderConfig, FirstOrderEvaluator};
 pub use order::{level_major_order, BlockScores};
 pub use proxy::{
     sort_proxy, sort_proxy_sensitive, ActivationStats, ProxyConfig, ProxyNormalisation,

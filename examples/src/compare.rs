@@ -1014,6 +1014,7 @@ fn eval_plain_svd_ablation(
         // fall back to round robin.
         OrderMethod::RoundRobin
         | OrderMethod::ProxySensitive { .. }
+        | OrderMethod::FirstOrder { .. }
         | OrderMethod::Average { .. }
         | OrderMethod::Greedy { .. } => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
         OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
@@ -1187,6 +1188,7 @@ fn run_ablations(
     let main_order = match stack_compression.get("order").and_then(Value::as_str) {
         Some("Proxy") => crate::compress::OrderMethod::Proxy,
         Some(o) if o.starts_with("ProxySensitive") => crate::compress::OrderMethod::PROXY_SENSITIVE,
+        Some(o) if o.starts_with("FirstOrder") => crate::compress::OrderMethod::FIRST_ORDER,
         Some(o) if o.starts_with("Random") => crate::compress::OrderMethod::Random { seed: 0 },
         _ => crate::compress::OrderMethod::RoundRobin,
     };

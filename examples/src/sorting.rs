@@ -43,6 +43,8 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use bitstack_core::{kernels, DenseLinear, LinearOp, ResidualBlock, StackMeta, WeightStack};
 use bitstack_sort::StackEvaluator;
 
@@ -379,6 +381,53 @@ impl<'a> LlamaStackEvaluator<'a> {
         Ok(())
     }
 
+    /// First-order loss change of every block at the configuration `levels`: entry `[w][l]`
+    /// is `⟨∂L/∂W_w, B_{w,l}⟩`, the derivative of the cross-entropy over every window
+    /// position (the default loss; [`Self::score_from_position`] and a KL reference are not
+    /// differentiated, and the [`bitstack_sort::FirstOrderEvaluator`] impl refuses them) along block `l` of weight `w` restored alone, for the block indices in `blocks` (`None`
+    /// elsewhere). Negative means the block lowers the loss. One forward and one backward pass
+    /// over the scoring set ([`crate::llama::weight_gradients`]) plus one single-block
+    /// restoration per scored block; leaves `levels` as the base.
+    pub fn block_first_order(
+        &mut self,
+        levels: &[u16],
+        blocks: std::ops::Range<u16>,
+    ) -> Result<(f64, bitstack_sort::BlockScores)> {
+        self.set_base(levels)?;
+        let dense: Vec<&[f32]> = self.base_dense.iter().map(|d| d.weights()).collect();
+        let g = crate::llama::weight_gradients(self.resident, &dense, &self.tokens, &self.seqs)?;
+        let scores = self
+            .stacks
+            .par_iter()
+            .zip(g.grads.par_iter())
+            .map(|(s, grad)| {
+                let (rows, cols) = (s.out_features(), s.in_features());
+                let mut b = vec![0f32; rows * cols];
+                (0..s.loaded_levels())
+                    .map(|l| {
+                        if !blocks.contains(&(l as u16)) {
+                            return Ok(None);
+                        }
+                        kernels::restore_into(
+                            &[s.blocks()[l].view()],
+                            rows,
+                            cols,
+                            s.inv_scale(),
+                            &mut b,
+                        )?;
+                        Ok(Some(
+                            b.iter()
+                                .zip(grad)
+                                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                                .sum(),
+                        ))
+                    })
+                    .collect::<Result<Vec<Option<f64>>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((g.loss, scores))
+    }
+
     /// The final hidden states of the scored positions (`skip..seq_len − 1` of each window),
     /// row `i` predicting `targets[i]`.
     fn scored_rows(&self, x: &[f32]) -> Vec<f32> {
@@ -541,6 +590,24 @@ impl<'a> LlamaStackEvaluator<'a> {
             self.base_loss = Some(loss);
         }
         Ok(loss)
+    }
+}
+
+impl bitstack_sort::FirstOrderEvaluator for LlamaStackEvaluator<'_> {
+    fn first_order(
+        &mut self,
+        base: &[u16],
+        levels: std::ops::Range<u16>,
+    ) -> Result<bitstack_sort::BlockScores> {
+        if self.skip != 0 || self.reference.is_some() {
+            return Err(invalid(
+                "first_order",
+                "gradients are of the plain cross-entropy over every position; \
+                 drop the skipped positions and the KL reference"
+                    .into(),
+            ));
+        }
+        Ok(self.block_first_order(base, levels)?.1)
     }
 }
 
@@ -834,6 +901,69 @@ mod tests {
             (all - original).abs() < (one - original).abs(),
             "all {all}, one {one}, original {original}"
         );
+    }
+
+    #[test]
+    fn first_order_scores_are_directional_derivatives_along_blocks() {
+        use bitstack_sort::FirstOrderEvaluator;
+        let c = tiny_config();
+        let res = LlamaResident::random(&c, 11).unwrap();
+        let (stacks, _) = decomposed(&c, 4, 12);
+        let seq_len = 16;
+        let tokens = scoring_tokens(&c, 2 * seq_len, 13);
+        let mut ev =
+            LlamaStackEvaluator::new(&res, stacks.clone(), tokens.clone(), seq_len).unwrap();
+        let base = [2u16; 14];
+        let scores = ev.first_order(&base, 2..4).unwrap();
+        // The loss of the base with weight `w` moved by `t · B_{w,l}`.
+        let loss_along = |w: usize, l: usize, t: f32| {
+            let layers = (0..c.n_layers)
+                .map(|layer| {
+                    LinearKind::ALL.map(|k| {
+                        let i = weight_index(layer, k);
+                        let s = &stacks[i];
+                        let (rows, cols) = (s.out_features(), s.in_features());
+                        let mut m = vec![0f32; rows * cols];
+                        s.restore_into(2, &mut m).unwrap();
+                        if i == w {
+                            let mut b = vec![0f32; rows * cols];
+                            kernels::restore_into(
+                                &[s.blocks()[l].view()],
+                                rows,
+                                cols,
+                                s.inv_scale(),
+                                &mut b,
+                            )
+                            .unwrap();
+                            m.iter_mut().zip(&b).for_each(|(x, &y)| *x += t * y);
+                        }
+                        Box::new(DenseLinear::new(rows, cols, m).unwrap()) as Box<dyn LinearOp>
+                    })
+                })
+                .collect();
+            let table = LinearTable::new(layers);
+            let nll = Llama::new(&res, &table)
+                .unwrap()
+                .sequence_nll(&tokens, seq_len)
+                .unwrap();
+            nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64
+        };
+        for w in [0, 4, 8, 13] {
+            assert_eq!(scores[w][..2], [None, None]);
+            for (l, score) in scores[w].iter().enumerate().skip(2) {
+                let fo = score.unwrap();
+                let eps = 1e-2;
+                let numeric =
+                    (loss_along(w, l, eps) - loss_along(w, l, -eps)) / (2.0 * f64::from(eps));
+                assert!(
+                    (fo - numeric).abs() < 2e-2 * numeric.abs().max(1e-3),
+                    "weight {w} block {l}: {fo} vs {numeric}"
+                );
+            }
+        }
+        // The first-order evaluator refuses losses it does not differentiate.
+        ev.score_from_position(3).unwrap();
+        assert!(ev.first_order(&base, 2..4).is_err());
     }
 
     #[test]

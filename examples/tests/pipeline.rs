@@ -90,6 +90,26 @@ fn compress_write_reopen_resize_on_smollm2() {
     assert!(avg[210..].iter().all(|b| b.level == 1));
     assert_ne!(avg, round_robin.as_slice());
     drop(average);
+    // The first-order order from compress: one gradient (at the floor, Average's own base for
+    // the second blocks), level-major and not round robin.
+    let first = compress(
+        source.as_ref(),
+        &calib_text,
+        &CompressParams {
+            order: OrderMethod::FirstOrder {
+                scoring_seqs: 1,
+                seq_len: 16,
+                bases: &[1],
+            },
+            ..params.clone()
+        },
+    )
+    .unwrap();
+    let fo = first.contents.order.as_slice();
+    assert!(fo[..210].iter().all(|b| b.level == 0));
+    assert!(fo[210..].iter().all(|b| b.level == 1));
+    assert_ne!(fo, round_robin.as_slice());
+    drop(first);
 
     let dir = std::env::temp_dir().join(format!("bitstack-pipeline-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

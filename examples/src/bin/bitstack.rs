@@ -58,8 +58,8 @@ enum Command {
     Serve(bitstack_examples::serve::ServeArgs),
     /// Generate continuously under a scripted schedule of available memory.
     PressureDemo(bitstack_examples::serve::PressureArgs),
-    /// Reorder a stack file's universal stack: average, greedy, random, roundrobin, proxy or
-    /// proxy-sensitive.
+    /// Reorder a stack file's universal stack: average, greedy, random, roundrobin, proxy,
+    /// proxy-sensitive, first-order, or an imported order.
     Sort(SortArgs),
     /// The paper's Table 1: RTN / GPTQ / AWQ at w2..w4 (g128) vs BitStack at equal memory.
     Compare(bitstack_examples::compare::CompareArgs),
@@ -141,12 +141,13 @@ struct CalibArgs {
     /// Decompose the raw weights without activation-aware scaling (ablation).
     #[arg(long)]
     no_scaling: bool,
-    /// Universal order: proxy-sensitive (default, the best measured: the proxy weighted by
-    /// loss sensitivities from 211 forward evaluations of 256 calibration tokens, about a
-    /// minute on 2 cores), roundrobin (the best measured with no forward pass), proxy, random,
-    /// or the paper's average / greedy (4 windows of 256 tokens, 3150 evaluations at 16
-    /// levels: about an hour; `bitstack sort` runs them resumably on an existing file).
-    #[arg(long, default_value = "proxy-sensitive")]
+    /// Universal order: first-order (default, the best measured: Average's criterion to first
+    /// order from 3 gradients of the loss on 4 windows of 256 calibration tokens, about a
+    /// minute on 2 cores), proxy-sensitive (the proxy weighted by loss sensitivities from 211
+    /// forward evaluations), roundrobin (the best measured with no forward pass), proxy,
+    /// random, or the paper's average / greedy (4 windows of 256 tokens, 3150 evaluations at
+    /// 16 levels: about an hour; `bitstack sort` runs them resumably on an existing file).
+    #[arg(long, default_value = "first-order")]
     order: OrderMethod,
 }
 
@@ -697,7 +698,7 @@ fn generate(args: &GenerateArgs) -> Res<()> {
 struct SortArgs {
     /// The stack file to reorder (its blocks are reused; only the order changes).
     file: PathBuf,
-    /// average | greedy | random | roundrobin | proxy | proxy-sensitive | import.
+    /// average | greedy | random | roundrobin | proxy | proxy-sensitive | first-order | import.
     #[arg(long)]
     method: String,
     /// Output stack file.
@@ -754,6 +755,10 @@ struct SortArgs {
     /// context only, not scored.
     #[arg(long, default_value_t = 0)]
     scoring_skip: usize,
+    /// first-order: blocks per weight at which a gradient is taken (comma-separated); each
+    /// block is scored with the gradient at the nearest of them.
+    #[arg(long, default_value = "2,3,4")]
+    first_order_bases: String,
 }
 
 fn sort(args: &SortArgs) -> Res<()> {
@@ -873,6 +878,44 @@ fn sort(args: &SortArgs) -> Res<()> {
                     args.probe_base,
                     args.probe_blocks,
                     sens.elapsed.as_secs_f64(),
+                    out.elapsed.as_secs_f64()
+                ),
+            )
+        }
+        "first-order" => {
+            let resident = LlamaResident::from_source_with(
+                &sm,
+                bitstack_examples::llama::EmbeddingPrecision::F16,
+            )?;
+            let (calib, mut ev) = sort_evaluator(args, &sm, &read_all, &resident)?;
+            let bases = args
+                .first_order_bases
+                .split(',')
+                .map(|b| b.trim().parse::<u16>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| format!("--first-order-bases {:?}: {e}", args.first_order_bases))?;
+            let config = bitstack_sort::FirstOrderConfig { bases };
+            let mut observer = |p: &SortProgress| eprint!("\rfirst-order: {p}   ");
+            let out = bitstack_sort::sort_first_order(&mut ev, &config, &mut observer)?;
+            eprintln!();
+            if let Some(path) = &args.dump_scores {
+                let doc = serde_json::json!({
+                    "bases": config.bases,
+                    "weights": file.stacks().iter().zip(&out.scores).map(|(m, f)| serde_json::json!({
+                        "name": m.name, "first_order": f,
+                    })).collect::<Vec<_>>(),
+                });
+                write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+            }
+            (
+                out.order,
+                format!(
+                    "{} gradient(s) (bases {}) on {} x {} tokens of {} in {:.1} s",
+                    out.evaluations,
+                    args.first_order_bases,
+                    args.scoring_seqs,
+                    args.scoring_seq_len,
+                    calib.display(),
                     out.elapsed.as_secs_f64()
                 ),
             )

@@ -95,6 +95,11 @@ impl SeqBatch {
         self.n_seqs * self.seq_len
     }
 
+    /// The RoPE tables: `(cos, sin)`, `seq_len × head_dim / 2` each.
+    pub(crate) fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     fn matches(&self, config: &LlamaConfig) -> bool {
         self.half == config.head_dim / 2
     }
@@ -492,7 +497,7 @@ fn rows_of(len: usize, width: usize, what: &'static str) -> Result<usize> {
 /// soft-max and SiLU loops ran ~15x slower (attention 240 ms instead of 16 ms per layer at 512
 /// tokens). So every element-wise pass that may follow a GEMM on the same thread starts here.
 #[inline]
-fn clear_upper_simd() {
+pub(crate) fn clear_upper_simd() {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx") {
@@ -549,7 +554,7 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 }
 
 /// Rotate-half RoPE on every head of every row; row `r` is at position `start + r % seq_len`.
-fn rope(x: &mut [f32], n_heads: usize, d: usize, seqs: &SeqBatch) {
+pub(crate) fn rope(x: &mut [f32], n_heads: usize, d: usize, seqs: &SeqBatch) {
     let half = d / 2;
     x.par_chunks_mut(n_heads * d)
         .enumerate()

@@ -71,6 +71,7 @@
 
 mod forward;
 mod generate;
+mod grad;
 mod resident;
 #[cfg(test)]
 mod tests;
@@ -81,6 +82,7 @@ pub use crate::gguf::LlamaConfig;
 use crate::gguf::ModelError;
 pub use forward::{Llama, SeqBatch};
 pub use generate::{sample, GenerateParams, Generation, KvCache, Sampling, SplitMix64};
+pub use grad::{weight_gradients, WeightGradients};
 pub use resident::{EmbeddingPrecision, HalfLinear, LinearTable, LlamaResident, TokenEmbedding};
 
 /// Errors of the forward pass and of loading its weights.

@@ -854,3 +854,79 @@ fn f16_embeddings_match_f32_and_halve_the_bytes() {
         assert_eq!(back.token_embd().bytes(), 4 * v * h);
     }
 }
+
+/// Mean NLL of whole windows with the given dense weights (the reference for the gradients).
+fn mean_nll(
+    c: &LlamaConfig,
+    res: &LlamaResident,
+    w: &[[Vec<f32>; 7]],
+    tokens: &[u32],
+    n: usize,
+) -> f64 {
+    let table = LinearTable::new(
+        w.iter()
+            .map(|ws| {
+                LinearKind::ALL.map(|k| {
+                    let (o, i) = k.shape(c);
+                    Box::new(DenseLinear::new(o, i, ws[k.index()].clone()).unwrap())
+                        as Box<dyn LinearOp>
+                })
+            })
+            .collect(),
+    );
+    let nll = Llama::new(res, &table)
+        .unwrap()
+        .sequence_nll(tokens, n)
+        .unwrap();
+    nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64
+}
+
+#[test]
+fn weight_gradients_match_central_differences() {
+    // Grouped-query attention (4 query heads over 2 KV heads), tied head, two windows.
+    let c = config(4, 2, true, false);
+    let f = fixture(&c, 21);
+    let (n_seqs, n) = (2, 12);
+    let mut rng = SplitMix64::new(5);
+    let tokens: Vec<u32> = (0..n_seqs * n)
+        .map(|_| (rng.next_u64() % c.vocab as u64) as u32)
+        .collect();
+    let seqs = SeqBatch::new(&c, n_seqs, n).unwrap();
+    let flat: Vec<&[f32]> =
+        f.w.iter()
+            .flat_map(|ws| ws.iter().map(|v| v.as_slice()))
+            .collect();
+    let g = weight_gradients(&f.res, &flat, &tokens, &seqs).unwrap();
+    let base = mean_nll(&c, &f.res, &f.w, &tokens, n);
+    assert!((g.loss - base).abs() < 1e-4 * base, "{} vs {base}", g.loss);
+    for layer in 0..c.n_layers {
+        for kind in LinearKind::ALL {
+            let grad = &g.grads[layer * 7 + kind.index()];
+            // A random direction: ⟨G, D⟩ against (L(W + εD) − L(W − εD)) / 2ε.
+            let dir: Vec<f32> = (0..grad.len()).map(|_| rng.next_signed()).collect();
+            let analytic: f64 = grad.iter().zip(&dir).map(|(&a, &b)| f64::from(a * b)).sum();
+            let eps = 1e-2f32;
+            let at = |s: f32| {
+                let mut w = f.w.clone();
+                w[layer][kind.index()]
+                    .iter_mut()
+                    .zip(&dir)
+                    .for_each(|(x, &d)| *x += s * eps * d);
+                mean_nll(&c, &f.res, &w, &tokens, n)
+            };
+            let numeric = (at(1.0) - at(-1.0)) / (2.0 * f64::from(eps));
+            assert!(
+                (analytic - numeric).abs() < 2e-2 * numeric.abs().max(1e-2),
+                "layer {layer} {kind:?}: analytic {analytic}, numeric {numeric}"
+            );
+        }
+    }
+    // Untied heads are not supported (a typed error, not a wrong answer).
+    let untied = config(4, 2, false, false);
+    let fu = fixture(&untied, 3);
+    let flat: Vec<&[f32]> =
+        fu.w.iter()
+            .flat_map(|ws| ws.iter().map(|v| v.as_slice()))
+            .collect();
+    assert!(weight_gradients(&fu.res, &flat, &tokens, &seqs).is_err());
+}
