@@ -521,6 +521,14 @@ pub fn compress(
             })
             .collect()
     };
+    let scoring = |n_seqs, seq_len| ScoringInputs {
+        source,
+        stacks: &stacks,
+        blocks: &blocks,
+        calib_tokens: &calib_tokens,
+        n_seqs,
+        seq_len,
+    };
     let order = match params.order {
         OrderMethod::RoundRobin => UniversalOrder::round_robin(levels)
             .map_err(|e| CompressError::Sort(SortError::from(e)))?,
@@ -534,20 +542,15 @@ pub fn compress(
             seq_len,
             probe,
         } => {
-            let resident = LlamaResident::from_source_with(source, EmbeddingPrecision::F16)?;
-            let mut evaluator = stack_evaluator(
-                &resident,
-                &stacks,
-                &blocks,
-                &calib_tokens,
-                scoring_seqs,
-                seq_len,
-            )?;
             let mut progress = Progress::new("sensitivity evaluations", n_weights + 1);
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
-            let sensitivity =
-                bitstack_sort::measure_sensitivity(&mut evaluator, probe, &mut observer)?;
-            drop(evaluator);
+            let sensitivity = with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
+                Ok(bitstack_sort::measure_sensitivity(
+                    ev,
+                    probe,
+                    &mut observer,
+                )?)
+            })?;
             let weights = proxy_weights();
             bitstack_sort::sort_proxy_sensitive(&weights, &sensitivity, &ProxyConfig::default())?
                 .order
@@ -557,21 +560,14 @@ pub fn compress(
             seq_len,
             bases,
         } => {
-            let resident = LlamaResident::from_source_with(source, EmbeddingPrecision::F16)?;
-            let mut evaluator = stack_evaluator(
-                &resident,
-                &stacks,
-                &blocks,
-                &calib_tokens,
-                scoring_seqs,
-                seq_len,
-            )?;
             let mut progress = Progress::new("order gradients", bases.len());
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
             let config = bitstack_sort::FirstOrderConfig {
                 bases: bases.to_vec(),
             };
-            bitstack_sort::sort_first_order(&mut evaluator, &config, &mut observer)?.order
+            with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
+                Ok(bitstack_sort::sort_first_order(ev, &config, &mut observer)?.order)
+            })?
         }
         OrderMethod::Average {
             scoring_seqs,
@@ -581,25 +577,18 @@ pub fn compress(
             scoring_seqs,
             seq_len,
         } => {
-            let resident = LlamaResident::from_source_with(source, EmbeddingPrecision::F16)?;
-            let mut evaluator = stack_evaluator(
-                &resident,
-                &stacks,
-                &blocks,
-                &calib_tokens,
-                scoring_seqs,
-                seq_len,
-            )?;
             let total: usize = levels.iter().map(|&l| l as usize - 1).sum();
             let mut progress = Progress::new("order evaluations", total);
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
             let config = bitstack_sort::SortConfig::default();
-            if matches!(params.order, OrderMethod::Average { .. }) {
-                bitstack_sort::sort_average(&mut evaluator, &config, &mut observer)?.order
-            } else {
-                evaluator.prepare_greedy()?;
-                bitstack_sort::sort_greedy(&mut evaluator, &config, &mut observer)?.order
-            }
+            with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
+                Ok(if matches!(params.order, OrderMethod::Average { .. }) {
+                    bitstack_sort::sort_average(ev, &config, &mut observer)?.order
+                } else {
+                    ev.prepare_greedy()?;
+                    bitstack_sort::sort_greedy(ev, &config, &mut observer)?.order
+                })
+            })?
         }
     };
     drop(originals);
@@ -663,20 +652,30 @@ pub fn compress(
     })
 }
 
-/// A [`crate::sorting::LlamaStackEvaluator`] over freshly decomposed stacks, scored on `n`
-/// evenly spaced windows of `seq_len` calibration tokens.
-fn stack_evaluator<'r>(
-    resident: &'r LlamaResident,
-    stacks: &[StackMeta],
-    blocks: &[Vec<ResidualBlock>],
-    calib_tokens: &[u32],
-    n: usize,
+/// What an order that evaluates the model scores with: the freshly decomposed stacks and
+/// `n_seqs` evenly spaced windows of `seq_len` calibration tokens.
+struct ScoringInputs<'a> {
+    source: &'a dyn ModelSource,
+    stacks: &'a [StackMeta],
+    blocks: &'a [Vec<ResidualBlock>],
+    calib_tokens: &'a [u32],
+    n_seqs: usize,
     seq_len: usize,
-) -> Result<crate::sorting::LlamaStackEvaluator<'r>, CompressError> {
-    let scoring = crate::sorting::scoring_windows(calib_tokens, n, seq_len)?;
-    let parts = stacks
+}
+
+/// Runs `f` on a [`crate::sorting::LlamaStackEvaluator`] over `inputs`, with the model's
+/// resident part loaded for it (and dropped after).
+fn with_evaluator<T>(
+    inputs: &ScoringInputs<'_>,
+    f: impl FnOnce(&mut crate::sorting::LlamaStackEvaluator<'_>) -> Result<T, CompressError>,
+) -> Result<T, CompressError> {
+    let resident = LlamaResident::from_source_with(inputs.source, EmbeddingPrecision::F16)?;
+    let scoring =
+        crate::sorting::scoring_windows(inputs.calib_tokens, inputs.n_seqs, inputs.seq_len)?;
+    let parts = inputs
+        .stacks
         .iter()
-        .zip(blocks)
+        .zip(inputs.blocks)
         .map(|(m, b)| {
             (
                 Arc::new(m.clone()),
@@ -684,9 +683,9 @@ fn stack_evaluator<'r>(
             )
         })
         .collect();
-    Ok(crate::sorting::LlamaStackEvaluator::from_parts(
-        resident, parts, scoring, seq_len,
-    )?)
+    let mut evaluator =
+        crate::sorting::LlamaStackEvaluator::from_parts(&resident, parts, scoring, inputs.seq_len)?;
+    f(&mut evaluator)
 }
 
 /// Writes compressed contents atomically (temporary file, fsync, rename) and returns the

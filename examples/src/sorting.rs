@@ -763,15 +763,27 @@ mod tests {
         tokens: &[u32],
         seq_len: usize,
     ) -> Vec<f32> {
+        nll_with(
+            res,
+            |w| {
+                let mut s = stacks[w].clone();
+                s.truncate(usize::from(config[w]));
+                Box::new(s)
+            },
+            tokens,
+            seq_len,
+        )
+    }
+
+    /// Per-token NLL of a plain forward pass with `linear(weight_index)` as the linears.
+    fn nll_with(
+        res: &LlamaResident,
+        linear: impl Fn(usize) -> Box<dyn LinearOp>,
+        tokens: &[u32],
+        seq_len: usize,
+    ) -> Vec<f32> {
         let layers = (0..res.config().n_layers)
-            .map(|l| {
-                LinearKind::ALL.map(|k| {
-                    let w = weight_index(l, k);
-                    let mut s = stacks[w].clone();
-                    s.truncate(usize::from(config[w]));
-                    Box::new(s) as Box<dyn LinearOp>
-                })
-            })
+            .map(|l| LinearKind::ALL.map(|k| linear(weight_index(l, k))))
             .collect();
         let table = LinearTable::new(layers);
         let model = Llama::new(res, &table).unwrap();
@@ -917,35 +929,20 @@ mod tests {
         let scores = ev.first_order(&base, 2..4).unwrap();
         // The loss of the base with weight `w` moved by `t · B_{w,l}`.
         let loss_along = |w: usize, l: usize, t: f32| {
-            let layers = (0..c.n_layers)
-                .map(|layer| {
-                    LinearKind::ALL.map(|k| {
-                        let i = weight_index(layer, k);
-                        let s = &stacks[i];
-                        let (rows, cols) = (s.out_features(), s.in_features());
-                        let mut m = vec![0f32; rows * cols];
-                        s.restore_into(2, &mut m).unwrap();
-                        if i == w {
-                            let mut b = vec![0f32; rows * cols];
-                            kernels::restore_into(
-                                &[s.blocks()[l].view()],
-                                rows,
-                                cols,
-                                s.inv_scale(),
-                                &mut b,
-                            )
-                            .unwrap();
-                            m.iter_mut().zip(&b).for_each(|(x, &y)| *x += t * y);
-                        }
-                        Box::new(DenseLinear::new(rows, cols, m).unwrap()) as Box<dyn LinearOp>
-                    })
-                })
-                .collect();
-            let table = LinearTable::new(layers);
-            let nll = Llama::new(&res, &table)
-                .unwrap()
-                .sequence_nll(&tokens, seq_len)
-                .unwrap();
+            let linear = |i: usize| -> Box<dyn LinearOp> {
+                let s = &stacks[i];
+                let (rows, cols) = (s.out_features(), s.in_features());
+                let mut m = vec![0f32; rows * cols];
+                s.restore_into(2, &mut m).unwrap();
+                if i == w {
+                    let mut b = vec![0f32; rows * cols];
+                    let block = [s.blocks()[l].view()];
+                    kernels::restore_into(&block, rows, cols, s.inv_scale(), &mut b).unwrap();
+                    m.iter_mut().zip(&b).for_each(|(x, &y)| *x += t * y);
+                }
+                Box::new(DenseLinear::new(rows, cols, m).unwrap())
+            };
+            let nll = nll_with(&res, linear, &tokens, seq_len);
             nll.iter().map(|&v| f64::from(v)).sum::<f64>() / nll.len() as f64
         };
         for w in [0, 4, 8, 13] {

@@ -288,17 +288,7 @@ impl<'a> Llama<'a> {
             .zip(probs.chunks_mut(NLL_CHUNK * c.vocab))
         {
             self.head(xs, ps)?;
-            ps.par_chunks_mut(c.vocab).for_each(|row| {
-                clear_upper_simd();
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut s = 0f64;
-                for v in row.iter_mut() {
-                    *v = (*v - m).exp();
-                    s += f64::from(*v);
-                }
-                let inv = (1.0 / s) as f32;
-                row.iter_mut().for_each(|v| *v *= inv);
-            });
+            ps.par_chunks_mut(c.vocab).for_each(softmax_in_place);
         }
         Ok(probs)
     }

@@ -32,6 +32,21 @@ fn config(n_heads: usize, n_kv_heads: usize, tied: bool, bias: bool) -> LlamaCon
     }
 }
 
+/// Dense linears from raw weights, per layer in [`LinearKind::ALL`] order.
+fn dense_table(c: &LlamaConfig, w: &[[Vec<f32>; 7]]) -> LinearTable {
+    LinearTable::new(
+        w.iter()
+            .map(|ws| {
+                LinearKind::ALL.map(|k| {
+                    let (o, i) = k.shape(c);
+                    Box::new(DenseLinear::new(o, i, ws[k.index()].clone()).unwrap())
+                        as Box<dyn LinearOp>
+                })
+            })
+            .collect(),
+    )
+}
+
 /// A random model whose raw weights the reference can read.
 struct Fixture {
     res: LlamaResident,
@@ -52,17 +67,7 @@ fn fixture(c: &LlamaConfig, seed: u64) -> Fixture {
             })
         })
         .collect();
-    let table = LinearTable::new(
-        w.iter()
-            .map(|ws| {
-                LinearKind::ALL.map(|k| {
-                    let (o, i) = k.shape(c);
-                    Box::new(DenseLinear::new(o, i, ws[k.index()].clone()).unwrap())
-                        as Box<dyn LinearOp>
-                })
-            })
-            .collect(),
-    );
+    let table = dense_table(c, &w);
     let head = (!c.tied_embeddings).then(|| {
         let h: Vec<f32> = (0..c.vocab * c.hidden)
             .map(|_| 0.5 * rng.next_signed())
@@ -863,17 +868,7 @@ fn mean_nll(
     tokens: &[u32],
     n: usize,
 ) -> f64 {
-    let table = LinearTable::new(
-        w.iter()
-            .map(|ws| {
-                LinearKind::ALL.map(|k| {
-                    let (o, i) = k.shape(c);
-                    Box::new(DenseLinear::new(o, i, ws[k.index()].clone()).unwrap())
-                        as Box<dyn LinearOp>
-                })
-            })
-            .collect(),
-    );
+    let table = dense_table(c, w);
     let nll = Llama::new(res, &table)
         .unwrap()
         .sequence_nll(tokens, n)
