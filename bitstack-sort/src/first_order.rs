@@ -253,6 +253,23 @@ mod tests {
         assert_eq!(t.calls, vec![vec![2; 4], vec![4, 4, 4, 3]]);
     }
 
+    proptest::proptest! {
+        /// The chosen base is one of the bases, no other is nearer, and the choice never moves
+        /// back as the level grows (so each base scores one contiguous range of levels).
+        #[test]
+        fn nearest_base_is_nearest_and_monotone(
+            mut bases in proptest::collection::vec(1u16..40, 1..6),
+            level in 1u16..60,
+        ) {
+            bases.sort_unstable();
+            bases.dedup();
+            let b = base_for(&bases, level);
+            proptest::prop_assert!(bases.contains(&b));
+            proptest::prop_assert!(bases.iter().all(|&o| level.abs_diff(o) >= level.abs_diff(b)));
+            proptest::prop_assert!(base_for(&bases, level + 1) >= b);
+        }
+    }
+
     #[test]
     fn bad_configs_are_typed_errors() {
         for bases in [vec![], vec![0, 2]] {
