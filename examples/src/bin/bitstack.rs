@@ -603,7 +603,10 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
                 "bytes_moved": r.bytes_moved,
             })).collect::<Vec<_>>(),
         });
-        write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+        bitstack_examples::compare::write_atomic(
+            path,
+            serde_json::to_string_pretty(&doc)?.as_bytes(),
+        )?;
         println!("wrote {}", path.display());
     }
     if let Some(path) = &args.plot {
@@ -622,23 +625,10 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
             &series,
             &hlines,
         );
-        write_atomic(path, svg.as_bytes())?;
+        bitstack_examples::compare::write_atomic(path, svg.as_bytes())?;
         println!("wrote {}", path.display());
     }
     Ok(rows)
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Res<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp-write");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 fn generate_text(
@@ -905,7 +895,10 @@ fn sort(args: &SortArgs) -> Res<()> {
                         "name": m.name, "first_order": f,
                     })).collect::<Vec<_>>(),
                 });
-                write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())?;
+                bitstack_examples::compare::write_atomic(
+                    path,
+                    serde_json::to_string_pretty(&doc)?.as_bytes(),
+                )?;
             }
             (
                 out.order,
@@ -1035,7 +1028,10 @@ fn dump_scores(
         "base_loss": sens.map(|s| s.base_loss),
         "weights": weights,
     });
-    write_atomic(path, serde_json::to_string_pretty(&doc)?.as_bytes())
+    Ok(bitstack_examples::compare::write_atomic(
+        path,
+        serde_json::to_string_pretty(&doc)?.as_bytes(),
+    )?)
 }
 
 /// The original weights and every block of every stack, for the proxies.
