@@ -1,8 +1,14 @@
-//! Benchmark: fused `Y = X Ŵᵀ` over 1, 4, 8, 16 levels against a dense f32 GEMV/GEMM of the
-//! same shape (faer), measured in the same run. Prints medians and ratios.
+//! Benchmark: the fused `Y = X Ŵᵀ` at 1, 2, 4, 8, 16 levels against a dense f32 GEMV/GEMM of
+//! the same shape (faer) and against the exact f32-table kernel (the previous default),
+//! measured in the same run. Prints medians, ratios, the kernel that ran and the load.
 //!
-//! `cargo run --release -p bitstack-core --example fused_speed [-- --reps 15]`
-use bitstack_core::kernels::{fused_matmul_with_scratch, fused_scratch_len};
+//! `cargo run --release -p bitstack-core --example fused_speed [-- --reps 15 --quick]`
+//!
+//! `--quick` keeps the 4096×4096 shape at k = 16 and the SmolLM2 shapes at their
+//! `--rank auto` ranks only.
+use bitstack_core::kernels::{
+    fused_matmul_with, fused_scratch_len_with, FusedParams, KernelIsa, TablePrecision,
+};
 use bitstack_core::testutil::{random_block, XorShift};
 use bitstack_core::{DenseLinear, LinearOp};
 use std::time::Instant;
@@ -25,6 +31,12 @@ fn time<F: FnMut()>(reps: usize, mut f: F) -> f64 {
     )
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "n/a".into())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let reps = args
@@ -33,43 +45,92 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(15);
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--no-exact` skips the f32-table kernel (e.g. to profile the int8 one alone).
+    let no_exact = args.iter().any(|a| a == "--no-exact");
+    // `--shape 576x576` runs one shape only (e.g. under a profiler).
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--shape")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let fast = FusedParams::default();
     println!(
-        "threads: {}  reps: {reps}  (median wall time per call)",
-        rayon::current_num_threads()
+        "threads: {}  reps: {reps}  int8 kernel: {}  load before: {}",
+        rayon::current_num_threads(),
+        fast.isa.resolve().name(),
+        loadavg()
     );
+    println!("median wall time per call; ratios < 1 mean the fused int8 kernel is faster");
     println!(
-        "{:>11} {:>5} {:>6} {:>11} {:>11} {:>9} {:>10}",
-        "shape", "batch", "levels", "dense ms", "fused ms", "fused/dense", "MB held"
+        "| shape | k | batch | levels | dense f32 ms | exact f32-table ms | int8 ms | int8/dense | int8/exact | MB held |"
     );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut rng = XorShift::new(1);
-    for &(m, n) in &[(4096usize, 4096usize), (1536, 576), (576, 1536)] {
-        let blocks: Vec<_> = (0..16).map(|l| random_block(m, n, 16, 100 + l)).collect();
+    // (rows, cols, ranks): 4096² at the paper's k = 16 (and the auto ranks), SmolLM2's shapes.
+    let big_ranks: &[usize] = if quick { &[16] } else { &[5, 9, 13, 16] };
+    let small_ranks: &[usize] = if quick { &[9] } else { &[5, 9, 13, 16] };
+    let shapes: Vec<(usize, usize, &[usize])> = vec![
+        (4096, 4096, big_ranks),
+        (576, 576, small_ranks),
+        (192, 576, if quick { &[5] } else { small_ranks }),
+        (1536, 576, if quick { &[13] } else { small_ranks }),
+        (576, 1536, if quick { &[13] } else { small_ranks }),
+    ];
+    for (m, n, ranks) in shapes {
+        if only.as_ref().is_some_and(|o| *o != format!("{m}x{n}")) {
+            continue;
+        }
         let w: Vec<f32> = (0..m * n).map(|_| rng.next_f32()).collect();
         let dense = DenseLinear::new(m, n, w).expect("shape");
         let inv_s: Vec<f32> = (0..n).map(|j| 1.0 + (j % 7) as f32 * 0.1).collect();
-        for &batch in &[1usize, 8] {
-            let x: Vec<f32> = (0..batch * n).map(|_| rng.next_f32()).collect();
-            let mut y = vec![0.0f32; batch * m];
-            let t_dense = time(reps, || dense.forward(&x, &mut y).expect("dense"));
-            for &levels in &[1usize, 4, 8, 16] {
-                let refs: Vec<_> = blocks[..levels].iter().map(|b| b.view()).collect();
-                let mut scratch = vec![0.0f32; fused_scratch_len(m, n, 16, batch)];
-                let t = time(reps, || {
-                    fused_matmul_with_scratch(&refs, m, n, Some(&inv_s), &x, &mut y, &mut scratch)
-                        .expect("fused")
-                });
-                let held: u64 = blocks[..levels].iter().map(|b| b.heap_bytes()).sum();
-                println!(
-                    "{:>11} {:>5} {:>6} {:>11.3} {:>11.3} {:>9.2}x {:>10.2}",
-                    format!("{m}x{n}"),
-                    batch,
-                    levels,
-                    t_dense * 1e3,
-                    t * 1e3,
-                    t / t_dense,
-                    held as f64 / 1e6
-                );
+        for &k in ranks {
+            let blocks: Vec<_> = (0..16).map(|l| random_block(m, n, k, 100 + l)).collect();
+            for &batch in &[1usize, 8] {
+                let x: Vec<f32> = (0..batch * n).map(|_| rng.next_f32()).collect();
+                let mut y = vec![0.0f32; batch * m];
+                let t_dense = time(reps, || dense.forward(&x, &mut y).expect("dense"));
+                for &levels in &[1usize, 2, 4, 8, 16] {
+                    let refs: Vec<_> = blocks[..levels].iter().map(|b| b.view()).collect();
+                    let mut run = |p: FusedParams| {
+                        let mut scratch =
+                            vec![0.0f32; fused_scratch_len_with(m, n, k, levels, batch, p)];
+                        time(reps, || {
+                            fused_matmul_with(
+                                &refs,
+                                m,
+                                n,
+                                Some(&inv_s),
+                                &x,
+                                &mut y,
+                                p,
+                                &mut scratch,
+                            )
+                            .expect("fused")
+                        })
+                    };
+                    let t_exact = if no_exact {
+                        f64::NAN
+                    } else {
+                        run(FusedParams {
+                            tables: TablePrecision::F32,
+                            isa: KernelIsa::Auto,
+                        })
+                    };
+                    let t_int8 = run(fast);
+                    let held: u64 = blocks[..levels].iter().map(|b| b.heap_bytes()).sum();
+                    println!(
+                        "| {m}x{n} | {k} | {batch} | {levels} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.2} |",
+                        t_dense * 1e3,
+                        t_exact * 1e3,
+                        t_int8 * 1e3,
+                        t_int8 / t_dense,
+                        t_int8 / t_exact,
+                        held as f64 / 1e6
+                    );
+                }
             }
         }
     }
+    println!("load after: {}", loadavg());
 }

@@ -15,6 +15,7 @@
 use crate::block::ResidualBlock;
 use crate::budget::MemoryBudget;
 use crate::error::{CoreError, Result};
+use crate::kernels::FusedParams;
 use crate::order::{BlockId, UniversalOrder};
 use crate::stack::{StackMeta, WeightStack};
 use rayon::prelude::*;
@@ -221,6 +222,23 @@ impl<S: BlockSource> ElasticModel<S> {
     pub fn resize(&self, budget: MemoryBudget) -> Result<ResizeReport> {
         let p = self.prefix_for_budget(budget)?;
         self.resize_to_prefix(p)
+    }
+    /// Sets the fused-product parameters of every weight (int8 tables by default;
+    /// [`FusedParams::exact`] for the f32 tables) in a new snapshot that shares all blocks.
+    /// Snapshots taken before keep their parameters; resizes carry the new ones.
+    pub fn set_fused_params(&self, params: FusedParams) {
+        let _guard = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.snapshot();
+        let mut weights = cur.weights.clone();
+        for w in &mut weights {
+            w.set_fused_params(params);
+        }
+        let next = Arc::new(ModelSnapshot {
+            prefix: cur.prefix,
+            held_bytes: cur.held_bytes,
+            weights,
+        });
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
     }
     /// Grows or shrinks to exactly `prefix` blocks of the universal order (at least the floor
     /// of one block per weight). Only the blocks between the old and new prefix move.

@@ -3,8 +3,9 @@
 use crate::block::{ResidualBlock, ResidualBlockRef};
 use crate::budget::block_bytes;
 use crate::error::{check_len, CoreError, Result};
-use crate::kernels;
+use crate::kernels::{self, FusedParams};
 use crate::linear::LinearOp;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// What is known about a weight stack before any block is loaded.
@@ -64,6 +65,7 @@ pub struct WeightStack {
     meta: Arc<StackMeta>,
     inv_scale: Option<Arc<[f32]>>,
     blocks: Vec<Arc<ResidualBlock>>,
+    params: FusedParams,
 }
 
 impl WeightStack {
@@ -78,6 +80,7 @@ impl WeightStack {
             meta,
             inv_scale,
             blocks: Vec::new(),
+            params: FusedParams::default(),
         })
     }
     /// A stack holding `blocks` as its levels 0, 1, ...
@@ -141,9 +144,25 @@ impl WeightStack {
         let refs = self.refs(levels)?;
         kernels::restore_into(&refs, self.meta.rows, self.meta.cols, self.inv_scale(), out)
     }
-    /// Scratch floats [`WeightStack::forward_with_scratch`] needs for `batch` inputs.
+    /// Parameters of the fused product (int8 tables by default).
+    pub fn fused_params(&self) -> FusedParams {
+        self.params
+    }
+    /// Sets the parameters of the fused product.
+    pub fn set_fused_params(&mut self, params: FusedParams) {
+        self.params = params;
+    }
+    /// Scratch floats [`WeightStack::forward_with_scratch`] needs for `batch` inputs with the
+    /// levels loaded now (a grown stack needs more).
     pub fn scratch_len(&self, batch: usize) -> usize {
-        kernels::fused_scratch_len(self.meta.rows, self.meta.cols, self.meta.rank, batch)
+        kernels::fused_scratch_len_with(
+            self.meta.rows,
+            self.meta.cols,
+            self.meta.rank,
+            self.blocks.len(),
+            batch,
+            self.params,
+        )
     }
     /// `Y = X Ŵᵀ` over all loaded levels into caller scratch (no allocation for small batches
     /// beyond a few pointers).
@@ -154,13 +173,14 @@ impl WeightStack {
         scratch: &mut [f32],
     ) -> Result<()> {
         let refs = self.refs(self.blocks.len())?;
-        kernels::fused_matmul_with_scratch(
+        kernels::fused_matmul_with(
             &refs,
             self.meta.rows,
             self.meta.cols,
             self.inv_scale(),
             x,
             y,
+            self.params,
             scratch,
         )
     }
@@ -177,16 +197,29 @@ impl LinearOp for WeightStack {
     fn out_features(&self) -> usize {
         self.meta.rows
     }
+    /// Small batches run in a per-thread scratch buffer (tables, a few hundred KiB at most
+    /// on 4096-wide weights) that grows to the largest product seen and is reused, so a
+    /// decode loop allocates nothing per call. Larger batches restore `Ŵ` into a buffer that
+    /// is freed when the call returns, so no dense copy outlives the product.
     fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
-        let refs = self.refs(self.blocks.len())?;
-        kernels::fused_matmul(
-            &refs,
-            self.meta.rows,
-            self.meta.cols,
-            self.inv_scale(),
-            x,
-            y,
-        )
+        thread_local! {
+            static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        let batch = kernels::batch_of(x.len(), self.meta.cols)?;
+        let need = self.scratch_len(batch);
+        if batch > kernels::FUSED_MAX_BATCH {
+            return self.forward_with_scratch(x, y, &mut vec![0.0; need]);
+        }
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut scratch) => {
+                if scratch.len() < need {
+                    scratch.resize(need, 0.0);
+                }
+                self.forward_with_scratch(x, y, &mut scratch[..need])
+            }
+            // Re-entered on this thread (a product inside a product): use a fresh buffer.
+            Err(_) => self.forward_with_scratch(x, y, &mut vec![0.0; need]),
+        })
     }
     fn weight_bytes(&self) -> u64 {
         self.held_bytes()

@@ -168,6 +168,38 @@ pub fn select_windows(
     })
 }
 
+/// Summed negative log-likelihood of one window scored the way a decoder runs it: the tokens
+/// are fed through a KV cache `chunk` at a time (1 = token-by-token decode; ≤ 16 keeps the
+/// linears on the fused small-batch kernels), and token `i + 1` is scored from the hidden
+/// state of token `i`. Equals [`Llama::sequence_nll`]'s sum up to kernel rounding; used to
+/// measure what the decode kernels change.
+pub fn cached_window_nll(
+    model: &Llama<'_>,
+    window: &[u32],
+    chunk: usize,
+) -> Result<f64, PerplexityError> {
+    if chunk == 0 || window.len() < 2 {
+        return Err(PerplexityError::InvalidParameter {
+            name: "chunk",
+            reason: format!("chunk {chunk} over a window of {} tokens", window.len()),
+        });
+    }
+    let inputs = &window[..window.len() - 1];
+    let mut cache = model.new_cache(inputs.len());
+    let mut sum = 0f64;
+    for (i, part) in inputs.chunks(chunk).enumerate() {
+        let hidden = model.forward_cached_hidden(part, &mut cache)?;
+        let start = i * chunk;
+        let targets = &window[start + 1..start + 1 + part.len()];
+        let nll = model.token_nll(&hidden, targets)?;
+        sum += nll.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    if sum.is_nan() {
+        return Err(PerplexityError::NanLikelihood { window: 0 });
+    }
+    Ok(sum)
+}
+
 /// Perplexity of `model` on `tokens` (see the module docs for the convention).
 /// `progress` is called after every forward batch.
 pub fn perplexity(

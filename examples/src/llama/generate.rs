@@ -229,12 +229,27 @@ impl Llama<'_> {
     /// Feeds `tokens` (one sequence, continuing at position `cache.len()`), appends their keys
     /// and values to `cache`, and returns the logits after the last of them (`vocab` values).
     pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let h = self.config().hidden;
+        let x = self.forward_cached_hidden(tokens, cache)?;
+        self.logits(&x[(tokens.len() - 1) * h..])
+    }
+
+    /// [`Llama::forward_cached`] returning the hidden states of every token (before the final
+    /// norm, `tokens × hidden`) instead of the last token's logits: what chunked, cached
+    /// likelihood evaluation needs ([`crate::perplexity::cached_window_nll`]).
+    pub fn forward_cached_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = self.config();
         let width = c.n_kv_heads * c.head_dim;
         if cache.width != width || cache.k.len() != c.n_layers {
             return Err(LlamaError::InvalidParameter {
                 name: "cache",
                 reason: "built for a different model shape".into(),
+            });
+        }
+        if tokens.is_empty() {
+            return Err(LlamaError::InvalidParameter {
+                name: "tokens",
+                reason: "needs at least one token".into(),
             });
         }
         let needed = cache.len + tokens.len();
@@ -251,7 +266,7 @@ impl Llama<'_> {
             self.block(layer, &mut x, &seqs, Some(kv), None)?;
         }
         cache.len = needed;
-        self.logits(&x[(tokens.len() - 1) * c.hidden..])
+        Ok(x)
     }
 
     /// Continues `prompt` (non-empty) by up to `params.max_new_tokens` tokens, calling

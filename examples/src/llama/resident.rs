@@ -22,6 +22,12 @@ const F16_CONVERT_ROWS: usize = 64;
 /// Lengths must already be checked by the caller.
 fn gemm_xwt_f16(x: &[f32], w: &[f16], rows: usize, cols: usize, y: &mut [f32]) {
     let batch = x.len() / cols;
+    if batch <= bitstack_core::kernels::dense::GEMV_F16_MAX_BATCH {
+        // Decode: read the f16 rows once and widen in registers (no f32 copy of W).
+        if bitstack_core::kernels::dense::gemv_f16(x, w, rows, cols, y).is_ok() {
+            return;
+        }
+    }
     debug_assert_eq!(w.len(), rows * cols);
     debug_assert_eq!(y.len(), batch * rows);
     let xm = MatRef::from_row_major_slice(x, batch, cols);

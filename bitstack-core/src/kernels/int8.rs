@@ -1,0 +1,201 @@
+//! The int8-table fused product (the default): T-MAC-style look-up tables quantized to int8.
+//!
+//! For batch item `β`, level `l` and rank `r`, the scaled input `t_r = b_r ⊙ (x ⊙ 1/s)` is cut
+//! into groups of four columns; group `g` gets a 16-entry table `T[g][v] = Σ_c ±t_r[4g+c]`
+//! (`+` where bit `c` of `v` is set), exactly the partial sums a row with sign nibble `v`
+//! needs. The tables of the 16 groups of one 64-column sign word share one scale
+//! (`max_g Σ_c |t_r[4g+c]| / 127`) and are rounded to int8, so one row's contribution for
+//! word `w` is an *exact* integer sum of 16 table bytes times one float. That sum is what the
+//! SIMD kernels compute 64 rows × groups at a time with byte permutes (see [`super::x86`]);
+//! the portable kernel here computes the same integers one row at a time.
+//!
+//! ## Layout (built per call, in the caller's scratch)
+//! `tables[((β·L + l)·W + w)·k + r][g][v]`: 256 bytes per (item, level, word, rank): the 16
+//! groups of word `w`, 16 entries each, group-major. `scales` has the same index without
+//! `[g][v]`. The sign words are read straight from the blocks (row-major, as stored), once
+//! per row tile and word for all `k` ranks.
+
+use crate::block::ResidualBlockRef;
+use crate::signs::words_per_row;
+use half::slice::HalfFloatSliceExt;
+
+/// Bytes of one (item, level, word, rank) table: 16 groups × 16 entries.
+pub(super) const TABLE_BYTES: usize = 256;
+
+/// Sizes of the regions [`super::fused_matmul_with`] carves out of its scratch for this path.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Int8Layout {
+    pub words: usize,
+    pub xs: usize,
+    pub t: usize,
+    pub bf: usize,
+    pub scales: usize,
+    pub table_floats: usize,
+    pub yt: usize,
+}
+
+impl Int8Layout {
+    pub(super) fn new(rows: usize, cols: usize, rank: usize, levels: usize, batch: usize) -> Self {
+        let words = words_per_row(cols);
+        let tables = batch * levels * words * rank;
+        Self {
+            words,
+            xs: batch * cols,
+            t: rank * words * 64,
+            bf: cols * rank,
+            scales: tables,
+            table_floats: (tables * TABLE_BYTES).div_ceil(4),
+            yt: rows * batch,
+        }
+    }
+    pub(super) fn total(&self) -> usize {
+        self.xs + self.t + self.bf + self.scales + self.table_floats + self.yt
+    }
+}
+
+/// `SIGN[c][v]`: the sign column `c` takes in table entry `v`.
+const SIGN: [[f32; 16]; 4] = {
+    let mut s = [[0.0f32; 16]; 4];
+    let mut c = 0;
+    while c < 4 {
+        let mut v = 0;
+        while v < 16 {
+            s[c][v] = if (v >> c) & 1 == 1 { 1.0 } else { -1.0 };
+            v += 1;
+        }
+        c += 1;
+    }
+    s
+};
+
+/// Builds the int8 tables and scales of one (item, level): `b` is the block's `cols × rank`
+/// factor, `xs` the scaled input row, `t` scratch of `rank · words · 64` floats, `bf` of
+/// `cols · rank`, `tables` `words · rank · 256` bytes and `scales` `words · rank` floats.
+pub(super) fn build_tables(
+    b: &[half::f16],
+    rank: usize,
+    xs: &[f32],
+    t: &mut [f32],
+    bf: &mut [f32],
+    tables: &mut [i8],
+    scales: &mut [f32],
+) {
+    let cols = xs.len();
+    let words = words_per_row(cols);
+    let padded = words * 64;
+    // One vectorized widening of the whole factor, then t in rank-major order
+    // (t[r·padded + j] = b[j][r]·xs[j]) so each word's 64 columns of one rank are contiguous;
+    // padding columns are zero and contribute nothing.
+    b.convert_to_f32_slice(&mut bf[..cols * rank]);
+    for (j, (bj, &xj)) in bf.chunks_exact(rank).zip(xs).enumerate() {
+        for (r, v) in bj.iter().enumerate() {
+            t[r * padded + j] = v * xj;
+        }
+    }
+    for r in 0..rank {
+        t[r * padded + cols..(r + 1) * padded].fill(0.0);
+    }
+    for w in 0..words {
+        for r in 0..rank {
+            let tw: &[f32; 64] = t[r * padded + w * 64..][..64]
+                .try_into()
+                .expect("64 columns per word");
+            let mut maxabs = 0.0f32;
+            for g in tw.chunks_exact(4) {
+                let s = g[0].abs() + g[1].abs() + g[2].abs() + g[3].abs();
+                maxabs = maxabs.max(s);
+            }
+            let idx = w * rank + r;
+            let (scale, inv) = if maxabs > 0.0 {
+                (maxabs / 127.0, 127.0 / maxabs)
+            } else {
+                (0.0, 0.0)
+            };
+            scales[idx] = scale;
+            let out = &mut tables[idx * TABLE_BYTES..(idx + 1) * TABLE_BYTES];
+            for (g, og) in tw.chunks_exact(4).zip(out.chunks_exact_mut(16)) {
+                let (t0, t1, t2, t3) = (g[0] * inv, g[1] * inv, g[2] * inv, g[3] * inv);
+                for v in 0..16 {
+                    let e = t0 * SIGN[0][v] + t1 * SIGN[1][v] + t2 * SIGN[2][v] + t3 * SIGN[3][v];
+                    og[v] = round_to_i8(e);
+                }
+            }
+        }
+    }
+}
+
+/// Rounds `e`, clamped to ±127, to the nearest integer, ties to even, as `i8`: adding
+/// 1.5·2²³ leaves the rounded integer in the low mantissa bits. Unlike `round_ties_even`
+/// (a libm call per entry) this is plain float and integer arithmetic, which vectorizes.
+#[inline(always)]
+fn round_to_i8(e: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0;
+    let e = e.clamp(-127.0, 127.0);
+    ((e + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8
+}
+
+/// Everything a row-tile kernel reads, shared by the portable and SIMD kernels.
+pub(super) struct TileInput<'a> {
+    pub blocks: &'a [ResidualBlockRef<'a>],
+    pub rows: usize,
+    pub rank: usize,
+    pub words: usize,
+    pub batch: usize,
+    pub tables: &'a [i8],
+    pub scales: &'a [f32],
+}
+
+impl TileInput<'_> {
+    /// Offset (in tables) of (item, level, word, rank 0).
+    #[inline(always)]
+    pub(super) fn table_index(&self, item: usize, level: usize, word: usize) -> usize {
+        ((item * self.blocks.len() + level) * self.words + word) * self.rank
+    }
+}
+
+/// Portable kernel: rows `row0..row0 + nrows`, accumulating into `yt` (`nrows × batch`).
+pub(super) fn tile_portable(inp: &TileInput<'_>, row0: usize, nrows: usize, yt: &mut [f32]) {
+    let rank = inp.rank;
+    let mut acc = [0.0f32; 64];
+    for di in 0..nrows {
+        let i = row0 + di;
+        for (l, blk) in inp.blocks.iter().enumerate() {
+            let words = blk.signs.row(i);
+            let mut a = [0.0f32; 64];
+            blk.a[i * rank..(i + 1) * rank].convert_to_f32_slice(&mut a[..rank]);
+            for bi in 0..inp.batch {
+                acc[..rank].fill(0.0);
+                for (w, &word) in words.iter().enumerate() {
+                    let base = inp.table_index(bi, l, w);
+                    for (r, acc_r) in acc[..rank].iter_mut().enumerate() {
+                        let tab = &inp.tables[(base + r) * TABLE_BYTES..][..TABLE_BYTES];
+                        let mut s = 0i32;
+                        for g in 0..16 {
+                            s += tab[g * 16 + ((word >> (4 * g)) & 15) as usize] as i32;
+                        }
+                        *acc_r += s as f32 * inp.scales[base + r];
+                    }
+                }
+                let dot: f32 = acc[..rank].iter().zip(&a).map(|(s, a)| s * a).sum();
+                yt[di * inp.batch + bi] += dot;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn round_to_i8_is_round_ties_even() {
+        for i in -1275..=1275 {
+            let e = i as f32 / 10.0;
+            let want = e.round_ties_even().clamp(-127.0, 127.0) as i8;
+            assert_eq!(super::round_to_i8(e), want, "{e}");
+        }
+        for e in [
+            0.5f32, 1.5, 2.5, -0.5, -1.5, 126.5, -126.5, 127.0, -127.0, 0.0, -0.0,
+        ] {
+            assert_eq!(super::round_to_i8(e), e.round_ties_even() as i8, "{e}");
+        }
+    }
+}

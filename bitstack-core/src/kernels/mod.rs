@@ -1,0 +1,691 @@
+//! CPU restoration kernels.
+//!
+//! Every fast kernel here has a plain reference next to it ([`restore_reference`],
+//! [`matmul_reference`]) and is tested against it.
+//!
+//! ## The fused product without materialising Ŵ
+//! For one level, `(S ⊙ ABᵀ) x = Σ_r a_r ⊙ (S (b_r ⊙ x))`. Evaluating `S t_r` for each of the
+//! `k` vectors `t_r = b_r ⊙ x` costs `k·m·n` additions. Instead we group the columns in fours:
+//! for group `g` and each of the 16 possible sign patterns `v` of its four columns we tabulate
+//! `L[g][v][r] = Σ_{c<4} ±t_r[4g+c]` (a look-up table of `n/4 · 16 · k` floats, built in `4·n·k`
+//! operations). Row `i` then needs one table row per group, `acc += L[g][nibble_i(g)]`, and
+//! a final `y_i = Σ_r a_ir acc_r`: `m·n/4` vector additions of `k` lanes, a quarter of the
+//! naive work, reading the packed signs exactly once. The tables of one level stay in L2.
+
+use crate::block::ResidualBlockRef;
+use crate::error::{check_len, CoreError, Result};
+use rayon::prelude::*;
+
+pub mod dense;
+mod exact;
+mod int8;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Rows handled by one parallel task.
+const ROW_CHUNK: usize = 32;
+
+/// Batches larger than this restore Ŵ once and run a dense GEMM: the table build and the
+/// per-row lookups scale with the batch, the restoration does not.
+pub const FUSED_MAX_BATCH: usize = 16;
+
+fn check_blocks(blocks: &[ResidualBlockRef<'_>], rows: usize, cols: usize) -> Result<()> {
+    for b in blocks {
+        check_len("block rows", rows, b.rows())?;
+        check_len("block cols", cols, b.cols())?;
+    }
+    Ok(())
+}
+
+fn check_inv_scale(inv_scale: Option<&[f32]>, cols: usize) -> Result<()> {
+    if let Some(s) = inv_scale {
+        check_len("inverse scale", cols, s.len())?;
+        if s.iter().any(|v| !v.is_finite()) {
+            return Err(CoreError::NonFinite("inverse scale"));
+        }
+    }
+    Ok(())
+}
+
+/// Plain reference: `out = (Σ_l S_l ⊙ A_l B_lᵀ) · diag(inv_scale)`, entry by entry in f64.
+pub fn restore_reference(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_blocks(blocks, rows, cols)?;
+    check_inv_scale(inv_scale, cols)?;
+    check_len("restore output", rows * cols, out.len())?;
+    for i in 0..rows {
+        for j in 0..cols {
+            let mut acc = 0.0f64;
+            for blk in blocks {
+                let k = blk.rank;
+                let mut d = 0.0f64;
+                for r in 0..k {
+                    d += blk.a[i * k + r].to_f64() * blk.b[j * k + r].to_f64();
+                }
+                acc += blk.signs.get(i, j) as f64 * d;
+            }
+            let s = inv_scale.map_or(1.0, |s| s[j] as f64);
+            out[i * cols + j] = (acc * s) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// Restores `Ŵ = (Σ_l S_l ⊙ A_l B_lᵀ) · diag(inv_scale)` into `out` (`rows × cols`, row-major),
+/// in parallel over rows. Allocates only `k·cols` floats per block for the transposed factor.
+pub fn restore_into(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    out: &mut [f32],
+) -> Result<()> {
+    check_blocks(blocks, rows, cols)?;
+    check_inv_scale(inv_scale, cols)?;
+    check_len("restore output", rows * cols, out.len())?;
+    // B transposed to rank-major f32 so each row's product is k axpys over contiguous memory.
+    let bts: Vec<Vec<f32>> = blocks
+        .iter()
+        .map(|blk| {
+            let k = blk.rank;
+            let mut bt = vec![0.0f32; k * cols];
+            for j in 0..cols {
+                for r in 0..k {
+                    bt[r * cols + j] = blk.b[j * k + r].to_f32();
+                }
+            }
+            bt
+        })
+        .collect();
+    out.par_chunks_mut(cols * ROW_CHUNK)
+        .enumerate()
+        .for_each(|(chunk, out_rows)| {
+            let mut c = vec![0.0f32; cols];
+            for (di, orow) in out_rows.chunks_exact_mut(cols).enumerate() {
+                let i = chunk * ROW_CHUNK + di;
+                orow.fill(0.0);
+                for (blk, bt) in blocks.iter().zip(&bts) {
+                    let k = blk.rank;
+                    c.fill(0.0);
+                    for r in 0..k {
+                        let a = blk.a[i * k + r].to_f32();
+                        for (cj, &b) in c.iter_mut().zip(&bt[r * cols..(r + 1) * cols]) {
+                            *cj += a * b;
+                        }
+                    }
+                    apply_signs_accumulate(blk.signs.row(i), &c, orow);
+                }
+                if let Some(s) = inv_scale {
+                    for (o, &s) in orow.iter_mut().zip(s) {
+                        *o *= s;
+                    }
+                }
+            }
+        });
+    Ok(())
+}
+
+/// `out[j] += sign_j · c[j]`, flipping the IEEE sign bit where the packed bit is clear.
+#[inline]
+fn apply_signs_accumulate(words: &[u64], c: &[f32], out: &mut [f32]) {
+    for (w, (cc, oo)) in words.iter().zip(c.chunks(64).zip(out.chunks_mut(64))) {
+        for (t, (cj, oj)) in cc.iter().zip(oo.iter_mut()).enumerate() {
+            let negative = (((w >> t) & 1) ^ 1) as u32;
+            *oj += f32::from_bits(cj.to_bits() ^ (negative << 31));
+        }
+    }
+}
+
+/// Plain reference for `Y = X Ŵᵀ`: restores with [`restore_reference`] then multiplies in f64.
+/// `x` is `batch × cols`, `y` is `batch × rows`, both row-major.
+pub fn matmul_reference(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let batch = batch_of(x.len(), cols)?;
+    check_len("output", batch * rows, y.len())?;
+    let mut w = vec![0.0f32; rows * cols];
+    restore_reference(blocks, rows, cols, inv_scale, &mut w)?;
+    for b in 0..batch {
+        for i in 0..rows {
+            let mut acc = 0.0f64;
+            for j in 0..cols {
+                acc += w[i * cols + j] as f64 * x[b * cols + j] as f64;
+            }
+            y[b * rows + i] = acc as f32;
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn batch_of(len: usize, cols: usize) -> Result<usize> {
+    if cols == 0 || !len.is_multiple_of(cols) {
+        return Err(CoreError::ShapeMismatch {
+            what: "input length (a multiple of in_features)",
+            expected: cols,
+            actual: len,
+        });
+    }
+    Ok(len / cols)
+}
+
+/// How the small-batch fused product tabulates its partial sums.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TablePrecision {
+    /// Tables rounded to int8 with one scale per 64 input columns and rank, summed exactly in
+    /// integers (the default: byte-permute SIMD kernels, see [`x86`]-backed dispatch).
+    #[default]
+    Int8,
+    /// Tables kept in f32 and summed in f32: the exact path, slower, kept selectable so the
+    /// quantization error of [`TablePrecision::Int8`] can be measured against it.
+    F32,
+}
+
+/// Instruction set of the int8-table kernel. [`KernelIsa::Auto`] picks the best this CPU has
+/// at run time; the others force one (for tests and benchmarks) and fall back to
+/// [`KernelIsa::Portable`] where the CPU lacks it (see [`KernelIsa::resolve`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KernelIsa {
+    /// The fastest available kernel.
+    #[default]
+    Auto,
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 AVX-512 F + BW + VBMI + VNNI (byte permutes and int8 dot-product adds).
+    Avx512Vbmi,
+}
+
+impl KernelIsa {
+    /// Whether this CPU can run the kernel (`Auto` and `Portable` always can).
+    pub fn is_available(self) -> bool {
+        match self {
+            KernelIsa::Auto | KernelIsa::Portable => true,
+            KernelIsa::Avx512Vbmi => avx512_available(),
+        }
+    }
+    /// The kernel that will actually run for this request.
+    pub fn resolve(self) -> KernelIsa {
+        match self {
+            KernelIsa::Auto if avx512_available() => KernelIsa::Avx512Vbmi,
+            KernelIsa::Auto => KernelIsa::Portable,
+            isa if isa.is_available() => isa,
+            _ => KernelIsa::Portable,
+        }
+    }
+    /// Short lower-case name, e.g. for benchmark tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelIsa::Auto => "auto",
+            KernelIsa::Portable => "portable",
+            KernelIsa::Avx512Vbmi => "avx512-vbmi",
+        }
+    }
+}
+
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::avx512_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Parameters of the fused product.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FusedParams {
+    /// Table precision (int8 by default).
+    pub tables: TablePrecision,
+    /// Kernel instruction set for the int8 tables.
+    pub isa: KernelIsa,
+}
+
+impl FusedParams {
+    /// The exact f32-table path.
+    pub fn exact() -> Self {
+        Self {
+            tables: TablePrecision::F32,
+            isa: KernelIsa::Auto,
+        }
+    }
+    /// Whether the int8 kernel serves this rank (it keeps `k ≤ 64` accumulators in registers
+    /// and on the stack); larger ranks use the f32 tables.
+    fn int8_for(&self, rank: usize) -> bool {
+        self.tables == TablePrecision::Int8 && rank <= 64
+    }
+}
+
+/// Scratch floats [`fused_matmul_with`] needs for `levels` blocks of this shape and batch
+/// with the default parameters.
+pub fn fused_scratch_len(
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    levels: usize,
+    batch: usize,
+) -> usize {
+    fused_scratch_len_with(rows, cols, rank, levels, batch, FusedParams::default())
+}
+
+/// Scratch floats [`fused_matmul_with`] needs for these parameters.
+pub fn fused_scratch_len_with(
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    levels: usize,
+    batch: usize,
+    params: FusedParams,
+) -> usize {
+    if batch > FUSED_MAX_BATCH {
+        rows * cols
+    } else if params.int8_for(rank) {
+        int8::Int8Layout::new(rows, cols, rank, levels.max(1), batch).total()
+    } else {
+        exact::scratch_len(rows, cols, rank, batch)
+    }
+}
+
+/// `Y = X Ŵᵀ` with `Ŵ = (Σ_l S_l ⊙ A_l B_lᵀ)·diag(inv_scale)` and default parameters,
+/// allocating its scratch.
+pub fn fused_matmul(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+) -> Result<()> {
+    let batch = batch_of(x.len(), cols)?;
+    let rank = blocks.first().map_or(1, |b| b.rank);
+    let mut scratch = vec![0.0f32; fused_scratch_len(rows, cols, rank, blocks.len(), batch)];
+    fused_matmul_with(
+        blocks,
+        rows,
+        cols,
+        inv_scale,
+        x,
+        y,
+        FusedParams::default(),
+        &mut scratch,
+    )
+}
+
+/// [`fused_matmul_with`] with default parameters.
+pub fn fused_matmul_with_scratch(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+    scratch: &mut [f32],
+) -> Result<()> {
+    fused_matmul_with(
+        blocks,
+        rows,
+        cols,
+        inv_scale,
+        x,
+        y,
+        FusedParams::default(),
+        scratch,
+    )
+}
+
+/// `Y = X Ŵᵀ` into caller-provided scratch (length from [`fused_scratch_len_with`]); never
+/// allocates on the small-batch path, so decode loops can reuse one buffer.
+///
+/// Small batches (≤ [`FUSED_MAX_BATCH`]) use the look-up-table kernels described in the
+/// module docs and never materialise Ŵ; larger batches restore Ŵ into the scratch and run a
+/// GEMM.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_matmul_with(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+    params: FusedParams,
+    scratch: &mut [f32],
+) -> Result<()> {
+    check_blocks(blocks, rows, cols)?;
+    check_inv_scale(inv_scale, cols)?;
+    let batch = batch_of(x.len(), cols)?;
+    check_len("output", batch * rows, y.len())?;
+    let rank = blocks.first().map_or(1, |b| b.rank);
+    if blocks.iter().any(|b| b.rank != rank) {
+        return Err(CoreError::InvalidParameter {
+            name: "rank",
+            reason: "all blocks of one weight must share k".into(),
+        });
+    }
+    let need = fused_scratch_len_with(rows, cols, rank, blocks.len(), batch, params);
+    if scratch.len() < need {
+        return Err(CoreError::ShapeMismatch {
+            what: "scratch (see fused_scratch_len_with)",
+            expected: need,
+            actual: scratch.len(),
+        });
+    }
+    if blocks.is_empty() {
+        y.fill(0.0);
+        return Ok(());
+    }
+    if batch > FUSED_MAX_BATCH {
+        let w = &mut scratch[..rows * cols];
+        restore_into(blocks, rows, cols, inv_scale, w)?;
+        crate::linear::gemm_xwt(x, w, rows, cols, y);
+    } else if params.int8_for(rank) {
+        fused_int8(
+            blocks, rows, cols, rank, batch, inv_scale, x, y, params.isa, scratch,
+        );
+    } else {
+        exact::fused_f32(blocks, rows, cols, rank, batch, inv_scale, x, y, scratch);
+    }
+    Ok(())
+}
+
+/// Row tiles per parallel task of the int8 kernel: 32 rows keeps ≥ 6 tasks on a 192-row
+/// weight (load balance on few cores) while a task's sign rows stay in L1.
+const INT8_TASK_ROWS: usize = 32;
+
+/// Below this many table entries the tables are built on the calling thread: a parallel
+/// dispatch costs more than the work.
+const PARALLEL_BUILD_MIN: usize = 1 << 16;
+
+#[allow(clippy::too_many_arguments)]
+fn fused_int8(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    batch: usize,
+    inv_scale: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+    isa: KernelIsa,
+    scratch: &mut [f32],
+) {
+    let levels = blocks.len();
+    let lay = int8::Int8Layout::new(rows, cols, rank, levels, batch);
+    let (xs, rest) = scratch.split_at_mut(lay.xs);
+    let (t, rest) = rest.split_at_mut(lay.t);
+    let (bf, rest) = rest.split_at_mut(lay.bf);
+    let (scales, rest) = rest.split_at_mut(lay.scales);
+    let (tables, rest) = rest.split_at_mut(lay.table_floats);
+    let yt = &mut rest[..lay.yt];
+    // Fold the activation scale into the input once: Ŵx = Ŵ_scaled (x ⊙ inv_scale).
+    xs.copy_from_slice(x);
+    if let Some(s) = inv_scale {
+        for xrow in xs.chunks_exact_mut(cols) {
+            for (v, &s) in xrow.iter_mut().zip(s) {
+                *v *= s;
+            }
+        }
+    }
+    let tables: &mut [i8] = bytemuck::cast_slice_mut(tables);
+    let per = lay.words * rank;
+    let tables = &mut tables[..batch * levels * per * int8::TABLE_BYTES];
+    let entries = batch * levels * per * int8::TABLE_BYTES;
+    if entries >= PARALLEL_BUILD_MIN {
+        tables
+            .par_chunks_mut(per * int8::TABLE_BYTES)
+            .zip(scales.par_chunks_mut(per))
+            .enumerate()
+            .for_each_init(
+                || (vec![0.0f32; lay.t], vec![0.0f32; lay.bf]),
+                |(t, bf), (i, (tab, sc))| {
+                    let (bi, l) = (i / levels, i % levels);
+                    let xr = &xs[bi * cols..(bi + 1) * cols];
+                    int8::build_tables(blocks[l].b, rank, xr, t, bf, tab, sc);
+                },
+            );
+    } else {
+        for (i, (tab, sc)) in tables
+            .chunks_mut(per * int8::TABLE_BYTES)
+            .zip(scales.chunks_mut(per))
+            .enumerate()
+        {
+            let (bi, l) = (i / levels, i % levels);
+            let xr = &xs[bi * cols..(bi + 1) * cols];
+            int8::build_tables(blocks[l].b, rank, xr, t, bf, tab, sc);
+        }
+    }
+    let inp = int8::TileInput {
+        blocks,
+        rows,
+        rank,
+        words: lay.words,
+        batch,
+        tables,
+        scales,
+    };
+    let isa = isa.resolve();
+    let run = |chunk: usize, ytc: &mut [f32]| {
+        let row0 = chunk * INT8_TASK_ROWS;
+        let nrows = ytc.len() / batch;
+        ytc.fill(0.0);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            KernelIsa::Avx512Vbmi => {
+                // SAFETY: `resolve` returns this ISA only when the CPU supports it; `inp`'s
+                // buffers were sized by `Int8Layout` and the blocks checked by the caller.
+                unsafe { x86::tile_avx512(&inp, row0, nrows, ytc) }
+            }
+            _ => int8::tile_portable(&inp, row0, nrows, ytc),
+        }
+    };
+    if rows <= INT8_TASK_ROWS {
+        run(0, yt);
+    } else {
+        yt.par_chunks_mut(INT8_TASK_ROWS * batch)
+            .enumerate()
+            .for_each(|(chunk, ytc)| run(chunk, ytc));
+    }
+    for bi in 0..batch {
+        for i in 0..rows {
+            y[bi * rows + i] = yt[i * batch + bi];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::random_block;
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    #[test]
+    fn restore_matches_reference() {
+        for &(m, n, k, levels) in &[
+            (7, 13, 3, 2),
+            (64, 64, 16, 3),
+            (33, 130, 5, 4),
+            (96, 70, 16, 1),
+        ] {
+            let blocks: Vec<_> = (0..levels)
+                .map(|l| random_block(m, n, k, l as u64 + 7))
+                .collect();
+            let refs: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+            let s: Vec<f32> = (0..n).map(|j| 0.5 + (j % 5) as f32 * 0.3).collect();
+            let mut want = vec![0.0; m * n];
+            let mut got = vec![0.0; m * n];
+            restore_reference(&refs, m, n, Some(&s), &mut want).unwrap();
+            restore_into(&refs, m, n, Some(&s), &mut got).unwrap();
+            assert!(rel_err(&got, &want) < 1e-5, "{m}x{n}");
+        }
+    }
+
+    pub(super) fn all_params() -> Vec<FusedParams> {
+        let mut v = vec![
+            FusedParams::exact(),
+            FusedParams {
+                tables: TablePrecision::Int8,
+                isa: KernelIsa::Portable,
+            },
+        ];
+        if KernelIsa::Avx512Vbmi.is_available() {
+            v.push(FusedParams {
+                tables: TablePrecision::Int8,
+                isa: KernelIsa::Avx512Vbmi,
+            });
+        } else {
+            println!("AVX-512 VBMI not on this CPU: its kernel is not tested here");
+        }
+        v
+    }
+
+    /// Frobenius-relative tolerance of each path against the f64 reference: f32 rounding for
+    /// the exact tables, int8 table rounding (≈ 0.4 % per entry, averaging down) otherwise.
+    pub(super) fn tolerance(p: FusedParams) -> f64 {
+        match p.tables {
+            TablePrecision::F32 => 1e-4,
+            TablePrecision::Int8 => 1.5e-2,
+        }
+    }
+
+    pub(super) fn run_with(
+        refs: &[ResidualBlockRef<'_>],
+        m: usize,
+        n: usize,
+        s: Option<&[f32]>,
+        x: &[f32],
+        p: FusedParams,
+    ) -> Vec<f32> {
+        let batch = x.len() / n;
+        let rank = refs[0].rank;
+        let mut y = vec![f32::NAN; batch * m];
+        let mut scratch = vec![f32::NAN; fused_scratch_len_with(m, n, rank, refs.len(), batch, p)];
+        fused_matmul_with(refs, m, n, s, x, &mut y, p, &mut scratch).unwrap();
+        y
+    }
+
+    #[test]
+    fn fused_matches_reference_all_paths() {
+        for &(m, n, k) in &[
+            (40, 64, 16),
+            (17, 29, 16),
+            (50, 70, 3),
+            (8, 12, 80),
+            (9, 200, 64),
+        ] {
+            let blocks: Vec<_> = (0..3).map(|l| random_block(m, n, k, l + 11)).collect();
+            let refs: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+            let s: Vec<f32> = (0..n).map(|j| 1.0 / (1.0 + j as f32 * 0.01)).collect();
+            for batch in [1, 3, FUSED_MAX_BATCH, FUSED_MAX_BATCH + 3] {
+                let x: Vec<f32> = (0..batch * n)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                    .collect();
+                let mut want = vec![0.0; batch * m];
+                matmul_reference(&refs, m, n, Some(&s), &x, &mut want).unwrap();
+                for p in all_params() {
+                    let got = run_with(&refs, m, n, Some(&s), &x, p);
+                    let tol = if batch > FUSED_MAX_BATCH {
+                        1e-4
+                    } else {
+                        tolerance(p)
+                    };
+                    let e = rel_err(&got, &want);
+                    assert!(e < tol, "{m}x{n} k{k} batch {batch} {p:?}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The SIMD kernels compute the same integer table sums as the portable one: they may
+    /// differ only by f32 summation order.
+    #[test]
+    fn simd_int8_equals_portable_int8() {
+        if !KernelIsa::Avx512Vbmi.is_available() {
+            println!("skipped: AVX-512 VBMI not on this CPU");
+            return;
+        }
+        for &(m, n, k, batch) in &[
+            (1, 1, 1, 1),
+            (13, 65, 7, 2),
+            (100, 576, 9, 1),
+            (64, 130, 64, 5),
+        ] {
+            let blocks: Vec<_> = (0..2).map(|l| random_block(m, n, k, l + 5)).collect();
+            let refs: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+            let x: Vec<f32> = (0..batch * n)
+                .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
+                .collect();
+            let port = FusedParams {
+                tables: TablePrecision::Int8,
+                isa: KernelIsa::Portable,
+            };
+            let simd = FusedParams {
+                tables: TablePrecision::Int8,
+                isa: KernelIsa::Avx512Vbmi,
+            };
+            let a = run_with(&refs, m, n, None, &x, port);
+            let b = run_with(&refs, m, n, None, &x, simd);
+            assert!(rel_err(&b, &a) < 1e-5, "{m}x{n} k{k}: {}", rel_err(&b, &a));
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let b = random_block(8, 8, 2, 1);
+        let refs = [b.view()];
+        let mut y = vec![0.0; 8];
+        assert!(fused_matmul(&refs, 8, 8, None, &[0.0; 7], &mut y).is_err());
+        assert!(fused_matmul(&refs, 8, 9, None, &[0.0; 9], &mut y).is_err());
+        assert!(fused_matmul(&refs, 8, 8, Some(&[1.0; 3]), &[0.0; 8], &mut y).is_err());
+        assert!(fused_matmul(&refs, 8, 8, Some(&[f32::NAN; 8]), &[0.0; 8], &mut y).is_err());
+        let mut small = vec![0.0; 1];
+        assert!(
+            fused_matmul_with_scratch(&refs, 8, 8, None, &[0.0; 8], &mut y, &mut small).is_err()
+        );
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::tests::{all_params, run_with, tolerance};
+    use super::*;
+    use crate::testutil::random_block;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(40))]
+        /// Every path equals the dense reference for any shape, rank 1..=64, level count and
+        /// batch 1..=17 (17 takes the restore + GEMM path): the exact tables to f32 rounding,
+        /// the int8 tables to their quantization error.
+        #[test]
+        fn fused_equals_reference(m in 1usize..40, n in 1usize..150, k in 1usize..=64,
+                                  levels in 1usize..4, batch in 1usize..=17, seed in any::<u64>()) {
+            let blocks: Vec<_> = (0..levels).map(|l| random_block(m, n, k, seed ^ l as u64)).collect();
+            let refs: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+            let x: Vec<f32> = (0..batch * n).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0).collect();
+            let mut want = vec![0.0; batch * m];
+            matmul_reference(&refs, m, n, None, &x, &mut want).unwrap();
+            let scale = want.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+            for p in all_params() {
+                let got = run_with(&refs, m, n, None, &x, p);
+                let tol = if batch > FUSED_MAX_BATCH { 1e-4 } else { tolerance(p) } as f32;
+                for (g, w) in got.iter().zip(&want) {
+                    prop_assert!((g - w).abs() <= tol * scale * (n as f32).sqrt(), "{:?}: {} vs {}", p, g, w);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! What the int8-table decode kernels change, measured on a real stack file:
+//!
+//! 1. the relative error of `Ŵ X` against the f64 reference, for every weight at each budget,
+//!    with `X` the real inputs of that linear (captured on a few tokens of `--text`), for the
+//!    int8 tables and for the exact f32 tables;
+//! 2. the perplexity of the same windows scored the way a decoder runs them (KV cache, `--chunk`
+//!    tokens per step, so every linear runs on the small-batch fused kernels), with the int8
+//!    tables and with the exact f32 tables.
+//!
+//! ```text
+//! cargo run --release -p examples --bin kernel_check -- FILE.bitstack \
+//!     --text ../shared/data/wikitext2-test.raw --budgets 90MB,105.5MB,145MB,200MB
+//! ```
+use bitstack_core::kernels::{fused_matmul_with, fused_scratch_len_with, matmul_reference};
+use bitstack_core::kernels::{FusedParams, KernelIsa};
+use bitstack_core::{MemoryBudget, ResidualBlockRef};
+use bitstack_examples::llama::{ActivationObserver, LinearKind, Llama};
+use bitstack_examples::perplexity::cached_window_nll;
+use bitstack_examples::stackmodel::{weight_index, LoadedStack};
+use clap::Parser;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Measures the int8-table kernels against the exact path on a stack file.
+#[derive(Parser, Debug)]
+struct Args {
+    /// The stack file.
+    file: PathBuf,
+    /// Text to score and to take activations from (e.g. ../shared/data/wikitext2-test.raw).
+    #[arg(long)]
+    text: PathBuf,
+    /// Budgets, comma-separated (e.g. 90MB,145MB).
+    #[arg(long, value_delimiter = ',', required = true)]
+    budgets: Vec<MemoryBudget>,
+    /// Windows to score (the first ones of the text).
+    #[arg(long, default_value_t = 2)]
+    windows: usize,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Tokens per cached forward step (1..=16 stays on the fused kernels).
+    #[arg(long, default_value_t = 16)]
+    chunk: usize,
+    /// Tokens whose linear inputs are captured for the error measurement.
+    #[arg(long, default_value_t = 8)]
+    activation_tokens: usize,
+    /// Skip the (slow) f64 reference error measurement.
+    #[arg(long)]
+    no_error: bool,
+}
+
+/// Captures the input of every linear on one forward pass.
+#[derive(Default)]
+struct Capture(Mutex<HashMap<(usize, LinearKind), Vec<f32>>>);
+
+impl ActivationObserver for Capture {
+    fn observe(&self, layer: usize, kind: LinearKind, x: &[f32]) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert((layer, kind), x.to_vec());
+        }
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn main() -> ExitCode {
+    match run(&Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    if args.chunk == 0 || args.chunk > 16 || args.seq_len < 2 || args.windows == 0 {
+        return Err("--chunk must be 1..=16, --seq-len ≥ 2, --windows ≥ 1".into());
+    }
+    let loaded = LoadedStack::open(&args.file, None)?;
+    let text =
+        std::fs::read_to_string(&args.text).map_err(|e| format!("{}: {e}", args.text.display()))?;
+    let tokens = loaded.tokenizer.encode(&text, false)?;
+    let need = args.windows * args.seq_len;
+    if tokens.len() < need.max(args.activation_tokens) {
+        return Err(format!(
+            "{}: {} tokens, need {need}",
+            args.text.display(),
+            tokens.len()
+        )
+        .into());
+    }
+    let int8 = FusedParams::default();
+    let exact = FusedParams::exact();
+    println!(
+        "file: {}  int8 kernel: {}  windows: first {} × {} tokens, chunk {}",
+        args.file.display(),
+        KernelIsa::Auto.resolve().name(),
+        args.windows,
+        args.seq_len,
+        args.chunk
+    );
+    let mut ppl_rows = Vec::new();
+    for &budget in &args.budgets {
+        loaded.elastic.set_fused_params(int8);
+        loaded.elastic.resize(budget)?;
+        let held = loaded.elastic.snapshot().held_bytes();
+        if !args.no_error {
+            error_table(&loaded, &tokens[..args.activation_tokens], held)?;
+        }
+        let mut ppl = [0f64; 2];
+        let mut secs = [0f64; 2];
+        for (slot, params) in [int8, exact].into_iter().enumerate() {
+            loaded.elastic.set_fused_params(params);
+            let linears = loaded.linears();
+            let model = Llama::new(&loaded.resident, &linears)?;
+            let t = Instant::now();
+            let mut sum = 0f64;
+            for w in 0..args.windows {
+                let win = &tokens[w * args.seq_len..(w + 1) * args.seq_len];
+                sum += cached_window_nll(&model, win, args.chunk)?;
+            }
+            secs[slot] = t.elapsed().as_secs_f64();
+            ppl[slot] = (sum / (args.windows * (args.seq_len - 1)) as f64).exp();
+        }
+        println!(
+            "budget {:.1} MB: ppl int8 {:.4} ({:.0} s), exact {:.4} ({:.0} s)",
+            held as f64 / 1e6,
+            ppl[0],
+            secs[0],
+            ppl[1],
+            secs[1]
+        );
+        ppl_rows.push((held, ppl));
+    }
+    println!("\n| held MB (10^6 B) | ppl, int8 tables | ppl, exact f32 tables | change |");
+    println!("| --- | --- | --- | --- |");
+    for (held, p) in ppl_rows {
+        println!(
+            "| {:.1} | {:.4} | {:.4} | {:+.3} % |",
+            held as f64 / 1e6,
+            p[0],
+            p[1],
+            100.0 * (p[0] / p[1] - 1.0)
+        );
+    }
+    Ok(())
+}
+
+/// Per linear kind: median and max relative error of `Ŵ X` against the f64 reference.
+fn error_table(
+    loaded: &LoadedStack,
+    tokens: &[u32],
+    held: u64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let snap = loaded.elastic.snapshot();
+    let linears = loaded.linears();
+    let model = Llama::new(&loaded.resident, &linears)?;
+    let capture = Capture::default();
+    let seqs = model.seq_batch(1, tokens.len())?;
+    model.forward_hidden(tokens, &seqs, Some(&capture))?;
+    let inputs = capture
+        .0
+        .into_inner()
+        .map_err(|_| "capture lock poisoned")?;
+    let t = Instant::now();
+    let mut per_kind: Vec<(LinearKind, Vec<f64>, Vec<f64>)> = Vec::new();
+    let n_layers = loaded.resident.config().n_layers;
+    for kind in LinearKind::ALL {
+        let (mut e8, mut ef) = (Vec::new(), Vec::new());
+        for layer in 0..n_layers {
+            let ws = &snap.weights()[weight_index(layer, kind)];
+            let x = inputs.get(&(layer, kind)).ok_or("missing activation")?;
+            let m = &ws.meta();
+            let refs: Vec<ResidualBlockRef<'_>> = ws.blocks().iter().map(|b| b.view()).collect();
+            let batch = x.len() / m.cols;
+            let mut want = vec![0f32; batch * m.rows];
+            matmul_reference(&refs, m.rows, m.cols, ws.inv_scale(), x, &mut want)?;
+            for (params, out) in [
+                (FusedParams::default(), &mut e8),
+                (FusedParams::exact(), &mut ef),
+            ] {
+                let mut y = vec![0f32; batch * m.rows];
+                let mut scratch =
+                    vec![
+                        0f32;
+                        fused_scratch_len_with(m.rows, m.cols, m.rank, refs.len(), batch, params)
+                    ];
+                fused_matmul_with(
+                    &refs,
+                    m.rows,
+                    m.cols,
+                    ws.inv_scale(),
+                    x,
+                    &mut y,
+                    params,
+                    &mut scratch,
+                )?;
+                out.push(rel_err(&y, &want));
+            }
+        }
+        per_kind.push((kind, e8, ef));
+    }
+    println!(
+        "\nrelative error of Ŵ X vs the f64 reference at {:.1} MB ({} tokens of real inputs per linear, {:.0} s):",
+        held as f64 / 1e6,
+        tokens.len(),
+        t.elapsed().as_secs_f64()
+    );
+    println!("| linear | int8 median | int8 max | exact f32 median | exact f32 max |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (kind, mut e8, mut ef) in per_kind {
+        e8.sort_by(f64::total_cmp);
+        ef.sort_by(f64::total_cmp);
+        println!(
+            "| {kind:?} | {:.2e} | {:.2e} | {:.2e} | {:.2e} |",
+            e8[e8.len() / 2],
+            e8[e8.len() - 1],
+            ef[ef.len() / 2],
+            ef[ef.len() - 1]
+        );
+    }
+    Ok(())
+}
