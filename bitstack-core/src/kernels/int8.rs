@@ -3,21 +3,27 @@
 //! For batch item `β`, level `l` and rank `r`, the scaled input `t_r = b_r ⊙ (x ⊙ 1/s)` is cut
 //! into groups of four columns; group `g` gets a 16-entry table `T[g][v] = Σ_c ±t_r[4g+c]`
 //! (`+` where bit `c` of `v` is set), exactly the partial sums a row with sign nibble `v`
-//! needs. The tables of the 16 groups of one 64-column sign word share one scale
+//! needs. The tables of the groups of [`SCALE_WORDS`] 64-column sign words share one scale
 //! (`max_g Σ_c |t_r[4g+c]| / 127`) and are rounded to int8, so one row's contribution for
-//! word `w` is an *exact* integer sum of 16 table bytes times one float. That sum is what the
+//! such a block of words is an *exact* integer sum of table bytes times one float. That sum is what the
 //! SIMD kernels compute 64 rows × groups at a time with byte permutes (see [`super::x86`]);
 //! the portable kernel here computes the same integers one row at a time.
 //!
 //! ## Layout (built per call, in the caller's scratch)
-//! `tables[((β·L + l)·W + w)·k + r][g][v]`: 256 bytes per (item, level, word, rank): the 16
-//! groups of word `w`, 16 entries each, group-major. `scales` has the same index without
-//! `[g][v]`. The sign words are read straight from the blocks (row-major, as stored), once
+//! `tables[(β·L + l)·W·k + slot(w, r)][g][v]`: 256 bytes per (item, level, word, rank):
+//! the 16 groups of word `w`, 16 entries each, group-major; [`slot`] orders (word, rank)
+//! so one rank's tables for a block of words are contiguous. `scales` has the same index
+//! without `[g][v]`. The sign words are read straight from the blocks (row-major, as stored), once
 //! per row tile and word for all `k` ranks.
 
 use crate::block::ResidualBlockRef;
 use crate::signs::words_per_row;
 use half::slice::HalfFloatSliceExt;
+
+/// Sign words (of 64 columns) whose tables share one scale per rank. Larger blocks let the
+/// SIMD kernel sum more words in int32 before one convert-and-scale, at the cost of a scale
+/// set by the largest group over more columns (measured in the README's kernel section).
+pub(super) const SCALE_WORDS: usize = 4;
 
 /// Bytes of one (item, level, word, rank) table: 16 groups × 16 entries.
 pub(super) const TABLE_BYTES: usize = 256;
@@ -35,14 +41,17 @@ pub(super) struct Int8Layout {
 }
 
 impl Int8Layout {
+    /// `t` and `bf` are per pool slot (see [`super::pool::slots`]): one table build runs on
+    /// each slot at a time.
     pub(super) fn new(rows: usize, cols: usize, rank: usize, levels: usize, batch: usize) -> Self {
         let words = words_per_row(cols);
         let tables = batch * levels * words * rank;
+        let slots = super::pool::slots();
         Self {
             words,
             xs: batch * cols,
-            t: rank * words * 64,
-            bf: cols * rank,
+            t: slots * rank * words * 64,
+            bf: slots * cols * rank,
             scales: tables,
             table_floats: (tables * TABLE_BYTES).div_ceil(4),
             yt: rows * batch,
@@ -80,6 +89,27 @@ pub(super) fn build_tables(
     tables: &mut [i8],
     scales: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::avx512_available() {
+        // SAFETY: the CPU supports the features `build_tables_avx512` is compiled for.
+        unsafe { super::x86::build_tables_avx512(b, rank, xs, t, bf, tables, scales) };
+        return;
+    }
+    build_tables_generic(b, rank, xs, t, bf, tables, scales)
+}
+
+/// [`build_tables`] in plain Rust; x86 compiles the same body for AVX-512 so the
+/// compiler vectorizes the table arithmetic 16 lanes wide.
+#[inline(always)]
+pub(super) fn build_tables_generic(
+    b: &[half::f16],
+    rank: usize,
+    xs: &[f32],
+    t: &mut [f32],
+    bf: &mut [f32],
+    tables: &mut [i8],
+    scales: &mut [f32],
+) {
     let cols = xs.len();
     let words = words_per_row(cols);
     let padded = words * 64;
@@ -95,33 +125,46 @@ pub(super) fn build_tables(
     for r in 0..rank {
         t[r * padded + cols..(r + 1) * padded].fill(0.0);
     }
-    for w in 0..words {
+    for w0 in (0..words).step_by(SCALE_WORDS) {
+        let w1 = (w0 + SCALE_WORDS).min(words);
         for r in 0..rank {
-            let tw: &[f32; 64] = t[r * padded + w * 64..][..64]
-                .try_into()
-                .expect("64 columns per word");
+            let block = &t[r * padded + w0 * 64..r * padded + w1 * 64];
+            // Finite inputs (checked upstream) make a plain comparison a correct max.
             let mut maxabs = 0.0f32;
-            for g in tw.chunks_exact(4) {
+            for g in block.chunks_exact(4) {
                 let s = g[0].abs() + g[1].abs() + g[2].abs() + g[3].abs();
-                maxabs = maxabs.max(s);
+                maxabs = if s > maxabs { s } else { maxabs };
             }
-            let idx = w * rank + r;
             let (scale, inv) = if maxabs > 0.0 {
                 (maxabs / 127.0, 127.0 / maxabs)
             } else {
                 (0.0, 0.0)
             };
-            scales[idx] = scale;
-            let out = &mut tables[idx * TABLE_BYTES..(idx + 1) * TABLE_BYTES];
-            for (g, og) in tw.chunks_exact(4).zip(out.chunks_exact_mut(16)) {
-                let (t0, t1, t2, t3) = (g[0] * inv, g[1] * inv, g[2] * inv, g[3] * inv);
-                for v in 0..16 {
-                    let e = t0 * SIGN[0][v] + t1 * SIGN[1][v] + t2 * SIGN[2][v] + t3 * SIGN[3][v];
-                    og[v] = round_to_i8(e);
+            for (w, tw) in (w0..w1).zip(block.chunks_exact(64)) {
+                let idx = slot(w, r, rank, words);
+                scales[idx] = scale;
+                let out = &mut tables[idx * TABLE_BYTES..(idx + 1) * TABLE_BYTES];
+                for (g, og) in tw.chunks_exact(4).zip(out.chunks_exact_mut(16)) {
+                    let (t0, t1, t2, t3) = (g[0] * inv, g[1] * inv, g[2] * inv, g[3] * inv);
+                    for v in 0..16 {
+                        let e =
+                            t0 * SIGN[0][v] + t1 * SIGN[1][v] + t2 * SIGN[2][v] + t3 * SIGN[3][v];
+                        og[v] = round_to_i8(e);
+                    }
                 }
             }
         }
     }
+}
+
+/// Position of (word, rank) among one (item, level)'s `words · rank` tables: blocks of
+/// [`SCALE_WORDS`] words in order, rank-major inside a block, so the tables one rank needs
+/// for a block are contiguous (the SIMD kernel walks them in that order).
+#[inline(always)]
+pub(super) fn slot(word: usize, r: usize, rank: usize, words: usize) -> usize {
+    let w0 = word - word % SCALE_WORDS;
+    let nw = (words - w0).min(SCALE_WORDS);
+    w0 * rank + r * nw + (word - w0)
 }
 
 /// Rounds `e`, clamped to ±127, to the nearest integer, ties to even, as `i8`: adding
@@ -130,7 +173,7 @@ pub(super) fn build_tables(
 #[inline(always)]
 fn round_to_i8(e: f32) -> i8 {
     const MAGIC: f32 = 12_582_912.0;
-    let e = e.clamp(-127.0, 127.0);
+    let e = e.max(-127.0).min(127.0);
     ((e + MAGIC).to_bits() as i32 - MAGIC.to_bits() as i32) as i8
 }
 
@@ -146,10 +189,11 @@ pub(super) struct TileInput<'a> {
 }
 
 impl TileInput<'_> {
-    /// Offset (in tables) of (item, level, word, rank 0).
+    /// Index (in tables, and in scales) of (item, level, word, rank).
     #[inline(always)]
-    pub(super) fn table_index(&self, item: usize, level: usize, word: usize) -> usize {
-        ((item * self.blocks.len() + level) * self.words + word) * self.rank
+    pub(super) fn table_index(&self, item: usize, level: usize, word: usize, r: usize) -> usize {
+        (item * self.blocks.len() + level) * self.words * self.rank
+            + slot(word, r, self.rank, self.words)
     }
 }
 
@@ -166,14 +210,14 @@ pub(super) fn tile_portable(inp: &TileInput<'_>, row0: usize, nrows: usize, yt: 
             for bi in 0..inp.batch {
                 acc[..rank].fill(0.0);
                 for (w, &word) in words.iter().enumerate() {
-                    let base = inp.table_index(bi, l, w);
                     for (r, acc_r) in acc[..rank].iter_mut().enumerate() {
-                        let tab = &inp.tables[(base + r) * TABLE_BYTES..][..TABLE_BYTES];
+                        let at = inp.table_index(bi, l, w, r);
+                        let tab = &inp.tables[at * TABLE_BYTES..][..TABLE_BYTES];
                         let mut s = 0i32;
                         for g in 0..16 {
                             s += tab[g * 16 + ((word >> (4 * g)) & 15) as usize] as i32;
                         }
-                        *acc_r += s as f32 * inp.scales[base + r];
+                        *acc_r += s as f32 * inp.scales[at];
                     }
                 }
                 let dot: f32 = acc[..rank].iter().zip(&a).map(|(s, a)| s * a).sum();

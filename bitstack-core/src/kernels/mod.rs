@@ -19,6 +19,7 @@ use rayon::prelude::*;
 pub mod dense;
 mod exact;
 mod int8;
+mod pool;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -397,13 +398,27 @@ pub fn fused_matmul_with(
     Ok(())
 }
 
-/// Row tiles per parallel task of the int8 kernel: 32 rows keeps ≥ 6 tasks on a 192-row
-/// weight (load balance on few cores) while a task's sign rows stay in L1.
+/// Rows per parallel task of the int8 kernel for weights of fewer than
+/// [`INT8_WIDE_MIN_ROWS`] rows: 32 keeps ≥ 6 tasks on a 192-row weight (load balance on few
+/// cores).
 const INT8_TASK_ROWS: usize = 32;
+/// From this many rows tasks (and SIMD tiles) are 64 rows: each table load then serves 64
+/// rows instead of 32.
+const INT8_WIDE_MIN_ROWS: usize = 512;
 
-/// Below this many table entries the tables are built on the calling thread: a parallel
-/// dispatch costs more than the work.
-const PARALLEL_BUILD_MIN: usize = 1 << 16;
+/// A raw pointer shared by the tasks of one pool job, each of which touches a disjoint
+/// region of the buffer behind it.
+#[derive(Clone, Copy)]
+struct SyncPtr<T>(*mut T);
+// SAFETY: only used to hand disjoint regions of one buffer to concurrent tasks (see uses).
+unsafe impl<T> Sync for SyncPtr<T> {}
+unsafe impl<T> Send for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    /// A method (not field access) so closures capture the whole `Sync` wrapper.
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn fused_int8(
@@ -438,30 +453,33 @@ fn fused_int8(
     let tables: &mut [i8] = bytemuck::cast_slice_mut(tables);
     let per = lay.words * rank;
     let tables = &mut tables[..batch * levels * per * int8::TABLE_BYTES];
-    let entries = batch * levels * per * int8::TABLE_BYTES;
-    if entries >= PARALLEL_BUILD_MIN {
-        tables
-            .par_chunks_mut(per * int8::TABLE_BYTES)
-            .zip(scales.par_chunks_mut(per))
-            .enumerate()
-            .for_each_init(
-                || (vec![0.0f32; lay.t], vec![0.0f32; lay.bf]),
-                |(t, bf), (i, (tab, sc))| {
-                    let (bi, l) = (i / levels, i % levels);
-                    let xr = &xs[bi * cols..(bi + 1) * cols];
-                    int8::build_tables(blocks[l].b, rank, xr, t, bf, tab, sc);
-                },
-            );
-    } else {
-        for (i, (tab, sc)) in tables
-            .chunks_mut(per * int8::TABLE_BYTES)
-            .zip(scales.chunks_mut(per))
-            .enumerate()
-        {
+    let slots = pool::slots();
+    let (t_per, bf_per) = (lay.t / slots, lay.bf / slots);
+    {
+        // Phase 1: one task per (item, level) builds its tables into its own region, with the
+        // `t`/`bf` scratch of the slot it runs on.
+        let tab_ptr = SyncPtr(tables.as_mut_ptr());
+        let sc_ptr = SyncPtr(scales.as_mut_ptr());
+        let t_ptr = SyncPtr(t.as_mut_ptr());
+        let bf_ptr = SyncPtr(bf.as_mut_ptr());
+        let xs = &*xs;
+        pool::run(batch * levels, &|i, slot| {
             let (bi, l) = (i / levels, i % levels);
             let xr = &xs[bi * cols..(bi + 1) * cols];
-            int8::build_tables(blocks[l].b, rank, xr, t, bf, tab, sc);
-        }
+            // SAFETY: task `i` alone writes tables/scales region `i`; slot `slot` runs one task
+            // at a time, so its t/bf region is not shared; all regions lie within the carved
+            // scratch (sizes from `Int8Layout`).
+            unsafe {
+                let tab = std::slice::from_raw_parts_mut(
+                    tab_ptr.get().add(i * per * int8::TABLE_BYTES),
+                    per * int8::TABLE_BYTES,
+                );
+                let sc = std::slice::from_raw_parts_mut(sc_ptr.get().add(i * per), per);
+                let t = std::slice::from_raw_parts_mut(t_ptr.get().add(slot * t_per), t_per);
+                let bf = std::slice::from_raw_parts_mut(bf_ptr.get().add(slot * bf_per), bf_per);
+                int8::build_tables(blocks[l].b, rank, xr, t, bf, tab, sc);
+            }
+        });
     }
     let inp = int8::TileInput {
         blocks,
@@ -473,27 +491,38 @@ fn fused_int8(
         scales,
     };
     let isa = isa.resolve();
-    let run = |chunk: usize, ytc: &mut [f32]| {
-        let row0 = chunk * INT8_TASK_ROWS;
-        let nrows = ytc.len() / batch;
+    let task_rows = if rows >= INT8_WIDE_MIN_ROWS {
+        2 * INT8_TASK_ROWS
+    } else {
+        INT8_TASK_ROWS
+    };
+    // Phase 2: one task per row chunk, each writing its own rows of `yt`.
+    let tasks = rows.div_ceil(task_rows);
+    let yt_ptr = SyncPtr(yt.as_mut_ptr());
+    pool::run(tasks, &|chunk, _slot| {
+        let row0 = chunk * task_rows;
+        let nrows = task_rows.min(rows - row0);
+        // SAFETY: chunk `chunk` alone owns rows row0..row0 + nrows of `yt`.
+        let ytc = unsafe {
+            std::slice::from_raw_parts_mut(yt_ptr.get().add(row0 * batch), nrows * batch)
+        };
         ytc.fill(0.0);
         match isa {
             #[cfg(target_arch = "x86_64")]
             KernelIsa::Avx512Vbmi => {
                 // SAFETY: `resolve` returns this ISA only when the CPU supports it; `inp`'s
                 // buffers were sized by `Int8Layout` and the blocks checked by the caller.
-                unsafe { x86::tile_avx512(&inp, row0, nrows, ytc) }
+                unsafe {
+                    if task_rows == 2 * INT8_TASK_ROWS {
+                        x86::tile_avx512::<8>(&inp, row0, nrows, ytc)
+                    } else {
+                        x86::tile_avx512::<4>(&inp, row0, nrows, ytc)
+                    }
+                }
             }
             _ => int8::tile_portable(&inp, row0, nrows, ytc),
         }
-    };
-    if rows <= INT8_TASK_ROWS {
-        run(0, yt);
-    } else {
-        yt.par_chunks_mut(INT8_TASK_ROWS * batch)
-            .enumerate()
-            .for_each(|(chunk, ytc)| run(chunk, ytc));
-    }
+    });
     for bi in 0..batch {
         for i in 0..rows {
             y[bi * rows + i] = yt[i * batch + bi];
