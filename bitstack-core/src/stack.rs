@@ -144,6 +144,16 @@ impl WeightStack {
         let refs = self.refs(levels)?;
         kernels::restore_into(&refs, self.meta.rows, self.meta.cols, self.inv_scale(), out)
     }
+    /// [`WeightStack::restore_into`] into f32, f16 or bf16 caller buffers (for BLAS or GPU
+    /// engines that multiply a dense copy).
+    pub fn restore_into_as<T: kernels::RestoreElement>(
+        &self,
+        levels: usize,
+        out: &mut [T],
+    ) -> Result<()> {
+        let refs = self.refs(levels)?;
+        kernels::restore_into_as(&refs, self.meta.rows, self.meta.cols, self.inv_scale(), out)
+    }
     /// Parameters of the fused product (int8 tables by default).
     pub fn fused_params(&self) -> FusedParams {
         self.params

@@ -10,7 +10,6 @@ use crate::error::{check_len, Result};
 use crate::kernels::batch_of;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
 
 /// Largest batch [`gemv_f16`] handles; larger batches belong to a GEMM.
 pub const GEMV_F16_MAX_BATCH: usize = 8;
@@ -37,18 +36,25 @@ pub fn gemv_f16(x: &[f32], w: &[f16], rows: usize, cols: usize, y: &mut [f32]) -
     let fast = std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
-    yt.par_chunks_mut(ROWS_PER_TASK * batch)
-        .zip(w.par_chunks(ROWS_PER_TASK * cols))
-        .for_each(|(ytc, wc)| {
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                // SAFETY: AVX-512F was detected above; lengths are consistent by construction.
-                unsafe { rows_avx512(x, wc, cols, batch, ytc) };
-                return;
-            }
-            let _ = fast;
-            rows_portable(x, wc, cols, batch, ytc);
-        });
+    let tasks = rows.div_ceil(ROWS_PER_TASK);
+    let yt_ptr = super::SyncPtr(yt.as_mut_ptr());
+    // The decode kernels' spinning pool: no futex wake per head product.
+    super::pool::run(tasks, &|task, _slot| {
+        let r0 = task * ROWS_PER_TASK;
+        let n = ROWS_PER_TASK.min(rows - r0);
+        let wc = &w[r0 * cols..(r0 + n) * cols];
+        // SAFETY: task `task` alone owns rows r0..r0 + n of `yt`.
+        let ytc =
+            unsafe { std::slice::from_raw_parts_mut(yt_ptr.get().add(r0 * batch), n * batch) };
+        #[cfg(target_arch = "x86_64")]
+        if fast {
+            // SAFETY: AVX-512F was detected above; lengths are consistent by construction.
+            unsafe { rows_avx512(x, wc, cols, batch, ytc) };
+            return;
+        }
+        let _ = fast;
+        rows_portable(x, wc, cols, batch, ytc);
+    });
     for (i, row) in yt.chunks_exact(batch).enumerate() {
         for (bi, v) in row.iter().enumerate() {
             y[bi * rows + i] = *v;

@@ -86,6 +86,49 @@ pub fn restore_into(
     inv_scale: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
+    restore_into_as(blocks, rows, cols, inv_scale, out)
+}
+
+/// An element type [`restore_into_as`] can write: `f32`, `half::f16`, `half::bf16` (what
+/// BLAS libraries and GPU engines take).
+pub trait RestoreElement: Copy + Send + Sync + sealed::Sealed {
+    /// Rounds an f32 to this type (to nearest).
+    fn from_f32(v: f32) -> Self;
+}
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
+}
+impl RestoreElement for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+impl RestoreElement for half::f16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+impl RestoreElement for half::bf16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+}
+
+/// [`restore_into`] into a caller buffer of any [`RestoreElement`]: rows are computed in f32
+/// and rounded once, so an f16/bf16 restore differs from the f32 one only by that rounding.
+pub fn restore_into_as<T: RestoreElement>(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    out: &mut [T],
+) -> Result<()> {
     check_blocks(blocks, rows, cols)?;
     check_inv_scale(inv_scale, cols)?;
     check_len("restore output", rows * cols, out.len())?;
@@ -107,7 +150,8 @@ pub fn restore_into(
         .enumerate()
         .for_each(|(chunk, out_rows)| {
             let mut c = vec![0.0f32; cols];
-            for (di, orow) in out_rows.chunks_exact_mut(cols).enumerate() {
+            let mut orow = vec![0.0f32; cols];
+            for (di, dst) in out_rows.chunks_exact_mut(cols).enumerate() {
                 let i = chunk * ROW_CHUNK + di;
                 orow.fill(0.0);
                 for (blk, bt) in blocks.iter().zip(&bts) {
@@ -119,11 +163,18 @@ pub fn restore_into(
                             *cj += a * b;
                         }
                     }
-                    apply_signs_accumulate(blk.signs.row(i), &c, orow);
+                    apply_signs_accumulate(blk.signs.row(i), &c, &mut orow);
                 }
-                if let Some(s) = inv_scale {
-                    for (o, &s) in orow.iter_mut().zip(s) {
-                        *o *= s;
+                match inv_scale {
+                    Some(s) => {
+                        for ((d, &o), &s) in dst.iter_mut().zip(&orow).zip(s) {
+                            *d = T::from_f32(o * s);
+                        }
+                    }
+                    None => {
+                        for (d, &o) in dst.iter_mut().zip(&orow) {
+                            *d = T::from_f32(o);
+                        }
                     }
                 }
             }
@@ -669,6 +720,25 @@ mod tests {
             let b = run_with(&refs, m, n, None, &x, simd);
             assert!(rel_err(&b, &a) < 1e-5, "{m}x{n} k{k}: {}", rel_err(&b, &a));
         }
+    }
+
+    #[test]
+    fn restore_into_half_types_rounds_the_f32_restore() {
+        let blocks: Vec<_> = (0..3).map(|l| random_block(19, 70, 5, l + 3)).collect();
+        let refs: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+        let s: Vec<f32> = (0..70).map(|j| 0.5 + j as f32 * 0.01).collect();
+        let mut want = vec![0.0f32; 19 * 70];
+        restore_into(&refs, 19, 70, Some(&s), &mut want).unwrap();
+        let mut h = vec![half::f16::ZERO; 19 * 70];
+        let mut b = vec![half::bf16::ZERO; 19 * 70];
+        restore_into_as(&refs, 19, 70, Some(&s), &mut h).unwrap();
+        restore_into_as(&refs, 19, 70, Some(&s), &mut b).unwrap();
+        for ((w, h), b) in want.iter().zip(&h).zip(&b) {
+            assert_eq!(*h, half::f16::from_f32(*w));
+            assert_eq!(*b, half::bf16::from_f32(*w));
+        }
+        let mut short = vec![half::f16::ZERO; 5];
+        assert!(restore_into_as(&refs, 19, 70, None, &mut short).is_err());
     }
 
     #[test]

@@ -135,7 +135,12 @@ pub(crate) fn run(n: usize, f: &(dyn Fn(usize, usize) + Sync)) {
         return;
     }
     let p = pool();
-    if n == 1 || p.workers == 0 || p.busy.compare_exchange(false, true, SeqCst, SeqCst).is_err() {
+    if n == 1
+        || p.workers == 0
+        || p.busy
+            .compare_exchange(false, true, SeqCst, SeqCst)
+            .is_err()
+    {
         (0..n).for_each(|i| f(i, 0));
         return;
     }
@@ -146,7 +151,8 @@ pub(crate) fn run(n: usize, f: &(dyn Fn(usize, usize) + Sync)) {
         finished: AtomicUsize::new(0),
     };
     // The pointer is only dereferenced while this call waits below (see `worker`).
-    p.job.store((&job as *const Job<'_>).cast_mut().cast(), SeqCst);
+    p.job
+        .store((&job as *const Job<'_>).cast_mut().cast(), SeqCst);
     let gen = p.generation.fetch_add(1, SeqCst) + 1;
     if p.parked.load(SeqCst) > 0 {
         let _guard = p.park.lock().unwrap_or_else(|e| e.into_inner());
