@@ -1,6 +1,6 @@
 //! The fused kernels on real SmolLM2 blocks (skipped with a message when `../shared` is
 //! absent): one weight of each shape is decomposed at its `--rank auto` k (5, 9, 13) into three
-//! levels, and every kernel path (exact f32 tables, int8 tables on each instruction set this
+//! levels, and every kernel path (exact f32 tables, int8 and split-16-bit tables on each instruction set this
 //! CPU has) is checked against the f64 reference at batch 1, 5 and 16.
 
 use bitstack_core::kernels::{
@@ -40,18 +40,15 @@ fn fused_kernels_match_reference_on_smollm2_blocks() {
         return;
     };
     let source = open_model(&model).unwrap();
-    let mut paths = vec![
-        FusedParams::exact(),
-        FusedParams {
-            tables: TablePrecision::Int8,
-            isa: KernelIsa::Portable,
-        },
-    ];
+    let mut paths = vec![FusedParams::exact()];
+    let mut isas = vec![KernelIsa::Portable];
     if KernelIsa::Avx512Vbmi.is_available() {
-        paths.push(FusedParams {
-            tables: TablePrecision::Int8,
-            isa: KernelIsa::Avx512Vbmi,
-        });
+        isas.push(KernelIsa::Avx512Vbmi);
+    }
+    for isa in isas {
+        for tables in [TablePrecision::Int8, TablePrecision::Int16] {
+            paths.push(FusedParams { tables, isa });
+        }
     }
     let mut rng = XorShift::new(17);
     for (name, rank) in [
@@ -90,6 +87,7 @@ fn fused_kernels_match_reference_on_smollm2_blocks() {
                 let tol = match p.tables {
                     TablePrecision::F32 => 1e-5,
                     TablePrecision::Int8 => 2e-2,
+                    TablePrecision::Int16 => 2e-4,
                 };
                 println!("{name} ({rows}x{cols}, k {rank}) batch {batch} {p:?}: rel err {e:.2e}");
                 assert!(e < tol, "{name} batch {batch} {p:?}: {e}");

@@ -28,6 +28,12 @@ pub(super) const SCALE_WORDS: usize = 4;
 /// Bytes of one (item, level, word, rank) table: 16 groups × 16 entries.
 pub(super) const TABLE_BYTES: usize = 256;
 
+/// Weight of the high table in a split (16-bit) table: an entry is `s·(254·H + L)/254`, with
+/// `H = round(T/s)` and `L = round(254·(T/s − H))`, both in −127..=127. `vpdpbusd` multiplies
+/// the looked-up bytes by an unsigned byte, so the kernel adds `254·H + L` into one int32
+/// accumulator with the same instruction count per half as the plain int8 tables.
+pub(super) const SPLIT_WEIGHT: i32 = 254;
+
 /// Sizes of the regions [`super::fused_matmul_with`] carves out of its scratch for this path.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Int8Layout {
@@ -42,8 +48,15 @@ pub(super) struct Int8Layout {
 
 impl Int8Layout {
     /// `t` and `bf` are per pool slot (see [`super::pool::slots`]): one table build runs on
-    /// each slot at a time.
-    pub(super) fn new(rows: usize, cols: usize, rank: usize, levels: usize, batch: usize) -> Self {
+    /// each slot at a time. `halves` is 1 for int8 tables, 2 for split 16-bit ones.
+    pub(super) fn new(
+        rows: usize,
+        cols: usize,
+        rank: usize,
+        levels: usize,
+        batch: usize,
+        halves: usize,
+    ) -> Self {
         let words = words_per_row(cols);
         let tables = batch * levels * words * rank;
         let slots = super::pool::slots();
@@ -53,7 +66,7 @@ impl Int8Layout {
             t: slots * rank * words * 64,
             bf: slots * cols * rank,
             scales: tables,
-            table_floats: (tables * TABLE_BYTES).div_ceil(4),
+            table_floats: (tables * TABLE_BYTES * halves).div_ceil(4),
             yt: rows * batch,
         }
     }
@@ -80,6 +93,7 @@ const SIGN: [[f32; 16]; 4] = {
 /// Builds the int8 tables and scales of one (item, level): `b` is the block's `cols × rank`
 /// factor, `xs` the scaled input row, `t` scratch of `rank · words · 64` floats, `bf` of
 /// `cols · rank`, `tables` `words · rank · 256` bytes and `scales` `words · rank` floats.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn build_tables(
     b: &[half::f16],
     rank: usize,
@@ -88,19 +102,21 @@ pub(super) fn build_tables(
     bf: &mut [f32],
     tables: &mut [i8],
     scales: &mut [f32],
+    halves: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::x86::avx512_available() {
         // SAFETY: the CPU supports the features `build_tables_avx512` is compiled for.
-        unsafe { super::x86::build_tables_avx512(b, rank, xs, t, bf, tables, scales) };
+        unsafe { super::x86::build_tables_avx512(b, rank, xs, t, bf, tables, scales, halves) };
         return;
     }
-    build_tables_generic(b, rank, xs, t, bf, tables, scales)
+    build_tables_generic(b, rank, xs, t, bf, tables, scales, halves)
 }
 
 /// [`build_tables`] in plain Rust; x86 compiles the same body for AVX-512 so the
 /// compiler vectorizes the table arithmetic 16 lanes wide.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(super) fn build_tables_generic(
     b: &[half::f16],
     rank: usize,
@@ -109,6 +125,7 @@ pub(super) fn build_tables_generic(
     bf: &mut [f32],
     tables: &mut [i8],
     scales: &mut [f32],
+    halves: usize,
 ) {
     let cols = xs.len();
     let words = words_per_row(cols);
@@ -143,13 +160,24 @@ pub(super) fn build_tables_generic(
             for (w, tw) in (w0..w1).zip(block.chunks_exact(64)) {
                 let idx = slot(w, r, rank, words);
                 scales[idx] = scale;
-                let out = &mut tables[idx * TABLE_BYTES..(idx + 1) * TABLE_BYTES];
-                for (g, og) in tw.chunks_exact(4).zip(out.chunks_exact_mut(16)) {
+                let stride = TABLE_BYTES * halves;
+                let out = &mut tables[idx * stride..(idx + 1) * stride];
+                let (hi, lo) = out.split_at_mut(TABLE_BYTES);
+                for (gi, g) in tw.chunks_exact(4).enumerate() {
                     let (t0, t1, t2, t3) = (g[0] * inv, g[1] * inv, g[2] * inv, g[3] * inv);
-                    for v in 0..16 {
-                        let e =
-                            t0 * SIGN[0][v] + t1 * SIGN[1][v] + t2 * SIGN[2][v] + t3 * SIGN[3][v];
-                        og[v] = round_to_i8(e);
+                    let mut e = [0.0f32; 16];
+                    for (v, ev) in e.iter_mut().enumerate() {
+                        *ev = t0 * SIGN[0][v] + t1 * SIGN[1][v] + t2 * SIGN[2][v] + t3 * SIGN[3][v];
+                    }
+                    let h = &mut hi[gi * 16..gi * 16 + 16];
+                    for (hv, ev) in h.iter_mut().zip(&e) {
+                        *hv = round_to_i8(*ev);
+                    }
+                    if halves == 2 {
+                        let l = &mut lo[gi * 16..gi * 16 + 16];
+                        for ((lv, ev), hv) in l.iter_mut().zip(&e).zip(h.iter()) {
+                            *lv = round_to_i8((*ev - f32::from(*hv)) * SPLIT_WEIGHT as f32);
+                        }
                     }
                 }
             }
@@ -187,6 +215,8 @@ pub(super) struct TileInput<'a> {
     pub batch: usize,
     pub tables: &'a [i8],
     pub scales: &'a [f32],
+    /// 1: int8 tables; 2: split 16-bit tables (high then low half per slot).
+    pub halves: usize,
 }
 
 impl TileInput<'_> {
@@ -213,12 +243,23 @@ pub(super) fn tile_portable(inp: &TileInput<'_>, row0: usize, nrows: usize, yt: 
                 for (w, &word) in words.iter().enumerate() {
                     for (r, acc_r) in acc[..rank].iter_mut().enumerate() {
                         let at = inp.table_index(bi, l, w, r);
-                        let tab = &inp.tables[at * TABLE_BYTES..][..TABLE_BYTES];
+                        let stride = TABLE_BYTES * inp.halves;
+                        let tab = &inp.tables[at * stride..][..stride];
                         let mut s = 0i32;
                         for g in 0..16 {
-                            s += tab[g * 16 + ((word >> (4 * g)) & 15) as usize] as i32;
+                            let v = g * 16 + ((word >> (4 * g)) & 15) as usize;
+                            s += if inp.halves == 2 {
+                                SPLIT_WEIGHT * tab[v] as i32 + tab[TABLE_BYTES + v] as i32
+                            } else {
+                                tab[v] as i32
+                            };
                         }
-                        *acc_r += s as f32 * inp.scales[at];
+                        let unit = if inp.halves == 2 {
+                            inp.scales[at] / SPLIT_WEIGHT as f32
+                        } else {
+                            inp.scales[at]
+                        };
+                        *acc_r += s as f32 * unit;
                     }
                 }
                 let dot: f32 = acc[..rank].iter().zip(&a).map(|(s, a)| s * a).sum();

@@ -76,8 +76,11 @@ fn worker(p: &'static Pool, slot: usize) {
     loop {
         let start = Instant::now();
         let mut gen = p.generation.load(SeqCst);
+        let mut spins = 0u32;
         while gen == seen {
-            if start.elapsed() > SPIN {
+            spins = spins.wrapping_add(1);
+            // Reading the clock costs ~20 ns (a vDSO call): look at it every 256 spins only.
+            if spins % 256 == 0 && start.elapsed() > SPIN {
                 let guard = p.park.lock().unwrap_or_else(|e| e.into_inner());
                 // Announce, then re-check under the lock: the caller bumps the generation
                 // before reading `parked`, and notifies holding the lock, so a wake-up
@@ -90,8 +93,13 @@ fn worker(p: &'static Pool, slot: usize) {
                         .unwrap_or_else(|e| e.into_inner());
                 }
                 p.parked.fetch_sub(1, SeqCst);
-            } else {
+            } else if spins < 128 {
                 std::hint::spin_loop();
+            } else {
+                // Keep polling but let other runnable threads (rayon's, the caller's) have
+                // the core: on 2 cores a pure spin would stretch every parallel section that
+                // runs between two products.
+                std::thread::yield_now();
             }
             gen = p.generation.load(SeqCst);
         }

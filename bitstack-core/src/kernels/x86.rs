@@ -14,7 +14,7 @@
 //! convert + FMA for the word's scale: the sign bits are loaded and unpacked once per word for
 //! all `k` ranks and all batch items, and nothing is widened by hand.
 
-use super::int8::{TileInput, SCALE_WORDS, TABLE_BYTES};
+use super::int8::{TileInput, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES};
 use std::arch::x86_64::*;
 
 /// Whether [`tile_avx512`] can run on this CPU.
@@ -38,7 +38,7 @@ pub(super) fn avx512_available() -> bool {
 /// The CPU must support AVX-512 F, BW, VBMI and VNNI ([`avx512_available`]); `inp` must
 /// describe consistent buffers (checked by the caller) and `row0 + nrows <= inp.rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
-pub(super) unsafe fn tile_avx512<const SUB: usize>(
+pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
     inp: &TileInput<'_>,
     row0: usize,
     nrows: usize,
@@ -53,6 +53,13 @@ pub(super) unsafe fn tile_avx512<const SUB: usize>(
     let nib = _mm512_set1_epi8(0x0f);
     let qtag = _mm512_set1_epi64(0x7060_5040_3020_1000);
     let ones = _mm512_set1_epi8(1);
+    let w_hi = _mm512_set1_epi8(if SPLIT { SPLIT_WEIGHT as u8 as i8 } else { 1 });
+    let stride = if SPLIT { 2 * TABLE_BYTES } else { TABLE_BYTES };
+    let unit = if SPLIT {
+        1.0 / SPLIT_WEIGHT as f32
+    } else {
+        1.0
+    };
     // Every entry below is written before it is read: zeroing these 48 KiB per call showed
     // up as memset in decode profiles.
     let mut accf = std::mem::MaybeUninit::<[[__m512; SUB]; 64]>::uninit();
@@ -122,7 +129,7 @@ pub(super) unsafe fn tile_avx512<const SUB: usize>(
                         let at = inp.table_index(bi, l, w0, r);
                         let mut acc = [_mm512_setzero_si512(); SUB];
                         for (dw, idx_w) in idx[..nw].iter().enumerate() {
-                            let t = inp.tables.as_ptr().add((at + dw) * TABLE_BYTES);
+                            let t = inp.tables.as_ptr().add((at + dw) * stride);
                             let t0 = _mm512_loadu_si512(t.cast());
                             let t1 = _mm512_loadu_si512(t.add(64).cast());
                             let t2 = _mm512_loadu_si512(t.add(128).cast());
@@ -130,12 +137,26 @@ pub(super) unsafe fn tile_avx512<const SUB: usize>(
                             for (acc_s, ix) in acc.iter_mut().zip(idx_w) {
                                 let v0 = _mm512_permutex2var_epi8(t0, ix[0], t1);
                                 let v1 = _mm512_permutex2var_epi8(t2, ix[1], t3);
-                                *acc_s = _mm512_dpbusd_epi32(*acc_s, ones, v0);
-                                *acc_s = _mm512_dpbusd_epi32(*acc_s, ones, v1);
+                                *acc_s = _mm512_dpbusd_epi32(*acc_s, w_hi, v0);
+                                *acc_s = _mm512_dpbusd_epi32(*acc_s, w_hi, v1);
+                            }
+                            if SPLIT {
+                                // The low halves: same indices, weight 1.
+                                let t = t.add(TABLE_BYTES);
+                                let t0 = _mm512_loadu_si512(t.cast());
+                                let t1 = _mm512_loadu_si512(t.add(64).cast());
+                                let t2 = _mm512_loadu_si512(t.add(128).cast());
+                                let t3 = _mm512_loadu_si512(t.add(192).cast());
+                                for (acc_s, ix) in acc.iter_mut().zip(idx_w) {
+                                    let v0 = _mm512_permutex2var_epi8(t0, ix[0], t1);
+                                    let v1 = _mm512_permutex2var_epi8(t2, ix[1], t3);
+                                    *acc_s = _mm512_dpbusd_epi32(*acc_s, ones, v0);
+                                    *acc_s = _mm512_dpbusd_epi32(*acc_s, ones, v1);
+                                }
                             }
                         }
                         // One convert-and-scale per block of words sharing a scale.
-                        let scale = _mm512_set1_ps(*inp.scales.as_ptr().add(at));
+                        let scale = _mm512_set1_ps(*inp.scales.as_ptr().add(at) * unit);
                         for (f, i) in accf_r.iter_mut().zip(&acc) {
                             *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*i), scale, *f);
                         }
@@ -171,6 +192,7 @@ pub(super) unsafe fn tile_avx512<const SUB: usize>(
 /// # Safety
 /// The CPU must support AVX-512 F, BW, VBMI and VNNI ([`avx512_available`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn build_tables_avx512(
     b: &[half::f16],
     rank: usize,
@@ -179,6 +201,7 @@ pub(super) unsafe fn build_tables_avx512(
     bf: &mut [f32],
     tables: &mut [i8],
     scales: &mut [f32],
+    halves: usize,
 ) {
-    super::int8::build_tables_generic(b, rank, xs, t, bf, tables, scales)
+    super::int8::build_tables_generic(b, rank, xs, t, bf, tables, scales, halves)
 }
