@@ -616,9 +616,16 @@ fn hf_config_rules() {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     });
-    let c = hf_config(&base, false).unwrap();
+    let mut tied = base.clone();
+    tied["tie_word_embeddings"] = true.into();
+    let c = hf_config(&tied, false).unwrap();
     assert_eq!((c.n_kv_heads, c.head_dim, c.rope_theta), (2, 4, 10_000.0));
-    assert!(c.tied_embeddings, "no lm_head tensor means tied");
+    assert!(c.tied_embeddings);
+    // Untied (the class default) with no lm_head tensor is an error, not a silent tie.
+    assert!(matches!(
+        hf_config(&base, false),
+        Err(ModelError::UnsupportedKey { key, .. }) if key == "tie_word_embeddings"
+    ));
     // theta^(-0) = 1 rad/token has wavelength 2 pi < 8192 / 4: unscaled; theta^(-1/2) = 0.01
     // has wavelength 628 < 2048: unscaled too.
     assert_eq!(c.rope_freq_factors, Some(vec![1.0, 1.0]));
@@ -627,7 +634,7 @@ fn hf_config_rules() {
     arch["model_type"] = "gpt_neox".into();
     assert!(matches!(
         hf_config(&arch, true),
-        Err(ModelError::Unsupported(_))
+        Err(ModelError::UnsupportedKey { key, .. }) if key == "model_type"
     ));
     let mut missing = base.clone();
     missing.as_object_mut().unwrap().remove("hidden_size");
