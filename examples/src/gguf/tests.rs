@@ -814,7 +814,7 @@ fn gguf_rope_metadata_rules() {
     assert!(notes.is_empty(), "{notes:?}");
 
     // Missing freq_base: llama.cpp's 10000, logged with the key.
-    let (c, notes) = gguf_cfg(&[dims.clone()]).unwrap();
+    let (c, notes) = gguf_cfg(std::slice::from_ref(&dims)).unwrap();
     assert_eq!(c.rope_theta, 10_000.0);
     assert_eq!(notes.len(), 1);
     assert!(
