@@ -55,13 +55,31 @@ ppl_of() {
     awk -F'|' '$2 ~ /^ *original *$/ { gsub(/ /, "", $4); print $4 }' "$log"
 }
 
+# The same f32 weights with config.json rewritten in transformers 4 form (top-level rope_theta,
+# torch_dtype, no rope_parameters): both generations must read the same.
+rm -rf "$OUT/f32-tf4-config"
+mkdir -p "$OUT/f32-tf4-config"
+for f in "$OUT"/f32/*; do
+    [ "$(basename "$f")" = config.json ] || ln -s "$f" "$OUT/f32-tf4-config/"
+done
+"$VENV/bin/python" - "$OUT/f32/config.json" "$OUT/f32-tf4-config/config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+rp = c.pop("rope_parameters")
+c["rope_theta"] = rp.pop("rope_theta")
+c["rope_scaling"] = None if rp.get("rope_type") == "default" else rp
+c["torch_dtype"] = c.pop("dtype")
+c["transformers_version"] = "4.57.0"
+json.dump(c, open(sys.argv[2], "w"), indent=2)
+PY
+
 echo "== bitstack eval, $WINDOWS windows of 2048 tokens"
 ref=$(ppl_of "$GGUF")
 echo "| model | ppl | vs GGUF |"
 echo "| --- | --- | --- |"
 echo "| GGUF $(basename "$GGUF") | $ref | |"
 status=0
-for dir in "$OUT/f32" "$OUT/bf16-sharded"; do
+for dir in "$OUT/f32" "$OUT/bf16-sharded" "$OUT/f32-tf4-config"; do
     p=$(ppl_of "$dir")
     rel=$(awk -v a="$p" -v b="$ref" 'BEGIN { printf "%+.3f %%", 100 * (a / b - 1) }')
     ok=$(awk -v a="$p" -v b="$ref" -v t="$TOLERANCE" \
@@ -76,5 +94,6 @@ echo "== bitstack compress of the sharded directory (small: 2 levels, roundrobin
     --levels 2 --order roundrobin --calib-windows 2 --calib-seq-len 128 \
     >"$OUT/compress.log" 2>&1 || { cat "$OUT/compress.log" >&2; die "compress failed"; }
 tail -n 3 "$OUT/compress.log"
-"$BITSTACK" inspect "$OUT/hf-tiny.bitstack" | head -n 5
+"$BITSTACK" inspect "$OUT/hf-tiny.bitstack" >"$OUT/inspect.log"
+head -n 3 "$OUT/inspect.log"
 echo "hf_roundtrip.sh: all checks passed"
