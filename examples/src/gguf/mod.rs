@@ -35,6 +35,7 @@
 
 mod builder;
 mod dequant;
+mod hf_config;
 mod reader;
 mod safetensors;
 mod source;

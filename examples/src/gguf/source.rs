@@ -2,9 +2,10 @@
 //! GGUF-style tensor names and Hugging Face (rotate-half RoPE) tensor layout.
 
 use std::collections::BTreeMap;
-use std::f32::consts::PI;
 use std::path::{Path, PathBuf};
 
+pub use super::hf_config::hf_config;
+use super::hf_config::read_hf_config;
 use super::reader::{GgufError, GgufFile};
 use super::safetensors::SafeTensors;
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -44,6 +45,27 @@ pub enum ModelError {
     /// No tensor with this canonical name.
     #[error("tensor {0:?} not found")]
     MissingTensor(String),
+    /// A config key (Hugging Face `config.json` or GGUF metadata) whose value would change the
+    /// forward pass in a way this crate does not implement, or that contradicts another key.
+    #[error("{file}: {key} = {value}: {reason}")]
+    UnsupportedKey {
+        /// The file (or `GGUF metadata` when the file has no path).
+        file: String,
+        /// The key, dotted for nested ones (`rope_parameters.rope_type`).
+        key: String,
+        /// Its value as written (JSON for `config.json`).
+        value: String,
+        /// Why it cannot be honoured.
+        reason: String,
+    },
+    /// A malformed `model.safetensors.index.json`, or shards that disagree with it or each other.
+    #[error("bad safetensors index {path}: {reason}")]
+    BadIndex {
+        /// The index file (or the directory when there is no index).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 /// The hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2).
@@ -192,35 +214,6 @@ pub fn unpermute_qk_rows(
     Ok(out)
 }
 
-/// Llama-3.1-style RoPE scaling turned into per-frequency divisors (see
-/// [`LlamaConfig::rope_freq_factors`]), following the Hugging Face `_compute_llama3_parameters`.
-fn llama3_freq_factors(
-    head_dim: usize,
-    theta: f32,
-    factor: f32,
-    low: f32,
-    high: f32,
-    orig_ctx: f32,
-) -> Vec<f32> {
-    let low_wavelen = orig_ctx / low;
-    let high_wavelen = orig_ctx / high;
-    (0..head_dim / 2)
-        .map(|i| {
-            let inv = theta.powf(-((2 * i) as f32) / head_dim as f32);
-            let wavelen = 2.0 * PI / inv;
-            let scaled = if wavelen < high_wavelen {
-                inv
-            } else if wavelen > low_wavelen {
-                inv / factor
-            } else {
-                let smooth = (orig_ctx / wavelen - low) / (high - low);
-                (1.0 - smooth) * inv / factor + smooth * inv
-            };
-            inv / scaled
-        })
-        .collect()
-}
-
 /// A GGUF file as a [`ModelSource`].
 #[derive(Debug)]
 pub struct GgufModel {
@@ -229,14 +222,33 @@ pub struct GgufModel {
 }
 
 impl GgufModel {
-    /// Opens a GGUF file and reads its Llama-family config.
+    /// Opens a GGUF file and reads its Llama-family config (see [`GgufModel::from_file`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ModelError> {
-        Self::from_file(GgufFile::open(path)?)
+        let path = path.as_ref();
+        let file = GgufFile::open(path)?;
+        let (config, notes) = gguf_config(&file, &path.display().to_string())?;
+        for n in notes {
+            eprintln!("{n}");
+        }
+        Ok(Self { file, config })
     }
 
     /// Wraps an already opened GGUF file.
+    ///
+    /// Metadata is read as llama.cpp reads it: a missing optional key
+    /// (`{arch}.rope.freq_base`, `{arch}.attention.head_count_kv`, `{arch}.attention.key_length`,
+    /// `{arch}.rope.dimension_count`) takes llama.cpp's default and one line naming it is logged
+    /// to stderr; a value the forward pass cannot honour (a `{arch}.rope.scaling.type` other
+    /// than `none` / `linear`, a `rope.dimension_count` below the head width, value heads of
+    /// another width, experts) is a [`ModelError::UnsupportedKey`] naming the key. Linear
+    /// scaling (`{arch}.rope.scaling.factor`, or the older `{arch}.rope.scale_linear`) and the
+    /// per-frequency `rope_freqs.weight` tensor (Llama 3.1) are applied, multiplied when both
+    /// are present as llama.cpp does.
     pub fn from_file(file: GgufFile) -> Result<Self, ModelError> {
-        let config = gguf_config(&file)?;
+        let (config, notes) = gguf_config(&file, "GGUF metadata")?;
+        for n in notes {
+            eprintln!("{n}");
+        }
         Ok(Self { file, config })
     }
 
@@ -246,31 +258,104 @@ impl GgufModel {
     }
 }
 
-fn gguf_config(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
+/// The config of a GGUF file and the defaults it took (one line each); `label` names the file.
+pub(crate) fn gguf_config(
+    f: &GgufFile,
+    label: &str,
+) -> Result<(LlamaConfig, Vec<String>), ModelError> {
     let arch = f.architecture()?.to_owned();
+    let unsupported = |key: &str, value: String, reason: &str| ModelError::UnsupportedKey {
+        file: label.to_owned(),
+        key: key.to_owned(),
+        value,
+        reason: reason.to_owned(),
+    };
     if !matches!(arch.as_str(), "llama" | "qwen2") {
-        return Err(ModelError::Unsupported(format!(
-            "GGUF architecture {arch:?} (supported: llama, qwen2)"
-        )));
+        return Err(unsupported(
+            "general.architecture",
+            format!("{arch:?}"),
+            "supported: llama, qwen2",
+        ));
     }
+    let mut notes = Vec::new();
+    let mut note = |key: &str, value: String| {
+        notes.push(format!(
+            "{label}: {key} missing; using llama.cpp's default {value}"
+        ));
+    };
     let k = |s: &str| format!("{arch}.{s}");
-    if f.get_u32(&k("expert_count")).is_ok_and(|n| n > 0) {
-        return Err(ModelError::Unsupported("mixture-of-experts models".into()));
+    match f.get_u32(&k("expert_count")) {
+        Ok(n) if n > 0 => {
+            return Err(unsupported(
+                &k("expert_count"),
+                n.to_string(),
+                "mixture-of-experts models are not implemented",
+            ))
+        }
+        Err(GgufError::MissingKey(_)) | Ok(_) => {}
+        Err(e) => return Err(e.into()),
     }
     let usize_of = |key: &str| f.get_u32(key).map(|v| v as usize);
+    let opt_usize = |key: &str| match f.get_u32(key) {
+        Err(GgufError::MissingKey(_)) => Ok(None),
+        r => r.map(|v| Some(v as usize)),
+    };
+    let opt_f32 = |key: &str| match f.get_f32(key) {
+        Err(GgufError::MissingKey(_)) => Ok(None),
+        r => r.map(Some),
+    };
     let n_heads = usize_of(&k("attention.head_count"))?;
     let hidden = usize_of(&k("embedding_length"))?;
-    let n_kv_heads = match f.get_u32(&k("attention.head_count_kv")) {
-        Err(GgufError::MissingKey(_)) => n_heads,
-        r => r? as usize,
+    let n_kv_heads = match opt_usize(&k("attention.head_count_kv"))? {
+        Some(v) => v,
+        None => {
+            note(
+                &k("attention.head_count_kv"),
+                format!("attention.head_count = {n_heads}"),
+            );
+            n_heads
+        }
     };
-    let head_dim = match f.get_u32(&k("attention.key_length")) {
-        Err(GgufError::MissingKey(_)) => hidden / n_heads.max(1),
-        r => r? as usize,
+    let head_dim = match opt_usize(&k("attention.key_length"))? {
+        Some(v) => v,
+        None => {
+            let d = hidden / n_heads.max(1);
+            note(
+                &k("attention.key_length"),
+                format!("embedding_length / attention.head_count = {d}"),
+            );
+            d
+        }
     };
-    let rope_theta = match f.get_f32(&k("rope.freq_base")) {
-        Err(GgufError::MissingKey(_)) => 10_000.0,
-        r => r?,
+    if let Some(v) = opt_usize(&k("attention.value_length"))? {
+        if v != head_dim {
+            return Err(unsupported(
+                &k("attention.value_length"),
+                v.to_string(),
+                &format!("value heads must be as wide as key heads ({head_dim})"),
+            ));
+        }
+    }
+    match opt_usize(&k("rope.dimension_count"))? {
+        Some(v) if v != head_dim => {
+            return Err(unsupported(
+                &k("rope.dimension_count"),
+                v.to_string(),
+                &format!("RoPE on part of a head ({v} of {head_dim}) is not implemented"),
+            ))
+        }
+        Some(_) => {}
+        None => note(
+            &k("rope.dimension_count"),
+            format!("the head width {head_dim}"),
+        ),
+    }
+    let rope_theta = match opt_f32(&k("rope.freq_base"))? {
+        Some(v) => v,
+        None => {
+            note(&k("rope.freq_base"), "10000".into());
+            10_000.0
+        }
     };
     let vocab = f
         .tensor_info("token_embd.weight")?
@@ -278,20 +363,53 @@ fn gguf_config(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
         .first()
         .copied()
         .unwrap_or(0);
-    let rope_freq_factors = if f.has_tensor("rope_freqs.weight") {
-        Some(f.tensor_f32("rope_freqs.weight")?.1)
-    } else {
-        match f.get_str(&k("rope.scaling.type")) {
-            Err(GgufError::MissingKey(_)) => None,
-            Ok("none") => None,
-            Ok("linear") => Some(vec![f.get_f32(&k("rope.scaling.factor"))?; head_dim / 2]),
-            Ok(other) => {
-                return Err(ModelError::Unsupported(format!(
-                    "RoPE scaling type {other:?}"
-                )))
+
+    // llama.cpp: the factor is `rope.scaling.factor`, else the older `rope.scale_linear`,
+    // 0 or absent meaning 1; the type defaults to linear, and `none` disables the factor.
+    let factor_key = k("rope.scaling.factor");
+    let old_key = k("rope.scale_linear");
+    let (factor_key, factor) = match opt_f32(&factor_key)? {
+        Some(v) => (factor_key, v),
+        None => match opt_f32(&old_key)? {
+            Some(v) => (old_key, v),
+            None => (factor_key, 0.0),
+        },
+    };
+    if !(factor.is_finite() && factor >= 0.0) {
+        return Err(unsupported(
+            &factor_key,
+            factor.to_string(),
+            "a RoPE scaling factor must be positive (or 0 for none)",
+        ));
+    }
+    let type_key = k("rope.scaling.type");
+    let linear = match f.get_str(&type_key) {
+        Err(GgufError::MissingKey(_)) => {
+            if factor != 0.0 && factor != 1.0 {
+                note(&type_key, "\"linear\"".into());
             }
-            Err(e) => return Err(e.into()),
+            factor
         }
+        Ok("none") => 0.0,
+        Ok("linear") => factor,
+        Ok(other) => {
+            return Err(unsupported(
+                &type_key,
+                format!("{other:?}"),
+                "supported: none, linear (Llama 3.1 scaling comes as rope_freqs.weight)",
+            ))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let linear = (linear != 0.0 && linear != 1.0).then_some(linear);
+    let rope_freq_factors = if f.has_tensor("rope_freqs.weight") {
+        let mut v = f.tensor_f32("rope_freqs.weight")?.1;
+        if let Some(s) = linear {
+            v.iter_mut().for_each(|x| *x *= s);
+        }
+        Some(v)
+    } else {
+        linear.map(|s| vec![s; head_dim / 2])
     };
     let opt_id = |key: &str| match f.get_u32(key) {
         Err(GgufError::MissingKey(_)) => Ok(None),
@@ -316,7 +434,7 @@ fn gguf_config(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
         arch,
     };
     config.validate()?;
-    Ok(config)
+    Ok((config, notes))
 }
 
 /// Which Q/K head count a canonical tensor name needs for un-permuting, if any.
@@ -397,41 +515,30 @@ pub fn hf_tensor_name(canonical: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
+/// The name of the index transformers writes beside sharded safetensors files.
+pub(crate) const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+
 impl HfModel {
-    /// Opens a Hugging Face model directory.
+    /// Opens a Hugging Face model directory: `config.json` (see [`hf_config`]) and either the
+    /// shards listed in `model.safetensors.index.json` (each tensor read from the shard its
+    /// `weight_map` names, which must hold it) or, without an index, every `*.safetensors`
+    /// file (a tensor name in two files is an error). The defaults taken for missing
+    /// `config.json` keys are logged to stderr.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref().to_owned();
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ModelError::Io { path, source }
-        };
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
-            .map_err(io(&dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        paths.sort();
-        if paths.is_empty() {
-            return Err(ModelError::Unsupported(format!(
-                "{} has no *.safetensors files",
-                dir.display()
-            )));
-        }
-        let mut files = Vec::with_capacity(paths.len());
-        let mut index = BTreeMap::new();
-        for p in &paths {
-            let st = SafeTensors::open(p)?;
-            for name in st.tensors().keys() {
-                index.insert(name.clone(), files.len());
-            }
-            files.push(st);
-        }
+        let (files, index) = open_safetensors(&dir)?;
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::BadConfig(e.to_string()))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|source| ModelError::Io {
+            path: cfg_path.clone(),
+            source,
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::BadConfig(format!("{}: {e}", cfg_path.display())))?;
         let has_lm_head = index.contains_key("lm_head.weight");
-        let config = hf_config(&json, has_lm_head)?;
+        let (config, notes) = read_hf_config(&json, has_lm_head, &cfg_path.display().to_string())?;
+        for n in notes {
+            eprintln!("{n}");
+        }
         Ok(Self {
             dir,
             files,
@@ -441,104 +548,114 @@ impl HfModel {
     }
 }
 
-/// Builds a [`LlamaConfig`] from a Hugging Face `config.json`.
-pub fn hf_config(json: &serde_json::Value, has_lm_head: bool) -> Result<LlamaConfig, ModelError> {
-    let get = |k: &str| json.get(k).filter(|v| !v.is_null());
-    let req = |k: &str| -> Result<usize, ModelError> {
-        get(k)
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .ok_or_else(|| ModelError::BadConfig(format!("{k} missing or not an integer")))
-    };
-    let float = |k: &str, default: f32| -> Result<f32, ModelError> {
-        match get(k) {
-            None => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .map(|v| v as f32)
-                .ok_or_else(|| ModelError::BadConfig(format!("{k} is not a number"))),
-        }
-    };
-    let arch = get("model_type")
-        .and_then(|v| v.as_str())
-        .ok_or_else(|| ModelError::BadConfig("model_type missing".into()))?
-        .to_owned();
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+/// The safetensors files of a directory and the file each tensor lives in.
+type SafetensorsSet = (Vec<SafeTensors>, BTreeMap<String, usize>);
+
+fn open_safetensors(dir: &Path) -> Result<SafetensorsSet, ModelError> {
+    let index_path = dir.join(SAFETENSORS_INDEX);
+    if index_path.exists() {
+        return open_indexed(&index_path, dir);
+    }
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|source| ModelError::Io {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
         return Err(ModelError::Unsupported(format!(
-            "model_type {arch:?} (supported: llama, mistral, qwen2)"
+            "{} has no *.safetensors files",
+            dir.display()
         )));
     }
-    let hidden = req("hidden_size")?;
-    let n_heads = req("num_attention_heads")?;
-    let n_kv_heads =
-        get("num_key_value_heads").map_or(Ok(n_heads), |_| req("num_key_value_heads"))?;
-    let head_dim = get("head_dim").map_or(Ok(hidden / n_heads.max(1)), |_| req("head_dim"))?;
-    let rope_theta = float("rope_theta", 10_000.0)?;
-    let rope_freq_factors = match get("rope_scaling") {
-        None => None,
-        Some(rs) => {
-            let ty = rs
-                .get("rope_type")
-                .or_else(|| rs.get("type"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("default");
-            let f = |k: &str| {
-                rs.get(k)
-                    .and_then(|v| v.as_f64())
-                    .map(|v| v as f32)
-                    .ok_or_else(|| ModelError::BadConfig(format!("rope_scaling.{k} missing")))
-            };
-            match ty {
-                "default" => None,
-                "linear" => Some(vec![f("factor")?; head_dim / 2]),
-                "llama3" => Some(llama3_freq_factors(
-                    head_dim,
-                    rope_theta,
-                    f("factor")?,
-                    f("low_freq_factor")?,
-                    f("high_freq_factor")?,
-                    f("original_max_position_embeddings")?,
-                )),
-                other => {
-                    return Err(ModelError::Unsupported(format!(
-                        "rope_scaling type {other:?}"
-                    )))
-                }
+    let mut files: Vec<SafeTensors> = Vec::with_capacity(paths.len());
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    for p in &paths {
+        let st = SafeTensors::open(p)?;
+        for name in st.tensors().keys() {
+            if let Some(&prev) = index.get(name) {
+                return Err(ModelError::BadIndex {
+                    path: dir.to_owned(),
+                    reason: format!(
+                        "tensor {name:?} is in both {} and {}, and there is no {SAFETENSORS_INDEX} \
+                         to say which one counts",
+                        paths[prev].display(),
+                        p.display()
+                    ),
+                });
             }
+            index.insert(name.clone(), files.len());
         }
+        files.push(st);
+    }
+    Ok((files, index))
+}
+
+/// Reads `model.safetensors.index.json` and opens the shards it names.
+fn open_indexed(index_path: &Path, dir: &Path) -> Result<SafetensorsSet, ModelError> {
+    let bad = |reason: String| ModelError::BadIndex {
+        path: index_path.to_owned(),
+        reason,
     };
-    let id = |k: &str| -> Option<u32> {
-        let v = get(k)?;
-        let v = v.as_array().and_then(|a| a.first()).unwrap_or(v);
-        v.as_u64().and_then(|v| u32::try_from(v).ok())
-    };
-    let tie = get("tie_word_embeddings").and_then(|v| v.as_bool());
-    let attn_bias = arch == "qwen2"
-        || get("attention_bias")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-    let config = LlamaConfig {
-        n_layers: req("num_hidden_layers")?,
-        hidden,
-        ffn: req("intermediate_size")?,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-        vocab: req("vocab_size")?,
-        rope_theta,
-        rope_freq_factors,
-        rms_eps: float("rms_norm_eps", 1e-6)?,
-        // Llama/Qwen2 configs default to untied; a missing lm_head means tied regardless.
-        tied_embeddings: tie.unwrap_or(false) || !has_lm_head,
-        attn_bias,
-        max_seq: get("max_position_embeddings")
-            .map_or(Ok(4096), |_| req("max_position_embeddings"))?,
-        bos_id: id("bos_token_id"),
-        eos_id: id("eos_token_id"),
-        arch,
-    };
-    config.validate()?;
-    Ok(config)
+    let text = std::fs::read_to_string(index_path).map_err(|source| ModelError::Io {
+        path: index_path.to_owned(),
+        source,
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no weight_map object".into()))?;
+    if map.is_empty() {
+        return Err(bad("weight_map is empty".into()));
+    }
+    let mut shard_names: Vec<&str> = Vec::new();
+    let mut wanted: Vec<(&String, &str)> = Vec::with_capacity(map.len());
+    for (tensor, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{tensor:?}] is not a file name")))?;
+        // A shard is a plain file name beside the index: no folders, no way out of `dir`.
+        let plain = Path::new(file)
+            .file_name()
+            .is_some_and(|n| n == std::ffi::OsStr::new(file));
+        if !plain {
+            return Err(bad(format!(
+                "weight_map[{tensor:?}] = {file:?} is not a file name in {}",
+                dir.display()
+            )));
+        }
+        if !shard_names.contains(&file) {
+            shard_names.push(file);
+        }
+        wanted.push((tensor, file));
+    }
+    shard_names.sort_unstable();
+    let mut files = Vec::with_capacity(shard_names.len());
+    for name in &shard_names {
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Err(bad(format!("shard {} is missing", p.display())));
+        }
+        files.push(SafeTensors::open(&p)?);
+    }
+    let mut index = BTreeMap::new();
+    for (tensor, file) in wanted {
+        let i = shard_names
+            .binary_search(&file)
+            .map_err(|_| bad(format!("shard {file} not opened")))?;
+        if !files[i].tensors().contains_key(tensor) {
+            return Err(bad(format!(
+                "weight_map puts {tensor:?} in {file}, which does not hold it"
+            )));
+        }
+        index.insert(tensor.clone(), i);
+    }
+    Ok((files, index))
 }
 
 impl ModelSource for HfModel {

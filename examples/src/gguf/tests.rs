@@ -616,9 +616,16 @@ fn hf_config_rules() {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     });
-    let c = hf_config(&base, false).unwrap();
+    let mut tied = base.clone();
+    tied["tie_word_embeddings"] = true.into();
+    let c = hf_config(&tied, false).unwrap();
     assert_eq!((c.n_kv_heads, c.head_dim, c.rope_theta), (2, 4, 10_000.0));
-    assert!(c.tied_embeddings, "no lm_head tensor means tied");
+    assert!(c.tied_embeddings);
+    // Untied (the class default) with no lm_head tensor is an error, not a silent tie.
+    assert!(matches!(
+        hf_config(&base, false),
+        Err(ModelError::UnsupportedKey { key, .. }) if key == "tie_word_embeddings"
+    ));
     // theta^(-0) = 1 rad/token has wavelength 2 pi < 8192 / 4: unscaled; theta^(-1/2) = 0.01
     // has wavelength 628 < 2048: unscaled too.
     assert_eq!(c.rope_freq_factors, Some(vec![1.0, 1.0]));
@@ -627,7 +634,7 @@ fn hf_config_rules() {
     arch["model_type"] = "gpt_neox".into();
     assert!(matches!(
         hf_config(&arch, true),
-        Err(ModelError::Unsupported(_))
+        Err(ModelError::UnsupportedKey { key, .. }) if key == "model_type"
     ));
     let mut missing = base.clone();
     missing.as_object_mut().unwrap().remove("hidden_size");
@@ -744,4 +751,314 @@ proptest! {
             }
         }
     }
+}
+
+/// A minimal Llama GGUF header (4 heads of 4, 2 KV heads) with `extra` metadata and an optional
+/// `rope_freqs.weight`.
+fn tiny_gguf(extra: &[(&str, GgufValue)], rope_freqs: Option<&[f32]>) -> GgufFile {
+    let mut b = GgufBuilder::new();
+    b.metadata("general.architecture", GgufValue::String("llama".into()))
+        .metadata("llama.block_count", GgufValue::U32(1))
+        .metadata("llama.embedding_length", GgufValue::U32(16))
+        .metadata("llama.feed_forward_length", GgufValue::U32(32))
+        .metadata("llama.attention.head_count", GgufValue::U32(4))
+        .metadata("llama.attention.head_count_kv", GgufValue::U32(2))
+        .metadata("llama.attention.key_length", GgufValue::U32(4))
+        .metadata("llama.context_length", GgufValue::U32(64))
+        .metadata(
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-5),
+        );
+    for (k, v) in extra {
+        b.metadata(k, v.clone());
+    }
+    b.tensor(
+        "token_embd.weight",
+        GgmlType::F32,
+        &[16, 8],
+        f32s(&[0.0; 128]),
+    );
+    if let Some(f) = rope_freqs {
+        b.tensor(
+            "rope_freqs.weight",
+            GgmlType::F32,
+            &[f.len() as u64],
+            f32s(f),
+        );
+    }
+    GgufFile::from_bytes(b.build()).unwrap()
+}
+
+fn gguf_cfg(extra: &[(&str, GgufValue)]) -> Result<(LlamaConfig, Vec<String>), ModelError> {
+    super::source::gguf_config(&tiny_gguf(extra, None), "tiny.gguf")
+}
+
+fn gguf_key_of(r: Result<(LlamaConfig, Vec<String>), ModelError>) -> String {
+    match r {
+        Err(ModelError::UnsupportedKey { file, key, .. }) => {
+            assert_eq!(file, "tiny.gguf");
+            key
+        }
+        other => panic!("expected UnsupportedKey, got {other:?}"),
+    }
+}
+
+#[test]
+fn gguf_rope_metadata_rules() {
+    let theta = ("llama.rope.freq_base", GgufValue::F32(5e5));
+    let dims = ("llama.rope.dimension_count", GgufValue::U32(4));
+    // Complete metadata: no defaults taken, nothing logged.
+    let (c, notes) = gguf_cfg(&[theta.clone(), dims.clone()]).unwrap();
+    assert_eq!((c.rope_theta, c.head_dim, c.n_kv_heads), (5e5, 4, 2));
+    assert!(c.rope_freq_factors.is_none());
+    assert!(notes.is_empty(), "{notes:?}");
+
+    // Missing freq_base: llama.cpp's 10000, logged with the key.
+    let (c, notes) = gguf_cfg(std::slice::from_ref(&dims)).unwrap();
+    assert_eq!(c.rope_theta, 10_000.0);
+    assert_eq!(notes.len(), 1);
+    assert!(
+        notes[0].contains("llama.rope.freq_base missing") && notes[0].contains("10000"),
+        "{notes:?}"
+    );
+
+    // Linear scaling, by type + factor, by factor alone (llama.cpp's default type, logged),
+    // and by the older rope.scale_linear key; `none` disables it.
+    let factor = ("llama.rope.scaling.factor", GgufValue::F32(4.0));
+    let linear = (
+        "llama.rope.scaling.type",
+        GgufValue::String("linear".into()),
+    );
+    let (c, _) = gguf_cfg(&[theta.clone(), dims.clone(), factor.clone(), linear]).unwrap();
+    assert_eq!(c.rope_freq_factors, Some(vec![4.0, 4.0]));
+    let (c, notes) = gguf_cfg(&[theta.clone(), dims.clone(), factor.clone()]).unwrap();
+    assert_eq!(c.rope_freq_factors, Some(vec![4.0, 4.0]));
+    assert!(notes[0].contains("llama.rope.scaling.type missing"));
+    let old = ("llama.rope.scale_linear", GgufValue::F32(2.0));
+    let (c, _) = gguf_cfg(&[theta.clone(), dims.clone(), old]).unwrap();
+    assert_eq!(c.rope_freq_factors, Some(vec![2.0, 2.0]));
+    let none = ("llama.rope.scaling.type", GgufValue::String("none".into()));
+    let (c, _) = gguf_cfg(&[theta.clone(), dims.clone(), factor.clone(), none]).unwrap();
+    assert!(c.rope_freq_factors.is_none());
+
+    // rope_freqs.weight (Llama 3.1), times a linear factor when both are there.
+    let f = tiny_gguf(&[theta.clone(), dims.clone()], Some(&[1.0, 8.0]));
+    let (c, _) = super::source::gguf_config(&f, "tiny.gguf").unwrap();
+    assert_eq!(c.rope_freq_factors, Some(vec![1.0, 8.0]));
+    let f = tiny_gguf(&[theta.clone(), dims.clone(), factor], Some(&[1.0, 8.0]));
+    let (c, _) = super::source::gguf_config(&f, "tiny.gguf").unwrap();
+    assert_eq!(c.rope_freq_factors, Some(vec![4.0, 32.0]));
+
+    // Unsupported values name their key.
+    let yarn = ("llama.rope.scaling.type", GgufValue::String("yarn".into()));
+    assert_eq!(
+        gguf_key_of(gguf_cfg(&[theta.clone(), dims.clone(), yarn])),
+        "llama.rope.scaling.type"
+    );
+    let partial = ("llama.rope.dimension_count", GgufValue::U32(2));
+    assert_eq!(
+        gguf_key_of(gguf_cfg(&[theta.clone(), partial])),
+        "llama.rope.dimension_count"
+    );
+    let v = ("llama.attention.value_length", GgufValue::U32(8));
+    assert_eq!(
+        gguf_key_of(gguf_cfg(&[theta.clone(), dims.clone(), v])),
+        "llama.attention.value_length"
+    );
+    let moe = ("llama.expert_count", GgufValue::U32(8));
+    assert_eq!(
+        gguf_key_of(gguf_cfg(&[theta.clone(), dims.clone(), moe])),
+        "llama.expert_count"
+    );
+    let neg = ("llama.rope.scaling.factor", GgufValue::F32(-1.0));
+    assert_eq!(
+        gguf_key_of(gguf_cfg(&[theta, dims, neg])),
+        "llama.rope.scaling.factor"
+    );
+    // A wrongly typed value is a typed GGUF error, not a default.
+    let bad = ("llama.rope.freq_base", GgufValue::String("1e4".into()));
+    assert!(matches!(gguf_cfg(&[bad]), Err(ModelError::Gguf(_))));
+    // Through the public entry point too.
+    let mut b = GgufBuilder::new();
+    b.metadata("general.architecture", GgufValue::String("gpt2".into()));
+    let e = GgufModel::from_file(GgufFile::from_bytes(b.build()).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("general.architecture"), "{e}");
+}
+
+/// A one-layer Llama directory in transformers 5 form, tensors split over `shards` as
+/// (file, tensor names); every tensor is f32 with the config's shape.
+fn tiny_hf_tensors() -> Vec<(String, Vec<usize>)> {
+    let mut t = vec![
+        ("model.embed_tokens.weight".to_owned(), vec![8, 8]),
+        ("model.norm.weight".to_owned(), vec![8]),
+    ];
+    for (n, s) in [
+        ("input_layernorm.weight", vec![8]),
+        ("post_attention_layernorm.weight", vec![8]),
+        ("self_attn.q_proj.weight", vec![8, 8]),
+        ("self_attn.k_proj.weight", vec![4, 8]),
+        ("self_attn.v_proj.weight", vec![4, 8]),
+        ("self_attn.o_proj.weight", vec![8, 8]),
+        ("mlp.gate_proj.weight", vec![16, 8]),
+        ("mlp.up_proj.weight", vec![16, 8]),
+        ("mlp.down_proj.weight", vec![8, 16]),
+    ] {
+        t.push((format!("model.layers.0.{n}"), s));
+    }
+    t
+}
+
+/// Writes `tiny_hf_tensors` split at `split` into two shards plus an index; tensor `i` is
+/// filled with `i` (as f32, bf16 in the second shard).
+fn write_sharded(dir: &std::path::Path, split: usize) -> serde_json::Value {
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8,
+        "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 4, "vocab_size": 8, "hidden_act": "silu",
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "dtype": "bfloat16"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let tensors = tiny_hf_tensors();
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    let mut map = serde_json::Map::new();
+    for (part, range) in [(0, 0..split), (1, split..tensors.len())] {
+        let mut list = Vec::new();
+        for i in range {
+            let (name, shape) = &tensors[i];
+            let n: usize = shape.iter().product();
+            let bytes = if part == 0 {
+                f32s(&vec![i as f32; n])
+            } else {
+                bf16::from_f32(i as f32).to_le_bytes().repeat(n)
+            };
+            let dtype = if part == 0 { "F32" } else { "BF16" };
+            list.push((name.as_str(), dtype, shape.clone(), bytes));
+            map.insert(name.clone(), names[part].into());
+        }
+        write_safetensors(&dir.join(names[part]), &list);
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    index
+}
+
+#[test]
+fn sharded_directory_with_index() {
+    let dir = TempDir::new("sharded");
+    let index = write_sharded(&dir.0, 5);
+    // A stray single-file checkpoint beside the shards: the index decides, so it is ignored.
+    write_safetensors(
+        &dir.0.join("model.safetensors"),
+        &[("model.norm.weight", "F32", vec![8], f32s(&[99.0; 8]))],
+    );
+    let m = HfModel::open(&dir.0).unwrap();
+    let c = m.config();
+    assert_eq!((c.rope_theta, c.head_dim, c.n_kv_heads), (100_000.0, 4, 1));
+    assert!(c.tied_embeddings && !m.has_tensor("output.weight"));
+    let tensors = tiny_hf_tensors();
+    for (i, (hf, shape)) in tensors.iter().enumerate() {
+        let canonical = (0..1)
+            .flat_map(|_| {
+                [
+                    "token_embd.weight",
+                    "output_norm.weight",
+                    "blk.0.attn_norm.weight",
+                    "blk.0.ffn_norm.weight",
+                    "blk.0.attn_q.weight",
+                    "blk.0.attn_k.weight",
+                    "blk.0.attn_v.weight",
+                    "blk.0.attn_output.weight",
+                    "blk.0.ffn_gate.weight",
+                    "blk.0.ffn_up.weight",
+                    "blk.0.ffn_down.weight",
+                ]
+            })
+            .nth(i)
+            .unwrap();
+        assert_eq!(hf_tensor_name(canonical).as_deref(), Some(hf.as_str()));
+        let (s, v) = m.tensor_f32(canonical).unwrap();
+        assert_eq!(&s, shape, "{canonical}");
+        assert!(
+            v.iter().all(|&x| x == i as f32),
+            "{canonical}: {:?}",
+            &v[..2]
+        );
+    }
+
+    let rewrite = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut j = index.clone();
+        f(&mut j);
+        std::fs::write(dir.0.join("model.safetensors.index.json"), j.to_string()).unwrap();
+        match HfModel::open(&dir.0) {
+            Err(ModelError::BadIndex { path, reason }) => {
+                assert!(path.ends_with("model.safetensors.index.json"));
+                reason
+            }
+            other => panic!("expected BadIndex, got {other:?}"),
+        }
+    };
+    // A tensor listed in the wrong shard.
+    let r = rewrite(&|j| {
+        j["weight_map"]["model.norm.weight"] = "model-00002-of-00002.safetensors".into()
+    });
+    assert!(r.contains("model.norm.weight"), "{r}");
+    // A shard that is not there.
+    let r = rewrite(&|j| {
+        j["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors".into()
+    });
+    assert!(
+        r.contains("model-00009-of-00009.safetensors") && r.contains("missing"),
+        "{r}"
+    );
+    // A path out of the directory.
+    let r = rewrite(&|j| j["weight_map"]["model.norm.weight"] = "../x.safetensors".into());
+    assert!(r.contains("../x.safetensors"), "{r}");
+    // No weight_map, or not JSON.
+    rewrite(&|j| *j = serde_json::json!({"metadata": {}}));
+    std::fs::write(dir.0.join("model.safetensors.index.json"), "{").unwrap();
+    assert!(matches!(
+        HfModel::open(&dir.0),
+        Err(ModelError::BadIndex { .. })
+    ));
+
+    // Without the index, the stray file's duplicate tensor is an error naming both files.
+    std::fs::remove_file(dir.0.join("model.safetensors.index.json")).unwrap();
+    match HfModel::open(&dir.0) {
+        Err(ModelError::BadIndex { reason, .. }) => {
+            assert!(reason.contains("model.norm.weight") && reason.contains("model.safetensors"))
+        }
+        other => panic!("expected BadIndex, got {other:?}"),
+    }
+    // Without the stray file, the shards are read by listing the directory, as before.
+    std::fs::remove_file(dir.0.join("model.safetensors")).unwrap();
+    let m = HfModel::open(&dir.0).unwrap();
+    assert_eq!(m.tensor_f32("output_norm.weight").unwrap().1, vec![1.0; 8]);
+}
+
+#[test]
+fn hf_directory_config_errors_name_the_file_and_key() {
+    let dir = TempDir::new("cfgerr");
+    write_sharded(&dir.0, 5);
+    let cfg = dir.0.join("config.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    j["rope_parameters"]["rope_type"] = "longrope".into();
+    std::fs::write(&cfg, j.to_string()).unwrap();
+    let e = HfModel::open(&dir.0).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, ModelError::UnsupportedKey { key, .. } if key == "rope_parameters.rope_type"),
+        "{e}"
+    );
+    assert!(
+        msg.contains(&cfg.display().to_string()) && msg.contains("longrope"),
+        "{msg}"
+    );
+    std::fs::write(&cfg, "{not json").unwrap();
+    let msg = HfModel::open(&dir.0).unwrap_err().to_string();
+    assert!(msg.contains(&cfg.display().to_string()), "{msg}");
 }
