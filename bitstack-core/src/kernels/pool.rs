@@ -80,7 +80,7 @@ fn worker(p: &'static Pool, slot: usize) {
         while gen == seen {
             spins = spins.wrapping_add(1);
             // Reading the clock costs ~20 ns (a vDSO call): look at it every 256 spins only.
-            if spins % 256 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(256) && start.elapsed() > SPIN {
                 let guard = p.park.lock().unwrap_or_else(|e| e.into_inner());
                 // Announce, then re-check under the lock: the caller bumps the generation
                 // before reading `parked`, and notifies holding the lock, so a wake-up
