@@ -621,6 +621,10 @@ fn cli_survives_bad_input_and_corrupt_files() {
         ("eval --max-windows 0", vec!["--max-windows", "0"]),
         ("eval --seq-len 1", vec!["--seq-len", "1"]),
         (
+            "eval --seq-len longer than the text",
+            vec!["--seq-len", "100000"],
+        ),
+        (
             "eval --json /nonexistent/x.json",
             vec!["--json", "/nonexistent/x.json"],
         ),
@@ -1127,7 +1131,7 @@ fn cli_survives_bad_input_and_corrupt_files() {
 
     let secs = t0.elapsed().as_secs_f64();
     println!(
-        "cli robustness: {} cases run ({named_cases} named cases incl. the base compress, {stack_cases} corrupt stack files, {gguf_cases} corrupt GGUFs); panics {}, silent successes {}, inputs changed {}, hung {}, other failures {}; corrupt stack files rejected {stack_rejected} / accepted with output {stack_accepted} (truncations accepted {truncations_accepted}); {secs:.1} s",
+        "cli robustness: {} cases run ({named_cases} named cases incl. the base compress, {stack_cases} corrupt stack files, {gguf_cases} corrupt GGUFs); panics {}, silent successes {}, inputs changed {}, hung {}, other failures {}; corrupt stack-file runs rejected {stack_rejected} / accepted with output {stack_accepted} (truncations accepted {truncations_accepted}); corrupt GGUF runs rejected {} / accepted with output {}; {secs:.1} s",
         tally.cases,
         tally.panics,
         tally.silent_successes,
@@ -1136,6 +1140,8 @@ fn cli_survives_bad_input_and_corrupt_files() {
         tally.failures.len().saturating_sub(
             tally.panics + tally.silent_successes + tally.inputs_changed + tally.hung
         ),
+        tally.rejected - stack_rejected,
+        tally.accepted - stack_accepted,
     );
     assert!(
         tally.failures.is_empty(),

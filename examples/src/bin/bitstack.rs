@@ -98,8 +98,8 @@ const MAX_LEVELS: usize = 1024;
 const EXIT_CODES: &str = "\
 Exit status:
   0    success
-  1    runtime error (a file that cannot be read or is corrupt, a failed write, every
-       budget of an eval failing, ...), with a message on stderr naming the file
+  1    runtime error (a file that cannot be read or is corrupt, a failed write, a
+       budget of an eval that failed, ...), with a message on stderr naming the file
   2    usage error (a bad flag value or combination, an output path that cannot be
        written or names an input), reported before any work starts
   141  stdout closed by its reader (`bitstack inspect F | head -1`): the command stops
@@ -701,11 +701,11 @@ fn budgets_for(args: &EvalArgs, min: u64, full: u64) -> Res<Vec<MemoryBudget>> {
     let below: Vec<String> = out
         .iter()
         .filter(|b| b.bytes() < min)
-        .map(|b| format!("{:.1} MB", mb(b.bytes())))
+        .map(|b| format!("{:.1} MB ({} bytes)", mb(b.bytes()), b.bytes()))
         .collect();
     if !below.is_empty() {
         return Err(usage(format!(
-            "{}: budget(s) {} below the model's minimum of {:.1} MB ({:.1} MiB; the resident part and one block per weight)",
+            "{}: budget(s) {} below the model's minimum of {:.1} MB ({:.1} MiB, {min} bytes: the resident part and one block per weight)",
             args.file.display(),
             below.join(", "),
             mb(min),
@@ -713,6 +713,18 @@ fn budgets_for(args: &EvalArgs, min: u64, full: u64) -> Res<Vec<MemoryBudget>> {
         )));
     }
     Ok(out)
+}
+
+/// `--text` must fill at least one window of `--seq-len` tokens.
+fn check_text_fills_window(args: &EvalArgs, tokens: usize) -> Res<()> {
+    if tokens < args.seq_len {
+        return Err(usage(format!(
+            "--text {}: {tokens} tokens do not fill one window of --seq-len {} tokens (give a longer text or a smaller --seq-len)",
+            args.text.display(),
+            args.seq_len
+        )));
+    }
+    Ok(())
 }
 
 fn ppl_params(seq_len: usize, max_windows: Option<usize>) -> PerplexityParams {
@@ -754,6 +766,7 @@ fn eval_original(args: &EvalArgs) -> Res<f64> {
         .tokenizer()
         .map_err(|e| named(&args.file, e))?
         .encode(&text, false)?;
+    check_text_fills_window(args, tokens.len())?;
     outln!("text: {} tokens", tokens.len())?;
     let params = ppl_params(args.seq_len, args.max_windows);
     let r = perplexity(
@@ -797,6 +810,7 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     let budgets = budgets_for(args, min, full)?;
     let tokens = loaded.tokenizer.encode(&text, false)?;
+    check_text_fills_window(args, tokens.len())?;
     outln!(
         "text: {} tokens; model minimum {:.1} MB, full {:.1} MB, original f16 {:.1} MB; process RSS before loading {}",
         tokens.len(),
