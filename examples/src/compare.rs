@@ -643,6 +643,16 @@ pub fn run_cli(args: &CompareArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `e` as an error whose text names `path` (prefixed when it does not already).
+fn named(path: &Path, e: impl std::fmt::Display) -> Error {
+    let (m, p) = (e.to_string(), path.display().to_string());
+    if m.contains(&p) {
+        m.into()
+    } else {
+        format!("{p}: {m}").into()
+    }
+}
+
 /// Validates `args` before any work: the counts, and that OUT_DIR exists (it is created) and
 /// its outputs can be written without touching an input.
 pub fn check_args(args: &CompareArgs) -> Res<()> {
@@ -688,7 +698,7 @@ pub fn check_args(args: &CompareArgs) -> Res<()> {
 pub fn run(args: &CompareArgs) -> Result<String, Error> {
     let t_all = Instant::now();
     check_args(args)?;
-    let source = open_model(&args.model)?;
+    let source = open_model(&args.model).map_err(|e| named(&args.model, e))?;
     let c = source.config().clone();
     let tokenizer = source.tokenizer()?;
     let text = std::fs::read_to_string(&args.text)
@@ -724,7 +734,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
             p
         }
     };
-    let loaded = LoadedStack::open(&stack_path, None)?;
+    let loaded = LoadedStack::open(&stack_path, None).map_err(|e| named(&stack_path, e))?;
     let stack_compression = loaded
         .model
         .file()

@@ -966,6 +966,7 @@ fn cli_survives_bad_input_and_corrupt_files() {
     bytes[(off + len / 2) as usize] ^= 0x01;
     std::fs::write(&corrupt_first, &bytes).unwrap();
     for (name, p) in [("last", &corrupt_last), ("first", &corrupt_first)] {
+        let json = dir.join(&format!("corrupt-{name}.json"));
         let ev: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
             &"eval",
             p,
@@ -977,6 +978,8 @@ fn cli_survives_bad_input_and_corrupt_files() {
             &"1",
             &"--points",
             &"2",
+            &"--json",
+            &json,
         ];
         run(
             &Case::new(
@@ -988,6 +991,18 @@ fn cli_survives_bad_input_and_corrupt_files() {
             .stderr_has(&s(p)),
             &mut tally,
         );
+        // A corrupt last block fails the full budget only: the minimum's row is written. A
+        // corrupt first block fails every budget: nothing is written.
+        let rows = std::fs::read_to_string(&json)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["rows"].as_array().map(Vec::len));
+        let expected = if name == "last" { Some(1) } else { None };
+        if rows != expected {
+            tally.failures.push(format!(
+                "eval with a corrupt {name} block: --json rows {rows:?}, expected {expected:?}"
+            ));
+        }
         run(
             &Case::new(
                 &format!("inspect --verify with a corrupt {name} block"),
