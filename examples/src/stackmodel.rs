@@ -88,7 +88,7 @@ pub fn config_to_json(c: &LlamaConfig) -> Value {
 /// Reads a config written by [`config_to_json`], validating it.
 pub fn config_from_json(v: &Value) -> Result<LlamaConfig, ModelError> {
     let bad = |k: &str| {
-        ModelError::BadStackFile(format!(
+        ModelError::BadModel(format!(
             "model config ({META_CONFIG} metadata): bad or missing {k:?}"
         ))
     };
@@ -149,14 +149,14 @@ pub fn config_from_json(v: &Value) -> Result<LlamaConfig, ModelError> {
         eos_id: id_of("eos_id")?,
     };
     if c.n_layers > MAX_LAYERS {
-        return Err(ModelError::BadStackFile(format!(
+        return Err(ModelError::BadModel(format!(
             "model config ({META_CONFIG} metadata): n_layers {} is over the limit of {MAX_LAYERS}",
             c.n_layers
         )));
     }
     c.validate().map_err(|e| match e {
         ModelError::BadConfig(m) => {
-            ModelError::BadStackFile(format!("model config ({META_CONFIG} metadata): {m}"))
+            ModelError::BadModel(format!("model config ({META_CONFIG} metadata): {m}"))
         }
         e => e,
     })?;
@@ -200,20 +200,20 @@ impl StackModel {
     /// the model's `7 · n_layers` linears with the config's shapes, in [`weight_index`] order.
     pub fn new(file: StackFile) -> Result<Self, ModelError> {
         let text = file.metadata_str(META_CONFIG).ok_or_else(|| {
-            ModelError::BadStackFile(format!(
+            ModelError::BadModel(format!(
                 "no {META_CONFIG} metadata (not a Llama stack file written by bitstack)"
             ))
         })?;
         let v: Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::BadStackFile(format!("{META_CONFIG} metadata: {e}")))?;
+            .map_err(|e| ModelError::BadModel(format!("{META_CONFIG} metadata: {e}")))?;
         let config = config_from_json(&v)?;
         let stacks = file.stacks();
         let expected = config
             .n_layers
             .checked_mul(LinearKind::ALL.len())
-            .ok_or_else(|| ModelError::BadStackFile("n_layers overflows".into()))?;
+            .ok_or_else(|| ModelError::BadModel("n_layers overflows".into()))?;
         if stacks.len() != expected {
-            return Err(ModelError::BadStackFile(format!(
+            return Err(ModelError::BadModel(format!(
                 "stack file has {} weight stacks, the config needs {expected}",
                 stacks.len()
             )));
@@ -222,7 +222,7 @@ impl StackModel {
             let (layer, kind) = weight_of_index(i);
             let (rows, cols) = kind.shape(&config);
             if meta.name != kind.tensor_name(layer) || (meta.rows, meta.cols) != (rows, cols) {
-                return Err(ModelError::BadStackFile(format!(
+                return Err(ModelError::BadModel(format!(
                     "stack {i} is {} ({}x{}), expected {} ({rows}x{cols})",
                     meta.name,
                     meta.rows,
@@ -241,7 +241,7 @@ impl StackModel {
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self, ModelError> {
         let path = path.as_ref();
         let file = StackFile::open(path).map_err(|e| {
-            ModelError::BadStackFile(match e {
+            ModelError::BadModel(match e {
                 // These name the path themselves.
                 bitstack_format::FormatError::NotRegularFile { .. }
                 | bitstack_format::FormatError::Io { .. } => e.to_string(),
@@ -250,9 +250,7 @@ impl StackModel {
             })
         })?;
         Self::new(file).map_err(|e| match e {
-            ModelError::BadStackFile(m) => {
-                ModelError::BadStackFile(format!("{}: {m}", path.display()))
-            }
+            ModelError::BadModel(m) => ModelError::BadModel(format!("{}: {m}", path.display())),
             e => e,
         })
     }
@@ -289,10 +287,10 @@ impl ModelSource for StackModel {
             .iter()
             .map(|&d| usize::try_from(d))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| ModelError::BadStackFile(format!("tensor {name} is too large")))?;
+            .map_err(|_| ModelError::BadModel(format!("tensor {name} is too large")))?;
         let data = t
             .to_f32()
-            .map_err(|e| ModelError::BadStackFile(format!("tensor {name}: {e}")))?;
+            .map_err(|e| ModelError::BadModel(format!("tensor {name}: {e}")))?;
         Ok((shape, data))
     }
 

@@ -72,7 +72,7 @@ const VOCAB: &[&str] = &[
 
 /// A one-layer Llama GGUF (hidden 16, 2 heads of 8, 1 KV head, FFN 32, vocab 32, context 64,
 /// F32 tensors) with a GPT-2 style byte-level vocabulary of single letters.
-fn tiny_gguf() -> Vec<u8> {
+fn tiny_gguf(heads: u32) -> Vec<u8> {
     let (hidden, ffn, vocab, kv) = (16u64, 32u64, VOCAB.len() as u64, 8u64);
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut b = GgufBuilder::new();
@@ -84,7 +84,7 @@ fn tiny_gguf() -> Vec<u8> {
         .metadata("llama.block_count", GgufValue::U32(1))
         .metadata("llama.embedding_length", GgufValue::U32(hidden as u32))
         .metadata("llama.feed_forward_length", GgufValue::U32(ffn as u32))
-        .metadata("llama.attention.head_count", GgufValue::U32(2))
+        .metadata("llama.attention.head_count", GgufValue::U32(heads))
         .metadata("llama.attention.head_count_kv", GgufValue::U32(1))
         .metadata("llama.context_length", GgufValue::U32(64))
         .metadata(
@@ -384,7 +384,10 @@ fn cli_survives_bad_input_and_corrupt_files() {
     let t0 = Instant::now();
     let dir = TempDir::new("suite");
     let gguf = dir.join("tiny.gguf");
-    std::fs::write(&gguf, tiny_gguf()).unwrap();
+    std::fs::write(&gguf, tiny_gguf(2)).unwrap();
+    // Inconsistent metadata: 16 wide in 3 heads.
+    let bad_heads = dir.join("three-heads.gguf");
+    std::fs::write(&bad_heads, tiny_gguf(3)).unwrap();
     let calib = dir.join("calib.txt");
     std::fs::write(&calib, tiny_text(600, 1)).unwrap();
     let text = dir.join("test.txt");
@@ -713,7 +716,7 @@ fn cli_survives_bad_input_and_corrupt_files() {
     let p_out = dir.join("p.svg");
     let missing_series = format!("a={}", s(&missing));
     let text_series = format!("a={}", s(&textfile));
-    let file_errors: Vec<(&str, Vec<OsString>, &Path, &str)> = vec![
+    let mut file_errors: Vec<(&str, Vec<OsString>, &Path, &str)> = vec![
         (
             "inspect a folder",
             os(&[&"inspect", &folder]),
@@ -808,13 +811,20 @@ fn cli_survives_bad_input_and_corrupt_files() {
             "--order-json",
         ),
     ];
+    file_errors.push((
+        "eval a GGUF with inconsistent metadata",
+        os(&[&"eval", &bad_heads, &"--text", &text]),
+        &bad_heads,
+        "GGUF metadata",
+    ));
     for (name, args, named, needle) in &file_errors {
         let a: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
         cases.push(
             Case::new(name, &a, Expect::FileError(s(named)))
                 .inputs(&[&gguf, &stack, &textfile, &calib, &text])
                 .stderr_has(needle)
-                .never("wrote "),
+                .never("wrote ")
+                .never("config.json"),
         );
     }
     // Huge and inconsistent n_layers in a stack file's config.

@@ -41,7 +41,7 @@ pub enum ModelError {
     /// A stack file that cannot be opened or does not hold a usable model (the message
     /// names the file and what was expected).
     #[error("{0}")]
-    BadStackFile(String),
+    BadModel(String),
     /// An architecture, dtype or feature this crate does not handle.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -332,7 +332,13 @@ fn gguf_config(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
         eos_id: opt_id("tokenizer.ggml.eos_token_id")?,
         arch,
     };
-    config.validate()?;
+    // validate() speaks of config.json; here the values come from the GGUF metadata.
+    config.validate().map_err(|e| match e {
+        ModelError::BadConfig(m) => {
+            ModelError::BadModel(format!("GGUF metadata ({}.*): {m}", config.arch))
+        }
+        e => e,
+    })?;
     Ok(config)
 }
 
