@@ -723,7 +723,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
         None => {
             let p = args.out_dir.join("stack.bitstack");
             if !p.is_file() {
-                eprintln!(
+                crate::noteln!(
                     "no --stack: compressing {} into {}",
                     args.model.display(),
                     p.display()
@@ -787,7 +787,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
         ablations: Vec::new(),
         ablation_notes: Vec::new(),
     };
-    eprintln!(
+    crate::noteln!(
         "text {} tokens; resident {:.2} MB; BitStack {:.1}..{:.1} MB; evaluating {} windows of {}",
         tokens.len(),
         mb(resident_bytes),
@@ -921,7 +921,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
                     &mut cache,
                 )?;
                 phases.push((format!("BitStack at {label}"), t.elapsed().as_secs_f64()));
-                eprintln!(
+                crate::noteln!(
                     "{label}: {:.2} MB ppl {:.3} | BitStack {}",
                     mb(total),
                     ppl.ppl,
@@ -1136,7 +1136,7 @@ fn eval_plain_svd_ablation(
                 p
             }
         };
-        eprintln!(
+        crate::noteln!(
             "{name} at {cfg}: {:.2} MB ppl {:.3}",
             mb(point.held),
             point.ppl.ppl
@@ -1272,7 +1272,7 @@ fn run_ablations(
     }
     for (name, p) in variants {
         let t = Instant::now();
-        eprintln!("ablation {name}: compressing");
+        crate::noteln!("ablation {name}: compressing");
         let out = compress(source, calib_text, &p)?;
         let path = args.out_dir.join(format!(
             "ablation-{}.bitstack",

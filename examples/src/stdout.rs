@@ -62,6 +62,25 @@ macro_rules! out {
     };
 }
 
+/// `eprintln!` that ignores a failed write: progress and notes are optional, so a closed or
+/// full stderr must not end (or panic) the command whose results go to stdout and files.
+#[macro_export]
+macro_rules! noteln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprint!` that ignores a failed write (see [`noteln!`](crate::noteln)).
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,6 +187,8 @@ enum Expect {
 
 struct Case {
     name: String,
+    /// Send stderr to `/dev/full` (then only the exit status is checked for a panic).
+    stderr_full: bool,
     args: Vec<OsString>,
     inputs: Vec<PathBuf>,
     out: Out,
@@ -201,6 +203,7 @@ impl Case {
     fn new(name: &str, args: &[&dyn AsRef<std::ffi::OsStr>], expect: Expect) -> Self {
         Self {
             name: name.to_owned(),
+            stderr_full: false,
             args: args.iter().map(|a| a.as_ref().to_owned()).collect(),
             inputs: Vec::new(),
             out: Out::Capture,
@@ -257,9 +260,17 @@ struct RunResult {
 fn run(case: &Case, tally: &mut Tally) -> RunResult {
     let before: Vec<Option<u64>> = case.inputs.iter().map(|p| checksum(p)).collect();
     let mut cmd = Command::new(bin());
-    cmd.args(&case.args)
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args(&case.args).stdin(Stdio::null());
+    if case.stderr_full {
+        cmd.stderr(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        );
+    } else {
+        cmd.stderr(Stdio::piped());
+    }
     match case.out {
         Out::Capture => {
             cmd.stdout(Stdio::piped());
@@ -363,7 +374,7 @@ fn run(case: &Case, tally: &mut Tally) -> RunResult {
         }
         _ => {}
     }
-    if r.status != 0 && !matches!(r.status, 141) && !r.stderr.contains("error") {
+    if r.status != 0 && r.status != 141 && !case.stderr_full && !r.stderr.contains("error") {
         fail("failed without an error message".into());
     }
     for s in &case.stderr_has {
@@ -574,6 +585,17 @@ fn cli_survives_bad_input_and_corrupt_files() {
             .inputs(&[&stack, &text])
             .stdout(Out::ClosedPipe),
     );
+    // Progress and notes cannot be written: the work goes on, results on stdout.
+    let mut c =
+        Case::new("eval 2> /dev/full", &eval_base, Expect::Status(0)).inputs(&[&stack, &text]);
+    c.stderr_full = true;
+    cases.push(c);
+    let quiet = dir.join("quiet.bitstack");
+    let mut a = compress_base.clone();
+    a.extend_from_slice(&[&"-o", &quiet]);
+    let mut c = Case::new("compress 2> /dev/full", &a, Expect::Status(0)).inputs(&[&gguf, &calib]);
+    c.stderr_full = true;
+    cases.push(c);
     cases.push(
         Case::new("--help > /dev/full", &[&"--help"], Expect::Status(1))
             .stdout(Out::Full)
@@ -948,6 +970,11 @@ fn cli_survives_bad_input_and_corrupt_files() {
         tally
             .failures
             .push(format!("{} is no longer a link", link.display()));
+    }
+    if !quiet.is_file() {
+        tally
+            .failures
+            .push("compress 2> /dev/full wrote no stack file".into());
     }
     if dir.join("unused.out").exists() {
         tally

@@ -18,12 +18,12 @@ use bitstack_examples::compress::{
 use bitstack_examples::gguf::{open_model, ModelSource};
 use bitstack_examples::llama::{GenerateParams, LinearTable, Llama, LlamaResident, Sampling};
 use bitstack_examples::memstat::{self, fmt_bytes};
-use bitstack_examples::outln;
 use bitstack_examples::output::{check_output, OutputError, UsageError};
 use bitstack_examples::perplexity::{perplexity, Perplexity, PerplexityParams};
 use bitstack_examples::report::{markdown_table, svg_plot, Series};
 use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears, StackModel};
 use bitstack_examples::stdout::StdoutError;
+use bitstack_examples::{note, noteln, outln};
 use bitstack_linalg::ScaleParams;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::json;
@@ -417,7 +417,7 @@ fn check_rank(rule: RankRule, c: &bitstack_examples::gguf::LlamaConfig) -> Res<(
         // Bits of one block (signs + f16 vectors) against the dense f16 weight.
         let block_bits = (r * cc) as u128 + 16 * (k as u128) * ((r + cc) as u128);
         if block_bits >= 16 * (r * cc) as u128 {
-            eprintln!(
+            noteln!(
                 "note: --rank {k}: one block of {} ({r}x{cc}) is larger than the dense f16 weight",
                 kind.tensor_name(0)
             );
@@ -440,7 +440,7 @@ fn run_compress(
     let mut phases = vec![("open model".to_owned(), t.elapsed().as_secs_f64())];
     check_rank(args.rank, source.config())?;
     let params = args.params();
-    eprintln!(
+    noteln!(
         "compressing {} with {} calibration windows of {} tokens, {} levels, k {}, activation scaling {}, order {}",
         model.display(),
         params.calib_windows,
@@ -827,7 +827,7 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
         let report = match loaded.elastic.resize(b) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("budget {:.1} MB failed: {e}", mb(b.bytes()));
+                noteln!("budget {:.1} MB failed: {e}", mb(b.bytes()));
                 failed.push(format!("{:.1} MB: {e}", mb(b.bytes())));
                 continue;
             }
@@ -1291,7 +1291,7 @@ fn sort(args: &SortArgs) -> Res<()> {
             let mut observer = |p: &SortProgress| {
                 if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
                     last = Instant::now();
-                    eprint!("\rsensitivity: {p}   ");
+                    note!("\rsensitivity: {p}   ");
                 }
             };
             let sens = bitstack_sort::measure_sensitivity(
@@ -1302,7 +1302,7 @@ fn sort(args: &SortArgs) -> Res<()> {
                 },
                 &mut observer,
             )?;
-            eprintln!();
+            noteln!();
             drop(ev);
             let out =
                 bitstack_sort::sort_proxy_sensitive(&weights, &sens, &ProxyConfig::default())?;
@@ -1335,9 +1335,9 @@ fn sort(args: &SortArgs) -> Res<()> {
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| format!("--first-order-bases {:?}: {e}", args.first_order_bases))?;
             let config = bitstack_sort::FirstOrderConfig { bases };
-            let mut observer = |p: &SortProgress| eprint!("\rfirst-order: {p}   ");
+            let mut observer = |p: &SortProgress| note!("\rfirst-order: {p}   ");
             let out = bitstack_sort::sort_first_order(&mut ev, &config, &mut observer)?;
-            eprintln!();
+            noteln!();
             if let Some(path) = &args.dump_scores {
                 let doc = serde_json::json!({
                     "bases": config.bases,
@@ -1392,7 +1392,7 @@ fn sort(args: &SortArgs) -> Res<()> {
             let mut observer = |p: &SortProgress| {
                 if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
                     last = Instant::now();
-                    eprint!(
+                    note!(
                         "\r{}: level {}/{} evaluation {}/{}, {:.0}s elapsed, ETA {}   ",
                         args.method,
                         p.level,
@@ -1411,7 +1411,7 @@ fn sort(args: &SortArgs) -> Res<()> {
                 ev.inner.prepare_greedy()?;
                 sort_greedy(&mut ev, &config, &mut observer)?
             };
-            eprintln!();
+            noteln!();
             let scored_levels = (0..ev.num_weights())
                 .map(|w| ev.levels(w))
                 .max()
@@ -1788,7 +1788,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Res<()> {
 
 /// Code paths outside this file that still print with `println!` (which panics with "failed
 /// printing to stdout" when stdout is closed or full) end like the checked ones: quietly on a
-/// closed pipe, with exit status 1 and a message on any other write error.
+/// closed pipe, with exit status 1 and a message on any other write error. A failing stderr
+/// ends the same way, without a message.
 fn install_stdout_panic_backstop() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -1803,6 +1804,15 @@ fn install_stdout_panic_backstop() {
             }
             let _ = writeln!(std::io::stderr(), "error: writing to stdout: {rest}");
             std::process::exit(1);
+        }
+        // Progress and notes go to stderr with `eprintln!`; when stderr itself is closed or
+        // full nothing can be reported: end with status 1 (141 for a closed pipe), no panic.
+        if let Some(rest) = msg.and_then(|m| m.strip_prefix("failed printing to stderr: ")) {
+            std::process::exit(if rest.contains("Broken pipe") {
+                EXIT_STDOUT_CLOSED
+            } else {
+                1
+            });
         }
         default(info)
     }));
