@@ -17,6 +17,14 @@ pub enum FormatError {
         #[source]
         source: std::io::Error,
     },
+    /// The path names a directory, a device or a FIFO, not a file.
+    #[error("{path} {what}")]
+    NotRegularFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is (`is a directory, not a stack file`).
+        what: &'static str,
+    },
     /// The first 8 bytes are not `BITSTACK`.
     #[error("not a BitStack stack file (bad magic bytes)")]
     BadMagic,

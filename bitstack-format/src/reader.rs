@@ -75,7 +75,21 @@ impl StackFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = File::open(path).map_err(io_err(path))?;
-        let len = file.metadata().map_err(io_err(path))?.len();
+        let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.is_file() {
+            // A directory opens but cannot be mapped ("No such device"); a device or FIFO
+            // may never end. Say what it is instead.
+            let what = if meta.is_dir() {
+                "is a directory, not a stack file"
+            } else {
+                "is not a regular file"
+            };
+            return Err(FormatError::NotRegularFile {
+                path: path.to_path_buf(),
+                what,
+            });
+        }
+        let len = meta.len();
         if len < PREAMBLE_LEN as u64 {
             // Too short to be valid; read it so the error says exactly why (and because
             // mapping an empty file fails on some platforms).

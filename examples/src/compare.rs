@@ -31,6 +31,7 @@ use crate::gguf::{open_model, ModelSource};
 use crate::llama::{
     ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaResident,
 };
+use crate::output::UsageError;
 use crate::perplexity::{perplexity, Perplexity, PerplexityParams};
 use crate::report::{markdown_table, svg_plot, Progress, Series};
 use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRESSION};
@@ -308,26 +309,7 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / MB
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, fsync and rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp-write");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Make the rename itself durable (best effort: not every platform opens folders).
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
+pub use crate::output::write_atomic;
 
 /// A BitStack point: the prefix loaded, the bytes held and its perplexity.
 #[derive(Clone, Debug)]
@@ -653,19 +635,70 @@ fn eval_stack_within(
 /// [`run`] for the command line: prints the markdown table and where the files went.
 pub fn run_cli(args: &CompareArgs) -> Result<(), Box<dyn std::error::Error>> {
     let md = run(args).map_err(|e| -> Box<dyn std::error::Error> { e })?;
-    println!("{md}");
-    println!(
+    crate::outln!("{md}")?;
+    crate::outln!(
         "wrote {}/compare.json, compare.md, compare.svg",
         args.out_dir.display()
-    );
+    )?;
+    Ok(())
+}
+
+/// `e` as an error whose text names `path` (prefixed when it does not already).
+fn named(path: &Path, e: impl std::fmt::Display) -> Error {
+    let (m, p) = (e.to_string(), path.display().to_string());
+    if m.contains(&p) {
+        m.into()
+    } else {
+        format!("{p}: {m}").into()
+    }
+}
+
+/// Validates `args` before any work: the counts, and that OUT_DIR exists (it is created) and
+/// its outputs can be written without touching an input.
+pub fn check_args(args: &CompareArgs) -> Res<()> {
+    for (flag, v) in [
+        ("--seq-len", args.seq_len),
+        ("--calib-windows", args.calib_windows),
+        ("--calib-seq-len", args.calib_seq_len),
+        ("--group-size", args.group_size),
+    ] {
+        if v == 0 {
+            return Err(UsageError::boxed(format!("{flag} must be at least 1")));
+        }
+    }
+    let supported = crate::baselines::SUPPORTED_BITS;
+    if let Some(b) = args.bits.iter().find(|b| !supported.contains(*b)) {
+        return Err(UsageError::boxed(format!(
+            "--bits {b}: supported bit widths are {supported:?}"
+        )));
+    }
+    std::fs::create_dir_all(&args.out_dir)
+        .map_err(|e| format!("cannot create --out-dir {}: {e}", args.out_dir.display()))?;
+    let mut inputs = vec![
+        args.model.as_path(),
+        args.calib.as_path(),
+        args.text.as_path(),
+    ];
+    if let Some(s) = &args.stack {
+        inputs.push(s.as_path());
+    }
+    for name in ["compare.json", "compare.md", "compare.svg"] {
+        crate::output::check_output(&args.out_dir.join(name), &inputs)?;
+    }
+    if args.stack.is_none() {
+        let p = args.out_dir.join("stack.bitstack");
+        if !p.is_file() {
+            crate::output::check_output(&p, &inputs)?;
+        }
+    }
     Ok(())
 }
 
 /// Runs the comparison and writes OUT_DIR/compare.{json,md,svg}; returns the markdown.
 pub fn run(args: &CompareArgs) -> Result<String, Error> {
     let t_all = Instant::now();
-    std::fs::create_dir_all(&args.out_dir)?;
-    let source = open_model(&args.model)?;
+    check_args(args)?;
+    let source = open_model(&args.model).map_err(|e| named(&args.model, e))?;
     let c = source.config().clone();
     let tokenizer = source.tokenizer()?;
     let text = std::fs::read_to_string(&args.text)
@@ -690,7 +723,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
         None => {
             let p = args.out_dir.join("stack.bitstack");
             if !p.is_file() {
-                eprintln!(
+                crate::noteln!(
                     "no --stack: compressing {} into {}",
                     args.model.display(),
                     p.display()
@@ -701,7 +734,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
             p
         }
     };
-    let loaded = LoadedStack::open(&stack_path, None)?;
+    let loaded = LoadedStack::open(&stack_path, None).map_err(|e| named(&stack_path, e))?;
     let stack_compression = loaded
         .model
         .file()
@@ -754,7 +787,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
         ablations: Vec::new(),
         ablation_notes: Vec::new(),
     };
-    eprintln!(
+    crate::noteln!(
         "text {} tokens; resident {:.2} MB; BitStack {:.1}..{:.1} MB; evaluating {} windows of {}",
         tokens.len(),
         mb(resident_bytes),
@@ -888,7 +921,7 @@ pub fn run(args: &CompareArgs) -> Result<String, Error> {
                     &mut cache,
                 )?;
                 phases.push((format!("BitStack at {label}"), t.elapsed().as_secs_f64()));
-                eprintln!(
+                crate::noteln!(
                     "{label}: {:.2} MB ppl {:.3} | BitStack {}",
                     mb(total),
                     ppl.ppl,
@@ -1103,7 +1136,7 @@ fn eval_plain_svd_ablation(
                 p
             }
         };
-        eprintln!(
+        crate::noteln!(
             "{name} at {cfg}: {:.2} MB ppl {:.3}",
             mb(point.held),
             point.ppl.ppl
@@ -1185,11 +1218,18 @@ fn run_ablations(
         report.write(&args.out_dir)?;
     }
     // Ablations change one setting of the main stack's: its k (when fixed) and its order.
+    // Files store the order as its display text (`first-order (…)`); older ones as Debug text.
     let main_order = match stack_compression.get("order").and_then(Value::as_str) {
-        Some("Proxy") => crate::compress::OrderMethod::Proxy,
-        Some(o) if o.starts_with("ProxySensitive") => crate::compress::OrderMethod::PROXY_SENSITIVE,
-        Some(o) if o.starts_with("FirstOrder") => crate::compress::OrderMethod::FIRST_ORDER,
-        Some(o) if o.starts_with("Random") => crate::compress::OrderMethod::Random { seed: 0 },
+        Some("Proxy" | "proxy") => crate::compress::OrderMethod::Proxy,
+        Some(o) if o.starts_with("ProxySensitive") || o.starts_with("proxy-sensitive") => {
+            crate::compress::OrderMethod::PROXY_SENSITIVE
+        }
+        Some(o) if o.starts_with("FirstOrder") || o.starts_with("first-order") => {
+            crate::compress::OrderMethod::FIRST_ORDER
+        }
+        Some(o) if o.starts_with("Random") || o.starts_with("random") => {
+            crate::compress::OrderMethod::Random { seed: 0 }
+        }
         _ => crate::compress::OrderMethod::RoundRobin,
     };
     let base = CompressParams {
@@ -1232,7 +1272,7 @@ fn run_ablations(
     }
     for (name, p) in variants {
         let t = Instant::now();
-        eprintln!("ablation {name}: compressing");
+        crate::noteln!("ablation {name}: compressing");
         let out = compress(source, calib_text, &p)?;
         let path = args.out_dir.join(format!(
             "ablation-{}.bitstack",

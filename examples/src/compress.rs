@@ -176,6 +176,47 @@ impl std::str::FromStr for OrderMethod {
     }
 }
 
+impl std::fmt::Display for OrderMethod {
+    /// The CLI name and its settings, as users read them (also stored in the file's
+    /// compression metadata).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::RoundRobin => write!(f, "roundrobin"),
+            Self::Random { seed } => write!(f, "random (seed {seed})"),
+            Self::Proxy => write!(f, "proxy"),
+            Self::ProxySensitive {
+                scoring_seqs,
+                seq_len,
+                probe,
+            } => write!(
+                f,
+                "proxy-sensitive ({scoring_seqs} x {seq_len} tokens, each weight moved from {} to {} blocks)",
+                probe.base_blocks, probe.probe_blocks
+            ),
+            Self::FirstOrder {
+                scoring_seqs,
+                seq_len,
+                bases,
+            } => {
+                let b: Vec<String> = bases.iter().map(u16::to_string).collect();
+                write!(
+                    f,
+                    "first-order (gradients at {} blocks per weight on {scoring_seqs} x {seq_len} tokens)",
+                    b.join(",")
+                )
+            }
+            Self::Average {
+                scoring_seqs,
+                seq_len,
+            } => write!(f, "average ({scoring_seqs} x {seq_len} tokens)"),
+            Self::Greedy {
+                scoring_seqs,
+                seq_len,
+            } => write!(f, "greedy ({scoring_seqs} x {seq_len} tokens)"),
+        }
+    }
+}
+
 /// How many singular vectors (k) each weight's blocks get.
 ///
 /// A block of an `m×n` weight costs `m·n` sign bits plus `16·k·(m+n)` bits of f16 vectors. On
@@ -212,6 +253,22 @@ impl RankRule {
             }
         };
         k.clamp(1, rows.min(cols).max(1))
+    }
+}
+
+impl std::fmt::Display for RankRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            RankRule::Fixed(k) => write!(f, "{k}"),
+            RankRule::Adaptive {
+                bits_per_weight,
+                min,
+                max,
+            } => write!(
+                f,
+                "auto ({bits_per_weight} bits per weight per level of vectors, k in {min}..={max})"
+            ),
+        }
     }
 }
 
@@ -625,12 +682,12 @@ pub fn compress(
         "levels": params.iavd.levels,
         "rank": match params.rank {
             RankRule::Fixed(k) => json!(k),
-            RankRule::Adaptive { .. } => json!(format!("{:?}", params.rank)),
+            RankRule::Adaptive { .. } => json!(params.rank.to_string()),
         },
         "activation_scaling": params.scale.is_some(),
         "calib_windows": params.calib_windows,
         "calib_seq_len": params.calib_seq_len,
-        "order": format!("{:?}", params.order),
+        "order": params.order.to_string(),
         "tool": concat!("bitstack-rs ", env!("CARGO_PKG_VERSION")),
     });
     metadata.insert(

@@ -87,7 +87,11 @@ pub fn config_to_json(c: &LlamaConfig) -> Value {
 
 /// Reads a config written by [`config_to_json`], validating it.
 pub fn config_from_json(v: &Value) -> Result<LlamaConfig, ModelError> {
-    let bad = |k: &str| ModelError::BadConfig(format!("stack file config: bad or missing {k:?}"));
+    let bad = |k: &str| {
+        ModelError::BadModel(format!(
+            "model config ({META_CONFIG} metadata): bad or missing {k:?}"
+        ))
+    };
     let usize_of = |k: &str| {
         v.get(k)
             .and_then(Value::as_u64)
@@ -144,8 +148,43 @@ pub fn config_from_json(v: &Value) -> Result<LlamaConfig, ModelError> {
         bos_id: id_of("bos_id")?,
         eos_id: id_of("eos_id")?,
     };
-    c.validate()?;
+    if c.n_layers > MAX_LAYERS {
+        return Err(ModelError::BadModel(format!(
+            "model config ({META_CONFIG} metadata): n_layers {} is over the limit of {MAX_LAYERS}",
+            c.n_layers
+        )));
+    }
+    c.validate().map_err(|e| match e {
+        ModelError::BadConfig(m) => {
+            ModelError::BadModel(format!("model config ({META_CONFIG} metadata): {m}"))
+        }
+        e => e,
+    })?;
     Ok(c)
+}
+
+/// The most decoder layers a stack file's config may claim (as for every model config).
+pub use crate::gguf::MAX_LAYERS;
+
+/// The message for a file without the stack-file magic: says what it is when it is a GGUF
+/// model or a Hugging Face folder.
+fn not_a_stack_file(path: &std::path::Path) -> String {
+    let mut magic = [0u8; 4];
+    let is_gguf = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok()
+        && &magic == b"GGUF";
+    if is_gguf {
+        format!(
+            "{} is a GGUF model, not a stack file (make one with `bitstack compress`)",
+            path.display()
+        )
+    } else {
+        format!(
+            "{} is not a stack file (it does not start with the BITSTACK magic bytes)",
+            path.display()
+        )
+    }
 }
 
 /// A stack file holding a Llama model, shared between the resident loader and the elastic
@@ -161,15 +200,20 @@ impl StackModel {
     /// the model's `7 · n_layers` linears with the config's shapes, in [`weight_index`] order.
     pub fn new(file: StackFile) -> Result<Self, ModelError> {
         let text = file.metadata_str(META_CONFIG).ok_or_else(|| {
-            ModelError::BadConfig(format!("stack file has no {META_CONFIG} metadata"))
+            ModelError::BadModel(format!(
+                "no {META_CONFIG} metadata (not a Llama stack file written by bitstack)"
+            ))
         })?;
         let v: Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::BadConfig(format!("{META_CONFIG}: {e}")))?;
+            .map_err(|e| ModelError::BadModel(format!("{META_CONFIG} metadata: {e}")))?;
         let config = config_from_json(&v)?;
         let stacks = file.stacks();
-        let expected = config.n_layers * LinearKind::ALL.len();
+        let expected = config
+            .n_layers
+            .checked_mul(LinearKind::ALL.len())
+            .ok_or_else(|| ModelError::BadModel("n_layers overflows".into()))?;
         if stacks.len() != expected {
-            return Err(ModelError::BadConfig(format!(
+            return Err(ModelError::BadModel(format!(
                 "stack file has {} weight stacks, the config needs {expected}",
                 stacks.len()
             )));
@@ -178,7 +222,7 @@ impl StackModel {
             let (layer, kind) = weight_of_index(i);
             let (rows, cols) = kind.shape(&config);
             if meta.name != kind.tensor_name(layer) || (meta.rows, meta.cols) != (rows, cols) {
-                return Err(ModelError::BadConfig(format!(
+                return Err(ModelError::BadModel(format!(
                     "stack {i} is {} ({}x{}), expected {} ({rows}x{cols})",
                     meta.name,
                     meta.rows,
@@ -197,9 +241,18 @@ impl StackModel {
     pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self, ModelError> {
         let path = path.as_ref();
         let file = StackFile::open(path).map_err(|e| {
-            ModelError::BadConfig(format!("cannot open stack file {}: {e}", path.display()))
+            ModelError::BadModel(match e {
+                // These name the path themselves.
+                bitstack_format::FormatError::NotRegularFile { .. }
+                | bitstack_format::FormatError::Io { .. } => e.to_string(),
+                bitstack_format::FormatError::BadMagic => not_a_stack_file(path),
+                e => format!("{}: not a valid stack file: {e}", path.display()),
+            })
         })?;
-        Self::new(file)
+        Self::new(file).map_err(|e| match e {
+            ModelError::BadModel(m) => ModelError::BadModel(format!("{}: {m}", path.display())),
+            e => e,
+        })
     }
 
     /// The underlying file.
@@ -234,10 +287,10 @@ impl ModelSource for StackModel {
             .iter()
             .map(|&d| usize::try_from(d))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| ModelError::BadConfig(format!("tensor {name} is too large")))?;
+            .map_err(|_| ModelError::BadModel(format!("tensor {name} is too large")))?;
         let data = t
             .to_f32()
-            .map_err(|e| ModelError::BadConfig(format!("tensor {name}: {e}")))?;
+            .map_err(|e| ModelError::BadModel(format!("tensor {name}: {e}")))?;
         Ok((shape, data))
     }
 

@@ -18,21 +18,100 @@ use bitstack_examples::compress::{
 use bitstack_examples::gguf::{open_model, ModelSource};
 use bitstack_examples::llama::{GenerateParams, LinearTable, Llama, LlamaResident, Sampling};
 use bitstack_examples::memstat::{self, fmt_bytes};
+use bitstack_examples::output::{check_output, OutputError, UsageError};
 use bitstack_examples::perplexity::{perplexity, Perplexity, PerplexityParams};
 use bitstack_examples::report::{markdown_table, svg_plot, Series};
 use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears, StackModel};
+use bitstack_examples::stdout::StdoutError;
+use bitstack_examples::{note, noteln, outln};
 use bitstack_linalg::ScaleParams;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::json;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// A usage error (exit status 2): a flag value or combination that cannot work.
+fn usage(msg: impl Into<String>) -> Box<dyn std::error::Error> {
+    Box::new(UsageError(msg.into()))
+}
+
+/// `e` as a message that names `path` (prefixed when the message does not already).
+fn named(path: &Path, e: impl std::fmt::Display) -> Box<dyn std::error::Error> {
+    let (m, p) = (e.to_string(), path.display().to_string());
+    if m.contains(&p) {
+        m.into()
+    } else {
+        format!("{p}: {m}").into()
+    }
+}
+
+/// Reads a text input, naming the flag and the file on failure.
+fn read_text(flag: &str, path: &Path) -> Res<String> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        let what = if path.is_dir() {
+            "is a directory".to_owned()
+        } else {
+            e.to_string()
+        };
+        format!("cannot read {flag} {}: {what}", path.display())
+    })?;
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{flag} {}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+        .into()
+    })
+}
+
+/// Opens an original model (GGUF file or Hugging Face folder); errors name the path.
+fn open_source(path: &Path) -> Res<Box<dyn ModelSource>> {
+    if is_stack_file(path) {
+        return Err(usage(format!(
+            "{} is a stack file, not an original model (a .gguf file or a Hugging Face folder)",
+            path.display()
+        )));
+    }
+    open_model(path).map_err(|e| named(path, e))
+}
+
+/// Opens a stack file through the elastic runtime; errors name the path.
+fn open_loaded(path: &Path, budget: Option<MemoryBudget>) -> Res<LoadedStack> {
+    LoadedStack::open(path, budget).map_err(|e| match e {
+        bitstack_examples::stackmodel::LoadError::Core(
+            c @ bitstack_core::CoreError::BudgetBelowMinimum { .. },
+        ) => usage(format!("{}: {c}", path.display())),
+        e => named(path, e),
+    })
+}
+
+/// The most budgets one `eval` evaluates (`--budgets`, `--sweep`, `--points`).
+const MAX_BUDGETS: u64 = 1000;
+/// The most residual blocks per weight `compress --levels` accepts.
+const MAX_LEVELS: usize = 1024;
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0    success
+  1    runtime error (a file that cannot be read or is corrupt, a failed write, a
+       budget of an eval that failed, ...), with a message on stderr naming the file
+  2    usage error (a bad flag value or combination, an output path that cannot be
+       written or names an input), reported before any work starts
+  141  stdout closed by its reader (`bitstack inspect F | head -1`): the command stops
+       quietly, as a tool killed by SIGPIPE would report
+
+Output files are never written through a symbolic link, onto a device (/dev/full,
+/dev/stdout) or over one of the command's inputs; they are written to a temporary file,
+fsynced and renamed, so a failure leaves the old file untouched.";
+
 /// BitStack: any-size compression of large language models.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,6 +128,10 @@ enum Command {
     Inspect {
         /// The stack file.
         file: PathBuf,
+        /// Also read every block and check its checksum and contents (exit 1 naming the
+        /// first bad block).
+        #[arg(long)]
+        verify: bool,
     },
     /// Perplexity at several budgets by resizing one loaded model (or of an original model).
     Eval(EvalArgs),
@@ -84,21 +167,38 @@ struct PlotArgs {
 }
 
 fn plot(args: &PlotArgs) -> Res<()> {
-    let mut series = Vec::new();
+    let mut items = Vec::new();
     for item in &args.series {
         let (name, path) = item
             .split_once('=')
-            .ok_or_else(|| format!("{item:?}: expected LABEL=FILE.json"))?;
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)
-            .map_err(|e| format!("{path}: {e}"))?;
-        let rows = json["rows"]
-            .as_array()
-            .ok_or_else(|| format!("{path}: no \"rows\" array (not an eval --json file)"))?;
+            .ok_or_else(|| usage(format!("{item:?}: expected LABEL=FILE.json")))?;
+        items.push((name, Path::new(path)));
+    }
+    if let Some(p) = args.original_ppl.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        return Err(usage(format!(
+            "--original-ppl {p}: expected a positive number"
+        )));
+    }
+    let inputs: Vec<&Path> = items.iter().map(|(_, p)| *p).collect();
+    check_output(&args.output, &inputs)?;
+    let mut series = Vec::new();
+    for (name, path) in items {
+        let json: serde_json::Value = serde_json::from_str(&read_text("series", path)?)
+            .map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+        let rows = json["rows"].as_array().ok_or_else(|| {
+            format!(
+                "{}: no \"rows\" array (not an eval --json file)",
+                path.display()
+            )
+        })?;
         let points = rows
             .iter()
             .map(|r| match (r["budget_bytes"].as_f64(), r["ppl"].as_f64()) {
                 (Some(b), Some(p)) => Ok((b / 1e6, p)),
-                _ => Err(format!("{path}: a row lacks budget_bytes or ppl")),
+                _ => Err(format!(
+                    "{}: a row lacks budget_bytes or ppl",
+                    path.display()
+                )),
             })
             .collect::<Result<Vec<_>, _>>()?;
         series.push(bitstack_examples::report::Series {
@@ -118,8 +218,8 @@ fn plot(args: &PlotArgs) -> Res<()> {
         &series,
         &hlines,
     );
-    bitstack_examples::compare::write_atomic(&args.output, svg.as_bytes())?;
-    println!("wrote {}", args.output.display());
+    bitstack_examples::output::write_atomic(&args.output, svg.as_bytes())?;
+    outln!("wrote {}", args.output.display())?;
     Ok(())
 }
 
@@ -263,12 +363,67 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / MIB
 }
 
-fn print_phases(phases: &[(String, f64)]) {
+fn print_phases(phases: &[(String, f64)]) -> Res<()> {
     let rows: Vec<Vec<String>> = phases
         .iter()
         .map(|(n, s)| vec![n.clone(), format!("{s:.1}")])
         .collect();
-    println!("{}", markdown_table(&["phase", "seconds"], &rows));
+    outln!("{}", markdown_table(&["phase", "seconds"], &rows))?;
+    Ok(())
+}
+
+/// `compress`'s checks of its flags, before anything is read.
+fn check_compress_flags(args: &CalibArgs) -> Res<()> {
+    if !(1..=MAX_LEVELS).contains(&args.levels) {
+        return Err(usage(format!(
+            "--levels {}: expected 1 to {MAX_LEVELS} residual blocks per weight",
+            args.levels
+        )));
+    }
+    if args.calib_windows == 0 {
+        return Err(usage("--calib-windows must be at least 1"));
+    }
+    if args.calib_seq_len < 2 {
+        return Err(usage("--calib-seq-len must be at least 2 tokens"));
+    }
+    Ok(())
+}
+
+/// `--rank K` against the model's weight shapes: K above min(rows, cols) of a weight is an
+/// error (its blocks would hold more vectors than the weight has dimensions); K whose blocks
+/// cost more than the dense f16 weight gets a note.
+fn check_rank(rule: RankRule, c: &bitstack_examples::gguf::LlamaConfig) -> Res<()> {
+    let RankRule::Fixed(k) = rule else {
+        return Ok(());
+    };
+    let kinds = bitstack_examples::llama::LinearKind::ALL;
+    for kind in kinds {
+        let (r, cc) = kind.shape(c);
+        if k > r.min(cc) {
+            return Err(usage(format!(
+                "--rank {k}: larger than min(rows, cols) = {} of {} ({r}x{cc}); use at most {} or `auto`",
+                r.min(cc),
+                kind.tensor_name(0),
+                kinds
+                    .iter()
+                    .map(|k| {
+                        let (r, c) = k.shape(c);
+                        r.min(c)
+                    })
+                    .min()
+                    .unwrap_or(1)
+            )));
+        }
+        // Bits of one block (signs + f16 vectors) against the dense f16 weight.
+        let block_bits = (r * cc) as u128 + 16 * (k as u128) * ((r + cc) as u128);
+        if block_bits >= 16 * (r * cc) as u128 {
+            noteln!(
+                "note: --rank {k}: one block of {} ({r}x{cc}) is larger than the dense f16 weight",
+                kind.tensor_name(0)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn run_compress(
@@ -277,14 +432,16 @@ fn run_compress(
     output: &Path,
     args: &CalibArgs,
 ) -> Res<Vec<(String, f64)>> {
+    check_compress_flags(args)?;
+    check_output(output, &[model, calib])?;
+    let text = read_text("--calib", calib)?;
     let t = Instant::now();
-    let source = open_model(model)?;
+    let source = open_source(model)?;
     let mut phases = vec![("open model".to_owned(), t.elapsed().as_secs_f64())];
-    let text = std::fs::read_to_string(calib)
-        .map_err(|e| format!("cannot read calibration text {}: {e}", calib.display()))?;
+    check_rank(args.rank, source.config())?;
     let params = args.params();
-    eprintln!(
-        "compressing {} with {} calibration windows of {} tokens, {} levels, k {:?}, activation scaling {}, order {:?}",
+    noteln!(
+        "compressing {} with {} calibration windows of {} tokens, {} levels, k {}, activation scaling {}, order {}",
         model.display(),
         params.calib_windows,
         params.calib_seq_len,
@@ -295,12 +452,16 @@ fn run_compress(
     );
     let out = compress(source.as_ref(), &text, &params)?;
     phases.extend(out.phases.iter().map(|p| (p.name.to_owned(), p.seconds)));
-    let w = write_compressed(&out, output)?;
+    // The output was checked before the work; check again (it may have changed meanwhile).
+    check_output(output, &[model, calib])?;
+    let w = write_compressed(&out, output).map_err(|e| named(output, e))?;
     phases.push(("write stack file".to_owned(), w));
     let total: f64 = phases.iter().map(|p| p.1).sum();
     phases.push(("total".to_owned(), total));
-    let size = std::fs::metadata(output)?.len();
-    println!(
+    let size = std::fs::metadata(output)
+        .map_err(|e| named(output, e))?
+        .len();
+    outln!(
         "wrote {} ({:.1} MB, {:.1} MiB); mean relative error (scaled space) after level 1 / 4 / 16: {}",
         output.display(),
         mb(size),
@@ -311,28 +472,29 @@ fn run_compress(
             .map(|e| format!("{e:.4}"))
             .collect::<Vec<_>>()
             .join(" / ")
-    );
-    print_phases(&phases);
+    )?;
+    print_phases(&phases)?;
     Ok(phases)
 }
 
 fn inspect(path: &Path) -> Res<()> {
-    let sm = StackModel::open(path)?;
+    let sm = StackModel::open(path).map_err(|e| named(path, e))?;
     let c = sm.config();
     let file = sm.file();
     let layout = file.layout();
-    println!(
-        "{}: format {:?}, {:.1} MB on disk",
+    outln!(
+        "{}: format {}.{}, {:.1} MB on disk",
         path.display(),
-        file.version(),
+        file.version().0,
+        file.version().1,
         mb(file.file_len())
-    );
-    println!(
+    )?;
+    outln!(
         "model: {} layers, hidden {}, ffn {}, {} heads / {} KV heads (head dim {}), vocab {}, tied embeddings {}",
         c.n_layers, c.hidden, c.ffn, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab, c.tied_embeddings
-    );
+    )?;
     if let Some(s) = file.metadata_str(bitstack_examples::stackmodel::META_COMPRESSION) {
-        println!("compression: {s}");
+        outln!("compression: {s}")?;
     }
     let mut shapes: std::collections::BTreeMap<(usize, usize, usize), (usize, u64)> =
         Default::default();
@@ -353,7 +515,7 @@ fn inspect(path: &Path) -> Res<()> {
             ]
         })
         .collect();
-    println!(
+    outln!(
         "{}",
         markdown_table(
             &[
@@ -365,22 +527,22 @@ fn inspect(path: &Path) -> Res<()> {
             ],
             &rows
         )
-    );
+    )?;
     let levels = file.stacks().iter().map(|m| m.levels).max().unwrap_or(0);
     let per_level: u64 = file.stacks().iter().map(|m| m.block_bytes()).sum();
     let scales: u64 = file.stacks().iter().map(|m| m.scale_bytes()).sum();
-    println!(
+    outln!(
         "{} weights x {levels} levels = {} blocks; one level of every weight: {:.2} MB ({:.2} MiB); scale vectors {:.3} MB",
         file.stacks().len(),
         layout.order.len(),
         mb(per_level),
         mib(per_level),
         mb(scales)
-    );
+    )?;
     // What a running model holds: the resident part as the runtime keeps it (f16 embedding,
     // f32 norms; the tokenizer is not counted), scales and blocks.
-    let loaded = LoadedStack::open(path, None)?;
-    println!(
+    let loaded = open_loaded(path, None)?;
+    outln!(
         "resident payloads in the file (f16, tokenizer included): {:.1} MB; held at run time: {:.1} MB; minimum budget {:.1} MB ({:.1} MiB); full stack {:.1} MB ({:.1} MiB)",
         mb(layout.resident_bytes),
         mb(loaded.elastic.layout().resident_bytes),
@@ -388,21 +550,130 @@ fn inspect(path: &Path) -> Res<()> {
         mib(loaded.elastic.minimum_bytes()),
         mb(loaded.elastic.full_bytes()),
         mib(loaded.elastic.full_bytes())
-    );
+    )?;
+    Ok(())
+}
+
+/// `inspect --verify`: reads every block (in stack order) and checks its checksum and
+/// contents; the first bad block is an error naming it.
+fn verify_blocks(path: &Path) -> Res<()> {
+    let t = Instant::now();
+    let sm = StackModel::open(path).map_err(|e| named(path, e))?;
+    let file = sm.file();
+    let mut bytes = 0u64;
+    let mut n = 0usize;
+    for id in file.order().as_slice() {
+        let meta = file
+            .stacks()
+            .get(id.weight as usize)
+            .ok_or_else(|| format!("{}: block {id:?} names no stack", path.display()))?;
+        file.block_view(*id).map_err(|e| {
+            format!(
+                "{}: block {}:{} ({} level {}) is bad: {e}",
+                path.display(),
+                id.weight,
+                id.level,
+                meta.name,
+                id.level as u32 + 1
+            )
+        })?;
+        bytes += meta.block_bytes();
+        n += 1;
+    }
+    outln!(
+        "verified {n} blocks ({:.1} MB) in {:.2} s: every checksum matches",
+        mb(bytes),
+        t.elapsed().as_secs_f64()
+    )?;
     Ok(())
 }
 
 fn parse_sweep(s: &str) -> Res<(MemoryBudget, MemoryBudget, MemoryBudget)> {
     let parts: Vec<&str> = s.split(':').collect();
     if parts.len() != 3 {
-        return Err(format!("--sweep wants MIN:MAX:STEP, got {s:?}").into());
+        return Err(usage(format!("--sweep wants MIN:MAX:STEP, got {s:?}")));
     }
-    let p = |x: &str| x.parse::<MemoryBudget>();
+    let p = |x: &str| {
+        x.parse::<MemoryBudget>()
+            .map_err(|e| usage(format!("--sweep {s:?}: {e}")))
+    };
     let (a, b, c) = (p(parts[0])?, p(parts[1])?, p(parts[2])?);
     if c.bytes() == 0 || b.bytes() < a.bytes() {
-        return Err(format!("--sweep {s:?}: need MIN <= MAX and STEP > 0").into());
+        return Err(usage(format!(
+            "--sweep {s:?}: need MIN <= MAX and STEP > 0"
+        )));
+    }
+    let count = (b.bytes() - a.bytes()) / c.bytes() + 1;
+    if count > MAX_BUDGETS {
+        return Err(usage(format!(
+            "--sweep {s:?} gives {count} budgets; at most {MAX_BUDGETS} (use a larger STEP)"
+        )));
     }
     Ok((a, b, c))
+}
+
+/// `eval`'s checks of its flags, before the model is loaded: counts, outputs, and (for an
+/// original model) that no stack-only flag was given. `explicit` lists the flags given on
+/// the command line.
+fn check_eval_flags(args: &EvalArgs, stack: bool, explicit: &[&str]) -> Res<()> {
+    if !stack {
+        for flag in ["budgets", "sweep", "points", "json", "plot", "original-ppl"] {
+            if explicit.contains(&flag) {
+                return Err(usage(format!(
+                    "--{flag} applies to stack files only; {} is an original model (its row is evaluated once, without budgets)",
+                    args.file.display()
+                )));
+            }
+        }
+    }
+    if args.seq_len < 2 {
+        return Err(usage("--seq-len must be at least 2 tokens"));
+    }
+    if args.max_windows == Some(0) {
+        return Err(usage("--max-windows must be at least 1"));
+    }
+    if stack {
+        if !(2..=MAX_BUDGETS as usize).contains(&args.points) {
+            return Err(usage(format!(
+                "--points {}: expected 2 to {MAX_BUDGETS}",
+                args.points
+            )));
+        }
+        if args.budgets.len() as u64 > MAX_BUDGETS {
+            return Err(usage(format!(
+                "--budgets lists {} budgets; at most {MAX_BUDGETS}",
+                args.budgets.len()
+            )));
+        }
+        if let Some(sw) = &args.sweep {
+            let (a, b, c) = parse_sweep(sw)?;
+            let n = (b.bytes() - a.bytes()) / c.bytes() + 1 + args.budgets.len() as u64;
+            if n > MAX_BUDGETS {
+                return Err(usage(format!(
+                    "--budgets and --sweep give {n} budgets; at most {MAX_BUDGETS}"
+                )));
+            }
+        }
+    }
+    if let Some(p) = args.original_ppl.filter(|p| !(p.is_finite() && *p > 0.0)) {
+        return Err(usage(format!(
+            "--original-ppl {p}: expected a positive number"
+        )));
+    }
+    let inputs = [args.file.as_path(), args.text.as_path()];
+    if let Some(j) = &args.json {
+        check_output(j, &inputs)?;
+    }
+    if let Some(p) = &args.plot {
+        check_output(p, &inputs)?;
+        if args.json.as_ref() == Some(p) {
+            return Err(usage(format!(
+                "--json and --plot both name {}",
+                p.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn budgets_for(args: &EvalArgs, min: u64, full: u64) -> Res<Vec<MemoryBudget>> {
@@ -412,16 +683,48 @@ fn budgets_for(args: &EvalArgs, min: u64, full: u64) -> Res<Vec<MemoryBudget>> {
         let mut x = a.bytes();
         while x <= b.bytes() {
             out.push(MemoryBudget::from_bytes(x));
-            x += step.bytes();
+            match x.checked_add(step.bytes()) {
+                Some(next) => x = next,
+                None => break,
+            }
         }
     }
     if out.is_empty() {
-        let n = args.points.max(2) as u64;
+        let n = args.points.clamp(2, MAX_BUDGETS as usize) as u64;
         out = (0..n)
-            .map(|i| MemoryBudget::from_bytes(min + (full - min) * i / (n - 1)))
+            .map(|i| {
+                let step = (full - min) as u128 * i as u128 / (n - 1) as u128;
+                MemoryBudget::from_bytes(min + step as u64)
+            })
             .collect();
     }
+    let below: Vec<String> = out
+        .iter()
+        .filter(|b| b.bytes() < min)
+        .map(|b| format!("{:.1} MB ({} bytes)", mb(b.bytes()), b.bytes()))
+        .collect();
+    if !below.is_empty() {
+        return Err(usage(format!(
+            "{}: budget(s) {} below the model's minimum of {:.1} MB ({:.1} MiB, {min} bytes: the resident part and one block per weight)",
+            args.file.display(),
+            below.join(", "),
+            mb(min),
+            mib(min)
+        )));
+    }
     Ok(out)
+}
+
+/// `--text` must fill at least one window of `--seq-len` tokens.
+fn check_text_fills_window(args: &EvalArgs, tokens: usize) -> Res<()> {
+    if tokens < args.seq_len {
+        return Err(usage(format!(
+            "--text {}: {tokens} tokens do not fill one window of --seq-len {} tokens (give a longer text or a smaller --seq-len)",
+            args.text.display(),
+            args.seq_len
+        )));
+    }
+    Ok(())
 }
 
 fn ppl_params(seq_len: usize, max_windows: Option<usize>) -> PerplexityParams {
@@ -453,13 +756,18 @@ struct EvalRow {
 }
 
 fn eval_original(args: &EvalArgs) -> Res<f64> {
-    let source = open_model(&args.file)?;
-    let resident = LlamaResident::from_source(source.as_ref())?;
-    let linears = LinearTable::dense_from_source(source.as_ref())?;
-    let model = Llama::new(&resident, &linears)?;
-    let text = std::fs::read_to_string(&args.text)?;
-    let tokens = source.tokenizer()?.encode(&text, false)?;
-    println!("text: {} tokens", tokens.len());
+    let text = read_text("--text", &args.text)?;
+    let source = open_source(&args.file)?;
+    let resident = LlamaResident::from_source(source.as_ref()).map_err(|e| named(&args.file, e))?;
+    let linears =
+        LinearTable::dense_from_source(source.as_ref()).map_err(|e| named(&args.file, e))?;
+    let model = Llama::new(&resident, &linears).map_err(|e| named(&args.file, e))?;
+    let tokens = source
+        .tokenizer()
+        .map_err(|e| named(&args.file, e))?
+        .encode(&text, false)?;
+    check_text_fills_window(args, tokens.len())?;
+    outln!("text: {} tokens", tokens.len())?;
     let params = ppl_params(args.seq_len, args.max_windows);
     let r = perplexity(
         &model,
@@ -476,7 +784,7 @@ fn eval_original(args: &EvalArgs) -> Res<f64> {
                 (r * cc * c.n_layers) as u64
             })
             .sum::<u64>();
-    println!(
+    outln!(
         "{}",
         markdown_table(
             &["model", "memory (f16)", "ppl", "windows", "seconds"],
@@ -488,7 +796,7 @@ fn eval_original(args: &EvalArgs) -> Res<f64> {
                 format!("{:.0}", r.seconds),
             ]]
         )
-    );
+    )?;
     Ok(r.ppl)
 }
 
@@ -497,26 +805,30 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
     // memory in the allocator; return it so the RSS figures describe this model.
     trim_allocator();
     let base_rss = memstat::read();
-    let loaded = LoadedStack::open(&args.file, None)?;
+    let text = read_text("--text", &args.text)?;
+    let loaded = open_loaded(&args.file, None)?;
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     let budgets = budgets_for(args, min, full)?;
-    let text = std::fs::read_to_string(&args.text)?;
     let tokens = loaded.tokenizer.encode(&text, false)?;
-    println!(
+    check_text_fills_window(args, tokens.len())?;
+    outln!(
         "text: {} tokens; model minimum {:.1} MB, full {:.1} MB, original f16 {:.1} MB; process RSS before loading {}",
         tokens.len(),
         mb(min),
         mb(full),
         mb(loaded.original_f16_bytes),
         fmt_bytes(base_rss.rss)
-    );
+    )?;
     let params = ppl_params(args.seq_len, args.max_windows);
     let mut rows = Vec::new();
+    let mut failed: Vec<String> = Vec::new();
+    let n_budgets = budgets.len();
     for b in budgets {
         let report = match loaded.elastic.resize(b) {
             Ok(r) => r,
             Err(e) => {
-                eprintln!("skipping budget {:.1} MB: {e}", mb(b.bytes()));
+                noteln!("budget {:.1} MB failed: {e}", mb(b.bytes()));
+                failed.push(format!("{:.1} MB: {e}", mb(b.bytes())));
                 continue;
             }
         };
@@ -544,6 +856,14 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
             bytes_moved: report.bytes_loaded + report.bytes_dropped,
         });
     }
+    if rows.is_empty() {
+        return Err(format!(
+            "{}: every one of the {n_budgets} budget(s) failed; nothing was evaluated or written (first failure: {})",
+            args.file.display(),
+            failed.first().map_or("none", String::as_str)
+        )
+        .into());
+    }
     let table: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
@@ -558,7 +878,7 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
             ]
         })
         .collect();
-    println!(
+    outln!(
         "windows: {} of {} x {} tokens per budget\n{}",
         params
             .max_windows
@@ -577,7 +897,7 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
             ],
             &table
         )
-    );
+    )?;
     if let Some(path) = &args.json {
         let doc = json!({
             "file": args.file.display().to_string(),
@@ -603,11 +923,11 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
                 "bytes_moved": r.bytes_moved,
             })).collect::<Vec<_>>(),
         });
-        bitstack_examples::compare::write_atomic(
+        bitstack_examples::output::write_atomic(
             path,
             serde_json::to_string_pretty(&doc)?.as_bytes(),
         )?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display())?;
     }
     if let Some(path) = &args.plot {
         let series = vec![Series {
@@ -625,8 +945,22 @@ fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
             &series,
             &hlines,
         );
-        bitstack_examples::compare::write_atomic(path, svg.as_bytes())?;
-        println!("wrote {}", path.display());
+        bitstack_examples::output::write_atomic(path, svg.as_bytes())?;
+        outln!("wrote {}", path.display())?;
+    }
+    if !failed.is_empty() {
+        return Err(format!(
+            "{}: {} of {n_budgets} budget(s) failed (the others are in the table{}): {}",
+            args.file.display(),
+            failed.len(),
+            if args.json.is_some() || args.plot.is_some() {
+                " and the files written"
+            } else {
+                ""
+            },
+            failed.join("; ")
+        )
+        .into());
     }
     Ok(rows)
 }
@@ -638,6 +972,19 @@ fn generate_text(
     params: &GenerateParams,
 ) -> Res<String> {
     let ids = loaded.prompt_ids(prompt, chat)?;
+    let context = loaded.model.config().max_seq;
+    if ids
+        .len()
+        .checked_add(params.max_new_tokens)
+        .is_none_or(|n| n > context)
+    {
+        return Err(usage(format!(
+            "--max-tokens {}: the prompt has {} tokens and the model's context is {context} tokens, so at most {} new tokens fit",
+            params.max_new_tokens,
+            ids.len(),
+            context.saturating_sub(ids.len())
+        )));
+    }
     let snap = loaded.elastic.snapshot();
     let linears = SnapshotLinears(snap.clone());
     let model = Llama::new(&loaded.resident, &linears)?;
@@ -653,19 +1000,34 @@ fn generate_text(
         &out.tokens[..]
     };
     let body = loaded.tokenizer.decode(shown)?;
-    println!(
+    outln!(
         "[{:.1} MB held, {} blocks] {} new tokens, prefill {:.2}s, decode {:.1} tokens/s",
         mb(snap.held_bytes()),
         snap.prefix(),
         out.tokens.len(),
         out.prefill_seconds,
         out.decode_tokens_per_second()
-    );
+    )?;
     Ok(body)
 }
 
 fn generate(args: &GenerateArgs) -> Res<()> {
-    let loaded = LoadedStack::open(&args.file, Some(args.budget))?;
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        return Err(usage(format!(
+            "--temperature {}: expected a finite number >= 0 (0 is greedy)",
+            args.temperature
+        )));
+    }
+    if !(args.top_p.is_finite() && args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(usage(format!(
+            "--top-p {}: expected a number in (0, 1]",
+            args.top_p
+        )));
+    }
+    if args.max_tokens == 0 {
+        return Err(usage("--max-tokens must be at least 1"));
+    }
+    let loaded = open_loaded(&args.file, Some(args.budget))?;
     let params = GenerateParams {
         max_new_tokens: args.max_tokens,
         sampling: if args.temperature > 0.0 {
@@ -680,7 +1042,7 @@ fn generate(args: &GenerateArgs) -> Res<()> {
         stop_tokens: vec![],
     };
     let text = generate_text(&loaded, &args.prompt, args.chat, &params)?;
-    println!("{}{}", if args.chat { "" } else { &args.prompt }, text);
+    outln!("{}{}", if args.chat { "" } else { &args.prompt }, text)?;
     Ok(())
 }
 
@@ -751,22 +1113,110 @@ struct SortArgs {
     first_order_bases: String,
 }
 
+/// `sort`'s checks of its flags and outputs, before the file is read.
+fn check_sort_flags(args: &SortArgs) -> Res<()> {
+    const METHODS: [&str; 8] = [
+        "average",
+        "greedy",
+        "random",
+        "roundrobin",
+        "proxy",
+        "proxy-sensitive",
+        "first-order",
+        "import",
+    ];
+    if !METHODS.contains(&args.method.as_str()) {
+        return Err(usage(format!(
+            "--method {:?}: expected one of {}",
+            args.method,
+            METHODS.join(", ")
+        )));
+    }
+    if !["relative", "absolute"].contains(&args.proxy_normalisation.as_str()) {
+        return Err(usage(format!(
+            "--proxy-normalisation {:?}: expected relative or absolute",
+            args.proxy_normalisation
+        )));
+    }
+    if !["ce", "kl"].contains(&args.scoring_loss.as_str()) {
+        return Err(usage(format!(
+            "--scoring-loss {:?}: expected ce or kl",
+            args.scoring_loss
+        )));
+    }
+    if args.scoring_seqs == 0 || args.scoring_seq_len < 2 {
+        return Err(usage(
+            "--scoring-seqs must be at least 1 and --scoring-seq-len at least 2",
+        ));
+    }
+    if args.scoring_skip >= args.scoring_seq_len {
+        return Err(usage(format!(
+            "--scoring-skip {} leaves no scored token in windows of {}",
+            args.scoring_skip, args.scoring_seq_len
+        )));
+    }
+    if args.method == "first-order"
+        && args
+            .first_order_bases
+            .split(',')
+            .any(|b| b.trim().parse::<u16>().map_or(true, |b| b == 0))
+    {
+        return Err(usage(format!(
+            "--first-order-bases {:?}: expected comma-separated block counts >= 1",
+            args.first_order_bases
+        )));
+    }
+    let needs = |flag: &str, present: bool, methods: &[&str]| {
+        if !present && methods.contains(&args.method.as_str()) {
+            Err(usage(format!("--method {} needs {flag}", args.method)))
+        } else {
+            Ok(())
+        }
+    };
+    needs("--order-json FILE", args.order_json.is_some(), &["import"])?;
+    needs(
+        "--calib TEXT",
+        args.calib.is_some(),
+        &["average", "greedy", "proxy-sensitive", "first-order"],
+    )?;
+    needs(
+        "--model (the original weights)",
+        args.model.is_some(),
+        &["proxy", "proxy-sensitive"],
+    )?;
+    let mut inputs = vec![args.file.as_path()];
+    for p in [&args.calib, &args.model, &args.order_json, &args.checkpoint]
+        .into_iter()
+        .flatten()
+    {
+        inputs.push(p.as_path());
+    }
+    check_output(&args.output, &inputs)?;
+    if let Some(d) = &args.dump_scores {
+        inputs.push(args.output.as_path());
+        check_output(d, &inputs)?;
+    }
+    Ok(())
+}
+
 fn sort(args: &SortArgs) -> Res<()> {
     use bitstack_core::BlockId;
     use bitstack_sort::{
         sort_average, sort_greedy, splice_orders, LevelCap, ProxyConfig, SortConfig, SortProgress,
         StackEvaluator,
     };
-    let sm = StackModel::open(&args.file)?;
+    check_sort_flags(args)?;
+    let sm = StackModel::open(&args.file).map_err(|e| named(&args.file, e))?;
     let file = sm.file();
     let levels: Vec<u16> = file.stacks().iter().map(|m| m.levels).collect();
     let read_all = |w: usize| -> Res<Vec<bitstack_core::ResidualBlock>> {
         (0..levels[w])
             .map(|l| {
-                Ok(file.read_block(BlockId {
+                file.read_block(BlockId {
                     weight: w as u32,
                     level: l,
-                })?)
+                })
+                .map_err(|e| named(&args.file, e))
             })
             .collect()
     };
@@ -781,8 +1231,8 @@ fn sort(args: &SortArgs) -> Res<()> {
                 .order_json
                 .as_ref()
                 .ok_or("--method import needs --order-json FILE")?;
-            let pairs: Vec<(u32, u16)> =
-                serde_json::from_slice(&std::fs::read(path)?).map_err(|e| {
+            let pairs: Vec<(u32, u16)> = serde_json::from_str(&read_text("--order-json", path)?)
+                .map_err(|e| {
                     format!(
                         "{}: expected a JSON list of [weight, level] pairs: {e}",
                         path.display()
@@ -841,7 +1291,7 @@ fn sort(args: &SortArgs) -> Res<()> {
             let mut observer = |p: &SortProgress| {
                 if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
                     last = Instant::now();
-                    eprint!("\rsensitivity: {p}   ");
+                    note!("\rsensitivity: {p}   ");
                 }
             };
             let sens = bitstack_sort::measure_sensitivity(
@@ -852,7 +1302,7 @@ fn sort(args: &SortArgs) -> Res<()> {
                 },
                 &mut observer,
             )?;
-            eprintln!();
+            noteln!();
             drop(ev);
             let out =
                 bitstack_sort::sort_proxy_sensitive(&weights, &sens, &ProxyConfig::default())?;
@@ -885,9 +1335,9 @@ fn sort(args: &SortArgs) -> Res<()> {
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| format!("--first-order-bases {:?}: {e}", args.first_order_bases))?;
             let config = bitstack_sort::FirstOrderConfig { bases };
-            let mut observer = |p: &SortProgress| eprint!("\rfirst-order: {p}   ");
+            let mut observer = |p: &SortProgress| note!("\rfirst-order: {p}   ");
             let out = bitstack_sort::sort_first_order(&mut ev, &config, &mut observer)?;
-            eprintln!();
+            noteln!();
             if let Some(path) = &args.dump_scores {
                 let doc = serde_json::json!({
                     "bases": config.bases,
@@ -895,7 +1345,7 @@ fn sort(args: &SortArgs) -> Res<()> {
                         "name": m.name, "first_order": f,
                     })).collect::<Vec<_>>(),
                 });
-                bitstack_examples::compare::write_atomic(
+                bitstack_examples::output::write_atomic(
                     path,
                     serde_json::to_string_pretty(&doc)?.as_bytes(),
                 )?;
@@ -942,7 +1392,7 @@ fn sort(args: &SortArgs) -> Res<()> {
             let mut observer = |p: &SortProgress| {
                 if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
                     last = Instant::now();
-                    eprint!(
+                    note!(
                         "\r{}: level {}/{} evaluation {}/{}, {:.0}s elapsed, ETA {}   ",
                         args.method,
                         p.level,
@@ -961,7 +1411,7 @@ fn sort(args: &SortArgs) -> Res<()> {
                 ev.inner.prepare_greedy()?;
                 sort_greedy(&mut ev, &config, &mut observer)?
             };
-            eprintln!();
+            noteln!();
             let scored_levels = (0..ev.num_weights())
                 .map(|w| ev.levels(w))
                 .max()
@@ -987,13 +1437,23 @@ fn sort(args: &SortArgs) -> Res<()> {
         other => return Err(format!("unknown sort method {other:?}").into()),
     };
     let secs = t.elapsed().as_secs_f64();
-    file.write_with_order(&args.output, order)?;
-    println!(
+    // Checked before the work; again now, as the path may have changed meanwhile.
+    let mut inputs = vec![args.file.as_path()];
+    inputs.extend(
+        [&args.calib, &args.model, &args.order_json, &args.checkpoint]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path),
+    );
+    check_output(&args.output, &inputs)?;
+    file.write_with_order(&args.output, order)
+        .map_err(|e| named(&args.output, e))?;
+    outln!(
         "{}: ordered {} blocks in {secs:.1} s ({detail}); wrote {}",
         args.method,
         file.order().len(),
         args.output.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -1028,7 +1488,7 @@ fn dump_scores(
         "base_loss": sens.map(|s| s.base_loss),
         "weights": weights,
     });
-    Ok(bitstack_examples::compare::write_atomic(
+    Ok(bitstack_examples::output::write_atomic(
         path,
         serde_json::to_string_pretty(&doc)?.as_bytes(),
     )?)
@@ -1093,7 +1553,7 @@ fn sort_evaluator<'a, 'r>(
         .ok_or("average, greedy and proxy-sensitive need --calib TEXT")?;
     let tokens = sm
         .tokenizer()?
-        .encode(&std::fs::read_to_string(calib)?, false)?;
+        .encode(&read_text("--calib", calib)?, false)?;
     let scoring = bitstack_examples::sorting::scoring_windows(
         &tokens,
         args.scoring_seqs,
@@ -1279,15 +1739,39 @@ fn demo(args: &DemoArgs) -> Res<()> {
     Ok(())
 }
 
-fn run(cli: Cli) -> Res<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> Res<()> {
     match cli.command {
         Command::Demo(a) => demo(&a),
         Command::Compress(a) => {
             run_compress(&a.model, &a.calib, &a.output, &a.calib_args).map(|_| ())
         }
-        Command::Inspect { file } => inspect(&file),
+        Command::Inspect { file, verify } => {
+            inspect(&file)?;
+            if verify {
+                verify_blocks(&file)?;
+            }
+            Ok(())
+        }
         Command::Eval(a) => {
-            if is_stack_file(&a.file) {
+            // The flags given on the command line (not defaulted), for the original-model
+            // check.
+            let explicit: Vec<&str> = matches
+                .subcommand_matches("eval")
+                .map(|m| {
+                    m.ids()
+                        .filter(|id| {
+                            m.value_source(id.as_str())
+                                == Some(clap::parser::ValueSource::CommandLine)
+                        })
+                        .map(|id| id.as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let explicit: Vec<String> = explicit.iter().map(|s| s.replace('_', "-")).collect();
+            let explicit: Vec<&str> = explicit.iter().map(String::as_str).collect();
+            let stack = is_stack_file(&a.file);
+            check_eval_flags(&a, stack, &explicit)?;
+            if stack {
                 eval_stack(&a).map(|_| ())
             } else {
                 eval_original(&a).map(|_| ())
@@ -1302,12 +1786,89 @@ fn run(cli: Cli) -> Res<()> {
     }
 }
 
-fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+/// Code paths outside this file that still print with `println!` (which panics with "failed
+/// printing to stdout" when stdout is closed or full) end like the checked ones: quietly on a
+/// closed pipe, with exit status 1 and a message on any other write error. A failing stderr
+/// ends the same way, without a message.
+fn install_stdout_panic_backstop() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied());
+        if let Some(rest) = msg.and_then(|m| m.strip_prefix("failed printing to stdout: ")) {
+            if rest.contains("Broken pipe") {
+                std::process::exit(EXIT_STDOUT_CLOSED);
+            }
+            let _ = writeln!(std::io::stderr(), "error: writing to stdout: {rest}");
+            std::process::exit(1);
         }
+        // Progress and notes go to stderr with `eprintln!`; when stderr itself is closed or
+        // full nothing can be reported: end with status 1 (141 for a closed pipe), no panic.
+        if let Some(rest) = msg.and_then(|m| m.strip_prefix("failed printing to stderr: ")) {
+            std::process::exit(if rest.contains("Broken pipe") {
+                EXIT_STDOUT_CLOSED
+            } else {
+                1
+            });
+        }
+        default(info)
+    }));
+}
+
+/// Exit status when the reader of stdout went away (128 + SIGPIPE, as a shell reports a tool
+/// killed by SIGPIPE).
+const EXIT_STDOUT_CLOSED: i32 = 141;
+
+/// The exit status of an error: 2 for usage errors (bad flags, unusable output paths), 141
+/// for a closed stdout (nothing printed), 1 for the rest; prints the message.
+fn exit_status(e: &(dyn std::error::Error + 'static)) -> u8 {
+    if matches!(e.downcast_ref::<StdoutError>(), Some(StdoutError::Closed)) {
+        return EXIT_STDOUT_CLOSED as u8;
+    }
+    let usage_error = e.downcast_ref::<UsageError>().is_some()
+        || e.downcast_ref::<OutputError>()
+            .is_some_and(OutputError::is_usage);
+    // Never panic on a closed or full stderr either.
+    let _ = writeln!(std::io::stderr(), "error: {e}");
+    if usage_error {
+        2
+    } else {
+        1
+    }
+}
+
+fn main() -> ExitCode {
+    install_stdout_panic_backstop();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        // Help and version go to stdout through the checked writer (clap ignores a failed
+        // write and exits 0); usage errors keep clap's own report and status 2.
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            let text = e.render().to_string();
+            return match bitstack_examples::out!("{text}")
+                .and_then(|()| bitstack_examples::stdout::flush())
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => ExitCode::from(exit_status(&e)),
+            };
+        }
+        Err(e) => e.exit(),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let result = run(cli, &matches).and_then(|()| Ok(bitstack_examples::stdout::flush()?));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => ExitCode::from(exit_status(e.as_ref())),
     }
 }

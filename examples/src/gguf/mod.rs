@@ -46,7 +46,7 @@ pub use reader::{GgufError, GgufFile, GgufTensorInfo, GgufValue, GgufValueType};
 pub use safetensors::{SafeDtype, SafeTensorInfo, SafeTensors};
 pub use source::{
     hf_config, hf_tensor_name, open_model, unpermute_qk_rows, GgufModel, HfModel, LlamaConfig,
-    ModelError, ModelSource,
+    ModelError, ModelSource, MAX_LAYERS,
 };
 
 #[cfg(test)]

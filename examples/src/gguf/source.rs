@@ -39,6 +39,10 @@ pub enum ModelError {
     /// A malformed or incomplete `config.json`.
     #[error("bad config.json: {0}")]
     BadConfig(String),
+    /// A stack file that cannot be opened or does not hold a usable model (the message
+    /// names the file and what was expected).
+    #[error("{0}")]
+    BadModel(String),
     /// An architecture, dtype or feature this crate does not handle.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -67,6 +71,10 @@ pub enum ModelError {
         reason: String,
     },
 }
+
+/// The most decoder layers a config may have (the largest Llama has 126): a guard against
+/// corrupt counts that would overflow `7 · n_layers` or allocate without bound.
+pub const MAX_LAYERS: usize = 4096;
 
 /// The hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2).
 #[derive(Clone, Debug, PartialEq)]
@@ -118,7 +126,16 @@ impl LlamaConfig {
             || self.n_kv_heads == 0
             || self.vocab == 0
         {
-            return bad(format!("zero-sized dimension in {self:?}"));
+            return bad(format!(
+                "zero-sized dimension (layers {}, hidden {}, ffn {}, heads {}, KV heads {}, vocab {})",
+                self.n_layers, self.hidden, self.ffn, self.n_heads, self.n_kv_heads, self.vocab
+            ));
+        }
+        if self.n_layers > MAX_LAYERS {
+            return bad(format!(
+                "{} layers is over the limit of {MAX_LAYERS}",
+                self.n_layers
+            ));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
@@ -433,7 +450,13 @@ pub(crate) fn gguf_config(
         eos_id: opt_id("tokenizer.ggml.eos_token_id")?,
         arch,
     };
-    config.validate()?;
+    // validate() speaks of config.json; here the values come from the GGUF metadata.
+    config.validate().map_err(|e| match e {
+        ModelError::BadConfig(m) => {
+            ModelError::BadModel(format!("GGUF metadata ({}.*): {m}", config.arch))
+        }
+        e => e,
+    })?;
     Ok((config, notes))
 }
 
