@@ -1679,7 +1679,10 @@ mod tests {
         );
         // An answer per prompt, each ending with a newline (the failed one is empty).
         let out = String::from_utf8_lossy(&out).into_owned();
-        assert!(out.ends_with('\n') && out.matches('\n').count() >= 3, "{out:?}");
+        assert!(
+            out.ends_with('\n') && out.matches('\n').count() >= 3,
+            "{out:?}"
+        );
         assert!(
             log.iter()
                 .any(|l| l.contains("prompt 2 not answered") && l.contains("context is 48")),
