@@ -320,7 +320,8 @@ impl<'a> Follower<'a> {
             Some(f) if !retry_due => wanted.min(f.cap),
             _ => wanted,
         };
-        if !decided && !(retry_due && held_prefix < wanted) {
+        let retry_now = retry_due && held_prefix < wanted;
+        if !decided && !retry_now {
             return None;
         }
         if decided {
