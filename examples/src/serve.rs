@@ -14,6 +14,18 @@
 //! price is that the cache mixes two approximations of the same model for a while (BitStack's
 //! snapshots are nested prefixes of one stack, so the mismatch is a small perturbation, not a
 //! different model).
+//!
+//! ## Faults
+//!
+//! A serving process keeps serving. A grow that hits a block the file cannot deliver (checksum
+//! mismatch, I/O error) leaves the current snapshot in place (the runtime swaps snapshots only
+//! once every new block has loaded); the [`Follower`] logs it, finds the first bad block,
+//! grows up to just below it, and retries the full grow with exponential backoff
+//! ([`RetryParams`]), lifting the cap once the block loads again. A prompt line that is not
+//! UTF-8 is decoded with U+FFFD replacements and reported; a prompt that cannot be answered
+//! (longer than the context, a tokenizer error) is reported and answered with an empty line;
+//! answers are capped by what the context leaves after the prompt. Only a failure to read
+//! prompts or to write answers ends [`serve_loop`].
 
 use crate::llama::{sample, KvCache, Llama, Sampling, SplitMix64};
 use crate::memstat;
