@@ -392,10 +392,16 @@ fn resize_under_injected_faults() {
         .count();
     drop(snap);
     let leaked = LIVE.load(Ordering::SeqCst) - baseline;
+    let smallest = pristine
+        .blocks
+        .iter()
+        .map(|w| w[0].heap_bytes())
+        .min()
+        .unwrap_or(0) as isize;
     let checks = checks.load(Ordering::Relaxed) + resizer_checks;
     let mismatches = mismatches.load(Ordering::Relaxed);
     println!(
-        "fault stress: {} resizes ({ok} succeeded: {grows} grows, {shrinks} shrinks; {failed} grows failed on an injected fault; {below_min} budgets below the minimum rejected), {} block loads, {} injected faults ({} I/O errors, {} corrupt blocks caught by checksum), {checks} snapshot checks (products vs dense reference + prefix consistency), {mismatches} mismatches, {kept_wrong} failed resizes that replaced the snapshot, {shared_blocks} blocks still shared at the floor, live heap after shrinking {leaked:+} bytes vs baseline",
+        "fault stress: {} resizes ({ok} succeeded: {grows} grows, {shrinks} shrinks; {failed} grows failed on an injected fault; {below_min} budgets below the minimum rejected), {} block loads, {} injected faults ({} I/O errors, {} corrupt blocks caught by checksum), {checks} snapshot checks (products vs dense reference + prefix consistency), {mismatches} mismatches, {kept_wrong} failed resizes that replaced the snapshot, {shared_blocks} blocks still shared at the floor, live heap after shrinking {leaked:+} bytes vs baseline (smallest block {smallest} bytes)",
         ok + failed + below_min,
         src.loads.load(Ordering::Relaxed),
         src.injected(),
@@ -410,12 +416,6 @@ fn resize_under_injected_faults() {
     assert_eq!(shared_blocks, 0);
     // Every block freed: the heap is back to the baseline, within less than the smallest
     // block (so one leaked block, or one leaked scratch buffer, fails the test).
-    let smallest = pristine
-        .blocks
-        .iter()
-        .map(|w| w[0].heap_bytes())
-        .min()
-        .unwrap_or(0) as isize;
     assert!(
         leaked.abs() < smallest,
         "live heap {leaked:+} bytes vs baseline (smallest block {smallest} bytes)"
