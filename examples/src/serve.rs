@@ -14,6 +14,18 @@
 //! price is that the cache mixes two approximations of the same model for a while (BitStack's
 //! snapshots are nested prefixes of one stack, so the mismatch is a small perturbation, not a
 //! different model).
+//!
+//! ## Faults
+//!
+//! A serving process keeps serving. A grow that hits a block the file cannot deliver (checksum
+//! mismatch, I/O error) leaves the current snapshot in place (the runtime swaps snapshots only
+//! once every new block has loaded); the [`Follower`] logs it, finds the first bad block,
+//! grows up to just below it, and retries the full grow with exponential backoff
+//! ([`RetryParams`]), lifting the cap once the block loads again. A prompt line that is not
+//! UTF-8 is decoded with U+FFFD replacements and reported; a prompt that cannot be answered
+//! (longer than the context, a tokenizer error) is reported and answered with an empty line;
+//! answers are capped by what the context leaves after the prompt. Only a failure to read
+//! prompts or to write answers ends [`serve_loop`].
 
 use crate::llama::{sample, KvCache, Llama, Sampling, SplitMix64};
 use crate::memstat;
@@ -22,12 +34,12 @@ use bitstack_core::policy::{
     CgroupSource, Decision, FallbackChain, FileSource, FixedSource, MemInfoSource, MemoryPolicy,
     MemorySource, PolicyParams, Reading,
 };
-use bitstack_core::runtime::trim_allocator;
-use bitstack_core::{MemoryBudget, ResizeReport, MB};
+use bitstack_core::runtime::{trim_allocator, BlockSource};
+use bitstack_core::{BlockId, MemoryBudget, ResizeReport, MB};
 use clap::Args;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Errors of this module's commands.
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -41,10 +53,21 @@ fn mb(bytes: u64) -> f64 {
 pub enum MemorySpec {
     /// cgroup v2 limit → `/proc/meminfo` `MemAvailable` → the full model.
     Auto,
-    /// A fixed budget.
+    /// A fixed amount of available memory: the policy keeps its headroom (fraction and bytes)
+    /// free of it, exactly as it does for a `File` reading of the same value.
     Fixed(MemoryBudget),
     /// A file holding the available memory (e.g. `300MB`), re-read on every poll.
     File(PathBuf),
+}
+
+impl std::fmt::Display for MemorySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => write!(f, "auto"),
+            Self::Fixed(b) => write!(f, "fixed:{:.1}MB", b.mb()),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
 }
 
 impl std::str::FromStr for MemorySpec {
@@ -141,10 +164,9 @@ pub fn build_source(spec: &MemorySpec, full: u64, params: &PolicyParams) -> Name
             ))));
         }
         MemorySpec::Fixed(b) => {
-            names.push(format!("fixed {:.1} MB", b.mb()));
-            members.push(Box::new(FixedSource(MemoryBudget::from_bytes(
-                reading_for_budget(b.bytes(), params),
-            ))));
+            // A constant reading, treated like a file's: the headroom applies to it.
+            names.push(format!("fixed {:.1} MB available", b.mb()));
+            members.push(Box::new(FixedSource(*b)));
         }
         MemorySpec::File(p) => {
             names.push(format!("file {}", p.display()));
@@ -169,12 +191,57 @@ pub struct ResizeEvent {
     pub report: ResizeReport,
 }
 
+/// When a failed grow is tried again: after `initial`, then after twice the previous wait, up
+/// to `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryParams {
+    /// Wait after the first failure.
+    pub initial: Duration,
+    /// Longest wait.
+    pub max: Duration,
+}
+
+impl Default for RetryParams {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A grow that failed: the prefix is capped below the block that could not be loaded until a
+/// retry loads it.
+#[derive(Clone, Debug)]
+pub struct GrowFault {
+    /// Longest prefix allowed meanwhile (the bad block's position in the universal order).
+    pub cap: usize,
+    /// The block that failed to load when the fault was located (`None`: every block loaded
+    /// on the second try, a transient fault; the cap is then the prefix held).
+    pub block: Option<BlockId>,
+    /// The resize's error.
+    pub error: String,
+    /// Failed attempts in a row.
+    pub failures: u32,
+    /// The wait before the next retry.
+    pub backoff: Duration,
+    retry_at: Instant,
+}
+
 /// Polls a source, feeds the policy, resizes the model in place and logs what happened.
+///
+/// A resize never takes the model down: a grow that hits a block the source cannot deliver (a
+/// checksum mismatch, an I/O error) leaves the current snapshot in place (the runtime swaps
+/// snapshots only after every block loaded), is logged, locates the bad block, grows as far
+/// as the blocks before it allow, and is retried with exponential backoff ([`RetryParams`]).
 pub struct Follower<'a> {
     loaded: &'a LoadedStack,
     source: NamedChain,
     policy: MemoryPolicy,
     params: PolicyParams,
+    retry: RetryParams,
+    fault: Option<GrowFault>,
+    failed_resizes: usize,
     last_note: String,
     /// Where the log lines go (`[memory] ...`).
     pub log: Box<dyn FnMut(&str) + 'a>,
@@ -198,9 +265,18 @@ impl<'a> Follower<'a> {
             source,
             policy,
             params,
+            retry: RetryParams::default(),
+            fault: None,
+            failed_resizes: 0,
             last_note: String::new(),
             log,
         }
+    }
+
+    /// The same follower with another retry schedule for failed grows.
+    pub fn with_retry(mut self, retry: RetryParams) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// The budget currently decided, if any.
@@ -208,9 +284,23 @@ impl<'a> Follower<'a> {
         self.policy.current()
     }
 
-    /// Reads the source, asks the policy, and resizes if it says so. `when` labels the log.
-    pub fn poll(&mut self, when: &str) -> Res<Option<ResizeEvent>> {
-        let held = self.loaded.elastic.snapshot().held_bytes();
+    /// The failed grow the prefix is capped by, if any.
+    pub fn fault(&self) -> Option<&GrowFault> {
+        self.fault.as_ref()
+    }
+
+    /// Resizes that failed so far.
+    pub fn failed_resizes(&self) -> usize {
+        self.failed_resizes
+    }
+
+    /// Reads the source, asks the policy, and resizes if it says so (or retries a failed grow
+    /// whose backoff has passed). `when` labels the log. Failures are logged, never returned:
+    /// the model keeps its current consistent snapshot.
+    pub fn poll(&mut self, when: &str) -> Option<ResizeEvent> {
+        let snap = self.loaded.elastic.snapshot();
+        let (held, held_prefix) = (snap.held_bytes(), snap.prefix());
+        drop(snap);
         let (reading, note) = self.source.probe(held);
         if note != self.last_note {
             (self.log)(&format!("[memory] {note}"));
@@ -221,13 +311,66 @@ impl<'a> Follower<'a> {
             Err(_) => {
                 // The policy keeps the current size; the reason was just logged if new.
                 let _ = self.policy.decide(reading);
-                return Ok(None);
+                return None;
             }
         };
-        let budget = match self.policy.decide(Ok(available)) {
-            Decision::Resize(b) => b,
-            Decision::Keep | Decision::NoReading(_) => return Ok(None),
+        let decided = matches!(self.policy.decide(Ok(available)), Decision::Resize(_));
+        let budget = MemoryBudget::from_bytes(self.policy.current()?);
+        let wanted = match self.loaded.elastic.prefix_for_budget(budget) {
+            Ok(p) => p,
+            Err(e) => {
+                (self.log)(&format!(
+                    "[memory] {when}: budget {:.1} MB: {e}",
+                    budget.mb()
+                ));
+                return None;
+            }
         };
+        let now = Instant::now();
+        let retry_due = self.fault.as_ref().is_some_and(|f| now >= f.retry_at);
+        let target = match &self.fault {
+            Some(f) if !retry_due => wanted.min(f.cap),
+            _ => wanted,
+        };
+        let retry_now = retry_due && held_prefix < wanted;
+        if !decided && !retry_now {
+            return None;
+        }
+        if decided {
+            self.log_clamp(when, available);
+        }
+        if target == held_prefix {
+            if decided {
+                if let Some(f) = &self.fault {
+                    (self.log)(&format!(
+                        "[memory] {when}: budget {:.1} MB, but the prefix stays capped at {} blocks ({:.1} MB held) until a retry loads the failed block",
+                        budget.mb(),
+                        f.cap,
+                        mb(held)
+                    ));
+                }
+            }
+            return None;
+        }
+        match self.loaded.elastic.resize_to_prefix(target) {
+            Ok(report) => {
+                if let Some(f) = &self.fault {
+                    if target > f.cap {
+                        (self.log)(&format!(
+                            "[memory] {when}: retry {} succeeded: the blocks past position {} load again; cap lifted",
+                            f.failures + 1,
+                            f.cap
+                        ));
+                        self.fault = None;
+                    }
+                }
+                Some(self.log_resize(when, available, budget, report))
+            }
+            Err(e) => self.grow_failed(when, available, budget, held_prefix, target, e),
+        }
+    }
+
+    fn log_clamp(&mut self, when: &str, available: u64) {
         let (min, full) = (
             self.loaded.elastic.minimum_bytes(),
             self.loaded.elastic.full_bytes(),
@@ -247,7 +390,15 @@ impl<'a> Follower<'a> {
                 mb(full)
             ));
         }
-        let report = self.loaded.elastic.resize(budget)?;
+    }
+
+    fn log_resize(
+        &mut self,
+        when: &str,
+        available: u64,
+        budget: MemoryBudget,
+        report: ResizeReport,
+    ) -> ResizeEvent {
         (self.log)(&format!(
             "[memory] {when}: available {:.1} MB -> budget {:.1} MB; resized {:.1} -> {:.1} MB held, {} blocks loaded ({:.1} MB), {} dropped ({:.1} MB), {:.1} ms",
             mb(available),
@@ -260,11 +411,85 @@ impl<'a> Follower<'a> {
             mb(report.bytes_dropped),
             report.elapsed.as_secs_f64() * 1e3
         ));
-        Ok(Some(ResizeEvent {
+        ResizeEvent {
             available,
             budget: budget.bytes(),
             report,
-        }))
+        }
+    }
+
+    /// A grow from `held_prefix` to `target` failed with `e` (the old snapshot is still in
+    /// place): find the first block that does not load, cap the prefix below it, grow up to
+    /// the cap, and schedule a retry.
+    fn grow_failed(
+        &mut self,
+        when: &str,
+        available: u64,
+        budget: MemoryBudget,
+        held_prefix: usize,
+        target: usize,
+        e: bitstack_core::CoreError,
+    ) -> Option<ResizeEvent> {
+        self.failed_resizes += 1;
+        let elastic = &self.loaded.elastic;
+        let order = elastic.layout().order.as_slice();
+        let bad = (held_prefix..target).find_map(|i| {
+            let id = *order.get(i)?;
+            elastic.source().load_block(id).err().map(|_| (i, id))
+        });
+        let (cap, block) = match bad {
+            Some((i, id)) => (i, Some(id)),
+            None => (held_prefix, None),
+        };
+        let (failures, backoff) = match &self.fault {
+            Some(f) => (
+                f.failures + 1,
+                (f.backoff.saturating_mul(2)).clamp(self.retry.initial, self.retry.max),
+            ),
+            None => (1, self.retry.initial.min(self.retry.max)),
+        };
+        let held = elastic.bytes_at_prefix(held_prefix).unwrap_or(0);
+        let cap_bytes = elastic.bytes_at_prefix(cap).unwrap_or(held);
+        (self.log)(&format!(
+            "[memory] {when}: resize to {:.1} MB ({target} blocks) FAILED: {e}; still serving on the current snapshot ({:.1} MB, {held_prefix} blocks); {}; prefix capped at {cap} blocks ({:.1} MB); retry {} in {:.1} s",
+            budget.mb(),
+            mb(held),
+            match block {
+                Some(id) => format!(
+                    "bad block: weight {} level {} (position {cap} of the universal order)",
+                    id.weight, id.level
+                ),
+                None => "every block loaded when retried one by one (a transient fault)".into(),
+            },
+            mb(cap_bytes),
+            failures + 1,
+            backoff.as_secs_f64()
+        ));
+        self.fault = Some(GrowFault {
+            cap,
+            block,
+            error: e.to_string(),
+            failures,
+            backoff,
+            retry_at: Instant::now() + backoff,
+        });
+        if cap <= held_prefix {
+            return None;
+        }
+        // Grow as far as the blocks before the bad one allow.
+        match elastic.resize_to_prefix(cap) {
+            Ok(report) => Some(self.log_resize(when, available, budget, report)),
+            Err(e2) => {
+                self.failed_resizes += 1;
+                (self.log)(&format!(
+                    "[memory] {when}: growing to the cap ({cap} blocks) failed too: {e2}; staying at {held_prefix} blocks"
+                ));
+                if let Some(f) = &mut self.fault {
+                    f.cap = held_prefix;
+                }
+                None
+            }
+        }
     }
 }
 
@@ -280,8 +505,8 @@ pub struct PolicyArgs {
     /// A grow happens only when the target exceeds the current budget by more than this.
     #[arg(long, default_value = "4MB")]
     pub hysteresis: MemoryBudget,
-    /// Poll the memory source every this many decode tokens.
-    #[arg(long, default_value_t = 16)]
+    /// Poll the memory source every this many decode tokens (at least 1).
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub poll_every: usize,
 }
 
@@ -289,6 +514,9 @@ impl PolicyArgs {
     fn params(&self) -> Res<PolicyParams> {
         if !(0.0..1.0).contains(&self.headroom) {
             return Err(format!("--headroom {} is not in [0, 1)", self.headroom).into());
+        }
+        if self.poll_every == 0 {
+            return Err("--poll-every 0: poll at least every 1 token".into());
         }
         Ok(PolicyParams {
             headroom_fraction: self.headroom,
@@ -313,15 +541,27 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn sampling(&self) -> Sampling {
-        if self.temperature > 0.0 {
+    /// The sampling rule; an error naming the flag for a temperature that is negative or not
+    /// finite, or a nucleus mass outside (0, 1].
+    pub fn sampling(&self) -> Res<Sampling> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!(
+                "--temperature {}: expected a finite number >= 0 (0 is greedy)",
+                self.temperature
+            )
+            .into());
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("--top-p {}: expected a number in (0, 1]", self.top_p).into());
+        }
+        Ok(if self.temperature > 0.0 {
             Sampling::TopP {
                 temperature: self.temperature,
                 top_p: self.top_p,
             }
         } else {
             Sampling::Greedy
-        }
+        })
     }
 }
 
@@ -331,14 +571,17 @@ pub struct ServeArgs {
     /// The stack file.
     pub file: PathBuf,
     /// Memory source: auto (cgroup v2, then /proc/meminfo, then the full model),
-    /// fixed:SIZE, or file:PATH (a file holding e.g. `300MB`, re-read on every poll).
+    /// fixed:SIZE (SIZE available; the headroom is kept free of it, as for file:), or
+    /// file:PATH (a file holding e.g. `300MB`, re-read on every poll; it must be readable at
+    /// start-up).
     #[arg(long, default_value = "auto")]
     pub memory: MemorySpec,
     /// Read prompts from this file (one per line) instead of stdin.
     #[arg(long)]
     pub prompt_file: Option<PathBuf>,
-    /// Most new tokens per prompt.
-    #[arg(long, default_value_t = 64)]
+    /// Most new tokens per prompt (at least 1; capped by what the model's context leaves after
+    /// the prompt).
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_tokens: usize,
     /// Send prompts as they are instead of wrapping them in the model's chat template.
     #[arg(long)]
@@ -394,14 +637,77 @@ impl TextStream {
     }
 }
 
+/// Settings of [`serve_loop`] (no CLI types).
+#[derive(Clone, Copy, Debug)]
+pub struct ServeOptions {
+    /// Most new tokens per prompt (at least 1), further capped by the context.
+    pub max_tokens: usize,
+    /// Send prompts as they are instead of wrapping them in the chat template.
+    pub raw: bool,
+    /// Poll the memory source every this many decode tokens (0 is taken as 1).
+    pub poll_every: usize,
+    /// Sampling rule.
+    pub sampling: Sampling,
+    /// Sampling seed (prompt `n` uses `seed + n`).
+    pub seed: u64,
+}
+
+/// What a [`serve_loop`] run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServeStats {
+    /// Non-empty prompt lines read.
+    pub prompts: usize,
+    /// Prompts answered.
+    pub answered: usize,
+    /// Prompts that could not be answered (reported; an empty answer line was written).
+    pub failed: usize,
+    /// Lines that were not valid UTF-8 (decoded with U+FFFD replacements, and answered).
+    pub lossy_lines: usize,
+    /// Prompts whose answer was cut short by the model's context.
+    pub context_capped: usize,
+}
+
+/// Why one prompt had no answer.
+enum PromptError {
+    /// Writing the answer failed: the caller is gone, stop serving.
+    Output(std::io::Error),
+    /// The prompt could not be answered: report it and serve the next.
+    Prompt(Box<dyn std::error::Error>),
+}
+
+impl<E: Into<Box<dyn std::error::Error>>> From<E> for PromptError {
+    fn from(e: E) -> Self {
+        Self::Prompt(e.into())
+    }
+}
+
 /// `bitstack serve`: see the module docs.
 pub fn serve(args: &ServeArgs) -> Res<()> {
     let params = args.policy.params()?;
+    let sampling = args.sampling.sampling()?;
+    if args.max_tokens == 0 {
+        return Err("--max-tokens 0: generate at least 1 token".into());
+    }
+    // A memory file must answer before anything is loaded: a typo would otherwise serve at
+    // the minimum for ever.
+    if let MemorySpec::File(p) = &args.memory {
+        FileSource { path: p.clone() }
+            .available(0)
+            .map_err(|e| format!("--memory file:{}: {e}", p.display()))?;
+    }
+    let input: Box<dyn BufRead> = match &args.prompt_file {
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p)
+                .map_err(|e| format!("cannot open prompt file {}: {e}", p.display()))?,
+        )),
+        None => Box::new(std::io::stdin().lock()),
+    };
     let t = Instant::now();
-    let loaded = LoadedStack::open(&args.file, None)?;
+    let loaded =
+        LoadedStack::open(&args.file, None).map_err(|e| format!("{}: {e}", args.file.display()))?;
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     eprintln!(
-        "[serve] opened {} at the minimum ({:.1} MB; full {:.1} MB) in {:.2} s; memory {:?}, headroom {:.0} % + {:.1} MB, hysteresis {:.1} MB, poll every {} tokens",
+        "[serve] opened {} at the minimum ({:.1} MB; full {:.1} MB) in {:.2} s; memory {}, headroom {:.0} % + {:.1} MB, hysteresis {:.1} MB, poll every {} tokens",
         args.file.display(),
         mb(min),
         mb(full),
@@ -419,72 +725,176 @@ pub fn serve(args: &ServeArgs) -> Res<()> {
         params,
         Box::new(|s: &str| eprintln!("{s}")),
     );
-    let input: Box<dyn BufRead> = match &args.prompt_file {
-        Some(p) => Box::new(std::io::BufReader::new(
-            std::fs::File::open(p)
-                .map_err(|e| format!("cannot open prompt file {}: {e}", p.display()))?,
-        )),
-        None => Box::new(std::io::stdin().lock()),
+    let opts = ServeOptions {
+        max_tokens: args.max_tokens,
+        raw: args.raw,
+        poll_every: args.policy.poll_every,
+        sampling,
+        seed: args.sampling.seed,
     };
-    let stops = stop_ids(&loaded);
-    let sampling = args.sampling.sampling();
-    let poll_every = args.policy.poll_every.max(1);
-    let config = loaded.resident.config().clone();
-    let mut out = std::io::stdout().lock();
-    for (n, line) in input.lines().enumerate() {
-        let line = line?;
+    let mut input = input;
+    let stats = serve_loop(
+        &loaded,
+        &mut follower,
+        &opts,
+        &mut input,
+        &mut std::io::stdout().lock(),
+        &mut |s: &str| eprintln!("{s}"),
+    )?;
+    eprintln!(
+        "[serve] end of input: {} prompts, {} answered, {} failed, {} lines not UTF-8, {} answers cut by the context, {} failed resizes",
+        stats.prompts,
+        stats.answered,
+        stats.failed,
+        stats.lossy_lines,
+        stats.context_capped,
+        follower.failed_resizes()
+    );
+    Ok(())
+}
+
+/// The serving loop: one prompt per line of `input`, one answer line per prompt on `out`,
+/// reports on `log`. A line that is not UTF-8 is decoded with U+FFFD replacements (and
+/// reported); a prompt that fails (too long for the context, a tokenizer or model error) is
+/// reported and answered with an empty line; resizes are the follower's (which never fail the
+/// loop). Only reading `input` or writing `out` ends it early, with an error.
+pub fn serve_loop(
+    loaded: &LoadedStack,
+    follower: &mut Follower<'_>,
+    opts: &ServeOptions,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+    log: &mut dyn FnMut(&str),
+) -> Res<ServeStats> {
+    let mut stats = ServeStats::default();
+    let mut buf = Vec::new();
+    for n in 0.. {
+        buf.clear();
+        let read = input
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| format!("reading prompts (line {}): {e}", n + 1))?;
+        if read == 0 {
+            break;
+        }
+        let line = match std::str::from_utf8(&buf) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(e) => {
+                stats.lossy_lines += 1;
+                log(&format!(
+                    "[serve] line {}: not valid UTF-8 ({e}); invalid bytes replaced by U+FFFD",
+                    n + 1
+                ));
+                String::from_utf8_lossy(&buf)
+            }
+        };
         let prompt = line.trim();
         if prompt.is_empty() {
             continue;
         }
-        follower.poll(&format!("before prompt {}", n + 1))?;
-        let ids = loaded.prompt_ids(prompt, !args.raw)?;
-        let mut cache = KvCache::new(&config, ids.len() + args.max_tokens);
-        let mut rng = SplitMix64::new(args.sampling.seed.wrapping_add(n as u64));
-        let mut linears = loaded.linears();
-        let t0 = Instant::now();
-        let mut logits = step(&loaded, &linears, &ids, &mut cache)?;
-        let prefill = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut generated = Vec::new();
-        let mut stream = TextStream { printed: 0 };
-        let mut resizes = 0;
-        loop {
-            let tok = sample(&logits, sampling, &mut rng)?;
-            if stops.contains(&tok) {
-                break;
+        stats.prompts += 1;
+        follower.poll(&format!("before prompt {}", n + 1));
+        match answer(loaded, follower, opts, n, prompt, out, log) {
+            Ok(capped) => {
+                stats.answered += 1;
+                stats.context_capped += usize::from(capped);
             }
-            generated.push(tok);
-            write!(out, "{}", stream.push(&loaded, &generated)?)?;
-            out.flush()?;
-            if generated.len() == args.max_tokens {
-                break;
+            Err(PromptError::Output(e)) => return Err(format!("writing the answer: {e}").into()),
+            Err(PromptError::Prompt(e)) => {
+                stats.failed += 1;
+                log(&format!("[serve] prompt {} not answered: {e}", n + 1));
+                writeln!(out)
+                    .and_then(|()| out.flush())
+                    .map_err(|e| format!("writing the answer: {e}"))?;
             }
-            if generated.len() % poll_every == 0
-                && follower
-                    .poll(&format!("prompt {}, token {}", n + 1, generated.len()))?
-                    .is_some()
-            {
-                resizes += 1;
-                // Later tokens use the new snapshot; the cache of earlier ones is kept.
-                linears = loaded.linears();
-            }
-            logits = step(&loaded, &linears, &[tok], &mut cache)?;
         }
-        let decode = t1.elapsed().as_secs_f64();
-        writeln!(out)?;
-        eprintln!(
-            "[serve] prompt {}: {} prompt tokens, {} new, prefill {:.2} s, decode {:.1} tokens/s, {} resizes during decode, {:.1} MB held",
+    }
+    Ok(stats)
+}
+
+/// Answers the prompt of line `n + 1`; `Ok(true)` when the context cut the answer short.
+fn answer(
+    loaded: &LoadedStack,
+    follower: &mut Follower<'_>,
+    opts: &ServeOptions,
+    n: usize,
+    prompt: &str,
+    out: &mut dyn Write,
+    log: &mut dyn FnMut(&str),
+) -> Result<bool, PromptError> {
+    let config = loaded.resident.config();
+    let stops = stop_ids(loaded);
+    let ids = loaded.prompt_ids(prompt, !opts.raw)?;
+    let room = config.max_seq.saturating_sub(ids.len());
+    if ids.is_empty() || room == 0 {
+        return Err(format!(
+            "the prompt is {} tokens; the model's context is {} (it must leave room for an answer)",
+            ids.len(),
+            config.max_seq
+        )
+        .into());
+    }
+    let max_new = opts.max_tokens.clamp(1, room);
+    let capped = max_new < opts.max_tokens;
+    if capped {
+        log(&format!(
+            "[serve] prompt {}: {} prompt tokens leave {room} of the context's {}: at most {max_new} new tokens (not --max-tokens {})",
             n + 1,
             ids.len(),
-            generated.len(),
-            prefill,
-            generated.len().saturating_sub(1) as f64 / decode.max(1e-9),
-            resizes,
-            mb(loaded.elastic.snapshot().held_bytes())
-        );
+            config.max_seq,
+            opts.max_tokens
+        ));
     }
-    Ok(())
+    let poll_every = opts.poll_every.max(1);
+    // Prefill + every generated token but the last.
+    let mut cache = KvCache::new(config, ids.len() + max_new);
+    let mut rng = SplitMix64::new(opts.seed.wrapping_add(n as u64));
+    let mut linears = loaded.linears();
+    let t0 = Instant::now();
+    let mut logits = step(loaded, &linears, &ids, &mut cache)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut generated = Vec::new();
+    let mut stream = TextStream { printed: 0 };
+    let mut resizes = 0;
+    loop {
+        let tok = sample(&logits, opts.sampling, &mut rng)?;
+        if stops.contains(&tok) {
+            break;
+        }
+        generated.push(tok);
+        let text = stream.push(loaded, &generated)?;
+        write!(out, "{text}")
+            .and_then(|()| out.flush())
+            .map_err(PromptError::Output)?;
+        if generated.len() >= max_new {
+            break;
+        }
+        if generated.len() % poll_every == 0
+            && follower
+                .poll(&format!("prompt {}, token {}", n + 1, generated.len()))
+                .is_some()
+        {
+            resizes += 1;
+            // Later tokens use the new snapshot; the cache of earlier ones is kept.
+            linears = loaded.linears();
+        }
+        logits = step(loaded, &linears, &[tok], &mut cache)?;
+    }
+    let decode = t1.elapsed().as_secs_f64();
+    writeln!(out)
+        .and_then(|()| out.flush())
+        .map_err(PromptError::Output)?;
+    log(&format!(
+        "[serve] prompt {}: {} prompt tokens, {} new, prefill {:.2} s, decode {:.1} tokens/s, {} resizes during decode, {:.1} MB held",
+        n + 1,
+        ids.len(),
+        generated.len(),
+        prefill,
+        generated.len().saturating_sub(1) as f64 / decode.max(1e-9),
+        resizes,
+        mb(loaded.elastic.snapshot().held_bytes())
+    ));
+    Ok(capped)
 }
 
 /// `bitstack pressure-demo`.
@@ -555,13 +965,11 @@ pub fn margin_check(rows: &[(u64, u64, Option<u64>)], slack: u64) -> (Option<u64
     (margin, flags)
 }
 
-/// Writes `text` to `path` atomically (temporary file and rename), so a reader never sees a
+/// Writes `text` to `path` with the project's one atomic writer, so a reader never sees a
 /// half-written value.
 fn write_atomic(path: &Path, text: &str) -> Res<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::compare::write_atomic(path, text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()).into())
 }
 
 struct PhaseRow {
@@ -668,7 +1076,7 @@ fn pressure_inner(
     // One cache and one token stream for the whole demo: resizes never restart generation.
     let mut cache = KvCache::new(&config, total_tokens);
     let mut rng = SplitMix64::new(args.sampling.seed);
-    let sampling = args.sampling.sampling();
+    let sampling = args.sampling.sampling()?;
     // The stream must not end: stop tokens are masked out of the logits.
     let stops = stop_ids(&loaded);
     let poll_every = args.policy.poll_every.max(1);
@@ -689,7 +1097,7 @@ fn pressure_inner(
             mb(available)
         );
         write_atomic(avail_file, &available.to_string())?;
-        let event = follower.poll(&format!("phase {} start", phase + 1))?;
+        let event = follower.poll(&format!("phase {} start", phase + 1));
         let mut free_ms = 0.0;
         if event.is_some() {
             let t = Instant::now();
@@ -703,7 +1111,7 @@ fn pressure_inner(
         let start_len = stream_tokens.len();
         for i in 0..args.tokens_per_phase {
             if i > 0 && i % poll_every == 0 {
-                if let Some(e) = follower.poll(&format!("phase {}, token {}", phase + 1, i))? {
+                if let Some(e) = follower.poll(&format!("phase {}, token {}", phase + 1, i)) {
                     let t = Instant::now();
                     linears = loaded.linears();
                     free_ms += t.elapsed().as_secs_f64() * 1e3;
@@ -926,6 +1334,453 @@ fn print_summary(rows: &[PhaseRow], rss0: Option<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compress::{compress, write_compressed, CompressParams, OrderMethod, RankRule};
+    use crate::gguf::{GgmlType, GgufBuilder, GgufModel, GgufValue, GgufValueType};
+    use crate::llama::LinearKind;
+    use std::cell::RefCell;
+
+    /// A scratch folder removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let d = std::env::temp_dir().join(format!(
+                "bitstack-serve-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            Self(d)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// GPT-2's byte-to-character table: every byte is one token of the test vocabulary.
+    fn byte_tokens() -> Vec<String> {
+        let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
+        let mut cs = bs.clone();
+        let mut n = 0;
+        for b in 0..256u32 {
+            if !bs.contains(&b) {
+                bs.push(b);
+                cs.push(256 + n);
+                n += 1;
+            }
+        }
+        let mut table = vec![String::new(); 256];
+        for (b, c) in bs.iter().zip(&cs) {
+            table[*b as usize] = char::from_u32(*c).unwrap().to_string();
+        }
+        table
+    }
+
+    /// A tiny random Llama (2 layers, hidden 32, byte-level vocabulary, context 48) as a GGUF
+    /// file, compressed into a 4-level stack file with a round-robin order. Returns its path.
+    fn tiny_stack_file(dir: &Path) -> PathBuf {
+        let (layers, hidden, ffn, heads, kv, head_dim, ctx) =
+            (2usize, 32usize, 48usize, 4usize, 2usize, 8usize, 48u32);
+        let tokens = byte_tokens();
+        let vocab = tokens.len();
+        let mut b = GgufBuilder::new();
+        let u = |v: usize| GgufValue::U32(v as u32);
+        b.metadata("general.architecture", GgufValue::String("llama".into()))
+            .metadata("llama.block_count", u(layers))
+            .metadata("llama.embedding_length", u(hidden))
+            .metadata("llama.feed_forward_length", u(ffn))
+            .metadata("llama.attention.head_count", u(heads))
+            .metadata("llama.attention.head_count_kv", u(kv))
+            .metadata(
+                "llama.attention.layer_norm_rms_epsilon",
+                GgufValue::F32(1e-5),
+            )
+            .metadata("llama.context_length", GgufValue::U32(ctx))
+            .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+            .metadata("tokenizer.ggml.pre", GgufValue::String("gpt2".into()))
+            .metadata(
+                "tokenizer.ggml.tokens",
+                GgufValue::Array {
+                    elem_type: GgufValueType::String,
+                    values: tokens.into_iter().map(GgufValue::String).collect(),
+                },
+            )
+            .metadata(
+                "tokenizer.ggml.merges",
+                GgufValue::Array {
+                    elem_type: GgufValueType::String,
+                    values: vec![],
+                },
+            );
+        let mut rng = SplitMix64::new(11);
+        let mut f32s = |n: usize, amp: f32| -> Vec<u8> {
+            (0..n)
+                .flat_map(|_| (amp * rng.next_signed()).to_le_bytes())
+                .collect()
+        };
+        // GGUF dims are [columns, rows].
+        b.tensor(
+            "token_embd.weight",
+            GgmlType::F32,
+            &[hidden as u64, vocab as u64],
+            f32s(hidden * vocab, 0.5),
+        );
+        let ones: Vec<u8> = (0..hidden).flat_map(|_| 1f32.to_le_bytes()).collect();
+        b.tensor(
+            "output_norm.weight",
+            GgmlType::F32,
+            &[hidden as u64],
+            ones.clone(),
+        );
+        let config = crate::gguf::LlamaConfig {
+            arch: "llama".into(),
+            n_layers: layers,
+            hidden,
+            ffn,
+            n_heads: heads,
+            n_kv_heads: kv,
+            head_dim,
+            vocab,
+            rope_theta: 10_000.0,
+            rope_freq_factors: None,
+            rms_eps: 1e-5,
+            tied_embeddings: true,
+            attn_bias: false,
+            max_seq: ctx as usize,
+            bos_id: None,
+            eos_id: None,
+        };
+        for l in 0..layers {
+            b.tensor(
+                &format!("blk.{l}.attn_norm.weight"),
+                GgmlType::F32,
+                &[hidden as u64],
+                ones.clone(),
+            );
+            b.tensor(
+                &format!("blk.{l}.ffn_norm.weight"),
+                GgmlType::F32,
+                &[hidden as u64],
+                ones.clone(),
+            );
+            for kind in LinearKind::ALL {
+                let (rows, cols) = kind.shape(&config);
+                let amp = (3.0 / cols as f32).sqrt();
+                b.tensor(
+                    &kind.tensor_name(l),
+                    GgmlType::F32,
+                    &[cols as u64, rows as u64],
+                    f32s(rows * cols, amp),
+                );
+            }
+        }
+        let gguf = dir.join("tiny.gguf");
+        std::fs::write(&gguf, b.build()).unwrap();
+        let model = GgufModel::open(&gguf).unwrap();
+        let mut params = CompressParams {
+            scale: None,
+            order: OrderMethod::RoundRobin,
+            rank: RankRule::Fixed(4),
+            ..Default::default()
+        };
+        params.iavd.levels = 4;
+        let out = compress(&model, "calibration is not used without scaling", &params).unwrap();
+        let path = dir.join("tiny.bitstack");
+        write_compressed(&out, &path).unwrap();
+        path
+    }
+
+    /// XORs the byte in the middle of the block at `position` of the universal order, in place
+    /// (no truncation: the open model's map sees the change). Returns the block.
+    fn flip_block_byte(path: &Path, position: usize) -> BlockId {
+        use std::io::{Seek, SeekFrom};
+        let file = bitstack_format::StackFile::open(path).unwrap();
+        let id = file.order().as_slice()[position];
+        let (offset, len) = file.block_extent(id).unwrap();
+        drop(file);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let at = offset + len / 2;
+        let mut byte = [0u8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        std::io::Read::read_exact(&mut f, &mut byte).unwrap();
+        byte[0] ^= 0xFF;
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&byte).unwrap();
+        f.sync_all().unwrap();
+        id
+    }
+
+    fn opts(max_tokens: usize) -> ServeOptions {
+        ServeOptions {
+            max_tokens,
+            raw: true,
+            poll_every: 1,
+            sampling: Sampling::Greedy,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn serve_survives_a_corrupt_block_and_bad_utf8() {
+        let dir = TempDir::new("faults");
+        let path = tiny_stack_file(&dir.0);
+        let loaded = LoadedStack::open(&path, None).unwrap();
+        let floor = loaded.elastic.layout().stacks.len();
+        let total = loaded.elastic.layout().order.len();
+        let full = loaded.elastic.full_bytes();
+        let bad_pos = floor + 5;
+        let bad = flip_block_byte(&path, bad_pos);
+        let avail = dir.0.join("available");
+        std::fs::write(&avail, format!("{}", 2 * full)).unwrap();
+        let params = PolicyParams::default();
+        let logs = RefCell::new(Vec::<String>::new());
+        let push = |s: &str| logs.borrow_mut().push(s.to_owned());
+
+        // Phase 1: a long backoff. The grow fails on the bad block, the model grows up to it,
+        // and every prompt is answered, the non-UTF-8 one included.
+        let mut follower = Follower::new(
+            &loaded,
+            build_source(&MemorySpec::File(avail.clone()), full, &params),
+            params,
+            Box::new(push),
+        )
+        .with_retry(RetryParams {
+            initial: Duration::from_secs(3600),
+            max: Duration::from_secs(3600),
+        });
+        let mut input: &[u8] = b"hello there\n\xff\xfe broken \xc3( bytes\n\n   \nagain\n";
+        let mut out = Vec::new();
+        let mut log = Vec::new();
+        let stats = serve_loop(
+            &loaded,
+            &mut follower,
+            &opts(4),
+            &mut input,
+            &mut out,
+            &mut |s: &str| log.push(s.to_owned()),
+        )
+        .unwrap();
+        let all_logs = logs.borrow().join("\n");
+        assert_eq!(
+            stats,
+            ServeStats {
+                prompts: 3,
+                answered: 3,
+                failed: 0,
+                lossy_lines: 1,
+                context_capped: 0,
+            },
+            "{log:?}\n{all_logs}"
+        );
+        // Every answer ends with a newline (answers themselves may hold some).
+        assert!(out.ends_with(b"\n") && out.iter().filter(|&&b| b == b'\n').count() >= 3);
+        assert!(
+            log.iter().any(|l| l.contains("line 2: not valid UTF-8")),
+            "{log:?}"
+        );
+        let f = follower.fault().expect("the grow failed").clone();
+        assert_eq!((f.cap, f.block, f.failures), (bad_pos, Some(bad), 1));
+        assert!(f.error.contains("checksum"), "{}", f.error);
+        // Backoff: one failed attempt across all polls; the model holds exactly the blocks
+        // before the bad one, a consistent prefix.
+        assert_eq!(follower.failed_resizes(), 1, "{all_logs}");
+        let snap = loaded.elastic.snapshot();
+        assert_eq!(snap.prefix(), bad_pos);
+        assert!(
+            all_logs.contains("FAILED")
+                && all_logs.contains(&format!("weight {} level {}", bad.weight, bad.level)),
+            "{all_logs}"
+        );
+        drop(snap);
+
+        // Phase 2: retries due at once. They keep failing (and serving) until the block is
+        // repaired; the next retry then loads it and lifts the cap.
+        let mut follower = Follower::new(
+            &loaded,
+            build_source(&MemorySpec::File(avail.clone()), full, &params),
+            params,
+            Box::new(|_: &str| {}),
+        )
+        .with_retry(RetryParams {
+            initial: Duration::ZERO,
+            max: Duration::ZERO,
+        });
+        let mut input: &[u8] = b"one\ntwo\n";
+        let stats = serve_loop(
+            &loaded,
+            &mut follower,
+            &opts(2),
+            &mut input,
+            &mut Vec::new(),
+            &mut |_: &str| {},
+        )
+        .unwrap();
+        assert_eq!(stats.answered, 2);
+        assert!(
+            follower.failed_resizes() >= 2,
+            "{}",
+            follower.failed_resizes()
+        );
+        assert_eq!(loaded.elastic.snapshot().prefix(), bad_pos);
+        flip_block_byte(&path, bad_pos);
+        let mut input: &[u8] = b"three\n";
+        let stats = serve_loop(
+            &loaded,
+            &mut follower,
+            &opts(2),
+            &mut input,
+            &mut Vec::new(),
+            &mut |_: &str| {},
+        )
+        .unwrap();
+        assert_eq!(stats.answered, 1);
+        assert!(follower.fault().is_none());
+        assert_eq!(loaded.elastic.snapshot().prefix(), total);
+    }
+
+    #[test]
+    fn serve_bounds_answers_by_the_context() {
+        let dir = TempDir::new("context");
+        let path = tiny_stack_file(&dir.0);
+        let loaded = LoadedStack::open(&path, None).unwrap();
+        let params = PolicyParams::default();
+        let mut follower = Follower::new(
+            &loaded,
+            build_source(
+                &MemorySpec::Fixed(MemoryBudget::from_bytes(u64::MAX / 4)),
+                loaded.elastic.full_bytes(),
+                &params,
+            ),
+            params,
+            Box::new(|_: &str| {}),
+        );
+        // Byte-level tokens, no merges: a prompt of n bytes is n tokens; the context is 48.
+        let long = "x".repeat(60);
+        let text = format!("ten bytes!\n{long}\nshort\n");
+        let mut input = text.as_bytes();
+        let mut out = Vec::new();
+        let mut log = Vec::new();
+        let stats = serve_loop(
+            &loaded,
+            &mut follower,
+            &opts(1000),
+            &mut input,
+            &mut out,
+            &mut |s: &str| log.push(s.to_owned()),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                stats.prompts,
+                stats.answered,
+                stats.failed,
+                stats.context_capped
+            ),
+            (3, 2, 1, 2),
+            "{log:?}"
+        );
+        // An answer per prompt, each ending with a newline (the failed one is empty).
+        let out = String::from_utf8_lossy(&out).into_owned();
+        assert!(
+            out.ends_with('\n') && out.matches('\n').count() >= 3,
+            "{out:?}"
+        );
+        assert!(
+            log.iter()
+                .any(|l| l.contains("prompt 2 not answered") && l.contains("context is 48")),
+            "{log:?}"
+        );
+        assert!(
+            log.iter().any(|l| l.contains("at most 38 new tokens")),
+            "{log:?}"
+        );
+    }
+
+    #[test]
+    fn serve_rejects_bad_flags_before_work() {
+        let args = |memory: MemorySpec| ServeArgs {
+            file: "/nonexistent/model.bitstack".into(),
+            memory,
+            prompt_file: None,
+            max_tokens: 8,
+            raw: true,
+            policy: PolicyArgs {
+                headroom: 0.05,
+                headroom_bytes: MemoryBudget::from_bytes(0),
+                hysteresis: MemoryBudget::from_bytes(4_000_000),
+                poll_every: 4,
+            },
+            sampling: SamplingArgs {
+                temperature: 0.0,
+                top_p: 0.9,
+                seed: 0,
+            },
+        };
+        let e = serve(&args(MemorySpec::File("/nonexistent/avail".into())))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent/avail"), "{e}");
+        let mut a = args(MemorySpec::Auto);
+        a.max_tokens = 0;
+        assert!(serve(&a)
+            .unwrap_err()
+            .to_string()
+            .contains("--max-tokens 0"));
+        for t in [f32::NAN, -1.0, f32::INFINITY] {
+            let mut a = args(MemorySpec::Auto);
+            a.sampling.temperature = t;
+            assert!(
+                serve(&a).unwrap_err().to_string().contains("--temperature"),
+                "{t}"
+            );
+        }
+        let mut a = args(MemorySpec::Auto);
+        a.sampling.top_p = 0.0;
+        assert!(serve(&a).unwrap_err().to_string().contains("--top-p"));
+        // Past the flags, the missing model is named.
+        let e = serve(&args(MemorySpec::Auto)).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/model.bitstack"), "{e}");
+    }
+
+    #[test]
+    fn fixed_and_file_apply_the_same_headroom() {
+        let p = PolicyParams {
+            headroom_fraction: 0.05,
+            headroom_bytes: 10_000_000,
+            hysteresis_bytes: 4_000_000,
+        };
+        let dir = TempDir::new("headroom");
+        let f = dir.0.join("avail");
+        std::fs::write(&f, "150MB").unwrap();
+        let fixed = build_source(
+            &MemorySpec::Fixed(MemoryBudget::from_bytes(150_000_000)),
+            426_000_000,
+            &p,
+        );
+        let file = build_source(&MemorySpec::File(f), 426_000_000, &p);
+        let (a, b) = (fixed.probe(0).0.unwrap(), file.probe(0).0.unwrap());
+        assert_eq!(a, b);
+        let mut pol = MemoryPolicy::new(p, 80_000_000, 426_000_000);
+        assert_eq!(
+            pol.decide(Ok(a)),
+            Decision::Resize(MemoryBudget::from_bytes(132_500_000))
+        );
+        assert_eq!(
+            MemorySpec::Fixed(MemoryBudget::from_bytes(150_000_000)).to_string(),
+            "fixed:150.0MB"
+        );
+    }
 
     #[test]
     fn memory_spec_parses() {
