@@ -62,4 +62,4 @@ pub use runtime::{
     BlockSource, ElasticModel, InMemorySource, ModelLayout, ModelSnapshot, ResizeReport,
 };
 pub use signs::SignsRef;
-pub use stack::{StackMeta, WeightStack};
+pub use stack::{release_thread_scratch, thread_scratch_bytes, StackMeta, WeightStack};

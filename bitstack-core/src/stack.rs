@@ -6,6 +6,28 @@ use crate::error::{check_len, CoreError, Result};
 use crate::kernels::{self, FusedParams};
 use crate::linear::LinearOp;
 use std::cell::RefCell;
+
+thread_local! {
+    /// Per-thread scratch of [`WeightStack`]'s `forward` (see [`release_thread_scratch`]).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Frees the calling thread's reusable product scratch (the tables of the largest small-batch
+/// product it ran: ~2.5 MB for one SmolLM2 token at 8 levels, up to batch × that). It is
+/// re-allocated on the next product; call this when a thread stops running products, or before
+/// measuring the heap.
+pub fn release_thread_scratch() {
+    SCRATCH.with(|cell| {
+        if let Ok(mut s) = cell.try_borrow_mut() {
+            *s = Vec::new();
+        }
+    });
+}
+
+/// Bytes of the calling thread's reusable product scratch.
+pub fn thread_scratch_bytes() -> u64 {
+    SCRATCH.with(|cell| cell.try_borrow().map_or(0, |s| 4 * s.capacity() as u64))
+}
 use std::sync::Arc;
 
 /// What is known about a weight stack before any block is loaded.
@@ -212,9 +234,6 @@ impl LinearOp for WeightStack {
     /// decode loop allocates nothing per call. Larger batches restore `Ŵ` into a buffer that
     /// is freed when the call returns, so no dense copy outlives the product.
     fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
-        thread_local! {
-            static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-        }
         let batch = kernels::batch_of(x.len(), self.meta.cols)?;
         let need = self.scratch_len(batch);
         if batch > kernels::FUSED_MAX_BATCH {

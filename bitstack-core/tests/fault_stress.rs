@@ -308,6 +308,15 @@ fn resize_under_injected_faults() {
         let _ = model.resize(random_budget());
     }
     model.resize_to_prefix(floor).unwrap();
+    // One product starts the kernels' thread pool (allocated once, for the process); the
+    // main thread's product scratch is released before each heap reading.
+    {
+        let snap = model.snapshot();
+        let w = snap.weight(0).unwrap();
+        let mut y = vec![0.0; w.out_features()];
+        w.forward(&vec![0.5; w.in_features()], &mut y).unwrap();
+    }
+    bitstack_core::release_thread_scratch();
     let baseline = LIVE.load(Ordering::SeqCst);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -391,6 +400,7 @@ fn resize_under_injected_faults() {
         .filter(|b| Arc::strong_count(b) != 1)
         .count();
     drop(snap);
+    bitstack_core::release_thread_scratch();
     let leaked = LIVE.load(Ordering::SeqCst) - baseline;
     let smallest = pristine
         .blocks
