@@ -247,6 +247,38 @@ pub enum TablePrecision {
     F32,
 }
 
+impl TablePrecision {
+    /// Lower-case name (`int16`, `int8`, `exact`), as [`FromStr`](std::str::FromStr) reads it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TablePrecision::Int16 => "int16",
+            TablePrecision::Int8 => "int8",
+            TablePrecision::F32 => "exact",
+        }
+    }
+}
+
+impl std::fmt::Display for TablePrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for TablePrecision {
+    type Err = CoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "int16" => Ok(TablePrecision::Int16),
+            "int8" => Ok(TablePrecision::Int8),
+            "exact" | "f32" => Ok(TablePrecision::F32),
+            _ => Err(CoreError::InvalidParameter {
+                name: "table precision",
+                reason: format!("{s:?}: expected int16, int8 or exact"),
+            }),
+        }
+    }
+}
+
 /// Instruction set of the int8-table kernel. [`KernelIsa::Auto`] picks the best this CPU has
 /// at run time; the others force one (for tests and benchmarks) and fall back to
 /// [`KernelIsa::Portable`] where the CPU lacks it (see [`KernelIsa::resolve`]).
@@ -309,6 +341,13 @@ pub struct FusedParams {
 }
 
 impl FusedParams {
+    /// These table precision with the best kernel this CPU has.
+    pub fn with_tables(tables: TablePrecision) -> Self {
+        Self {
+            tables,
+            isa: KernelIsa::Auto,
+        }
+    }
     /// The exact f32-table path.
     pub fn exact() -> Self {
         Self {

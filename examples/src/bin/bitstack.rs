@@ -338,6 +338,10 @@ struct GenerateArgs {
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Decode-kernel tables: int16 (default; perplexity within 0.1 % of exact), int8 (fastest,
+    /// about 1 % error per product) or exact (f32 tables).
+    #[arg(long, default_value_t = bitstack_core::kernels::TablePrecision::default())]
+    kernel: bitstack_core::kernels::TablePrecision,
 }
 
 #[derive(Args, Debug)]
@@ -1034,6 +1038,9 @@ fn generate(args: &GenerateArgs) -> Res<()> {
         return Err(usage("--max-tokens must be at least 1"));
     }
     let loaded = open_loaded(&args.file, Some(args.budget))?;
+    loaded
+        .elastic
+        .set_fused_params(bitstack_core::kernels::FusedParams::with_tables(args.kernel));
     let params = GenerateParams {
         max_new_tokens: args.max_tokens,
         sampling: if args.temperature > 0.0 {

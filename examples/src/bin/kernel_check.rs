@@ -12,7 +12,7 @@
 //!     --text ../shared/data/wikitext2-test.raw --budgets 90MB,105.5MB,145MB,200MB
 //! ```
 use bitstack_core::kernels::{fused_matmul_with, fused_scratch_len_with, matmul_reference};
-use bitstack_core::kernels::{FusedParams, KernelIsa};
+use bitstack_core::kernels::{FusedParams, KernelIsa, TablePrecision};
 use bitstack_core::{MemoryBudget, ResidualBlockRef};
 use bitstack_examples::llama::{ActivationObserver, LinearKind, Llama};
 use bitstack_examples::perplexity::cached_window_nll;
@@ -50,6 +50,9 @@ struct Args {
     /// Skip the (slow) f64 reference error measurement.
     #[arg(long)]
     no_error: bool,
+    /// Table precision compared with the exact f32 tables (int16 or int8).
+    #[arg(long, default_value_t = TablePrecision::Int16)]
+    kernel: TablePrecision,
 }
 
 /// Captures the input of every linear on one forward pass.
@@ -101,7 +104,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let int8 = FusedParams::default();
+    let fast = FusedParams::with_tables(args.kernel);
     let exact = FusedParams::exact();
     println!(
         "file: {}  int8 kernel: {}  windows: first {} × {} tokens, chunk {}",
@@ -113,7 +116,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut ppl_rows = Vec::new();
     for &budget in &args.budgets {
-        loaded.elastic.set_fused_params(int8);
+        loaded.elastic.set_fused_params(fast);
         loaded.elastic.resize(budget)?;
         let held = loaded.elastic.snapshot().held_bytes();
         if !args.no_error {
@@ -121,7 +124,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         let mut ppl = [0f64; 2];
         let mut secs = [0f64; 2];
-        for (slot, params) in [int8, exact].into_iter().enumerate() {
+        for (slot, params) in [fast, exact].into_iter().enumerate() {
             loaded.elastic.set_fused_params(params);
             let linears = loaded.linears();
             let model = Llama::new(&loaded.resident, &linears)?;
@@ -135,8 +138,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             ppl[slot] = (sum / (args.windows * (args.seq_len - 1)) as f64).exp();
         }
         println!(
-            "budget {:.1} MB: ppl int8 {:.4} ({:.0} s), exact {:.4} ({:.0} s)",
+            "budget {:.1} MB: ppl {} {:.4} ({:.0} s), exact {:.4} ({:.0} s)",
             held as f64 / 1e6,
+            args.kernel,
             ppl[0],
             secs[0],
             ppl[1],
@@ -144,7 +148,10 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         );
         ppl_rows.push((held, ppl));
     }
-    println!("\n| held MB (10^6 B) | ppl, int8 tables | ppl, exact f32 tables | change |");
+    println!(
+        "\n| held MB (10^6 B) | ppl, {} tables | ppl, exact f32 tables | change |",
+        args.kernel
+    );
     println!("| --- | --- | --- | --- |");
     for (held, p) in ppl_rows {
         println!(
@@ -175,10 +182,10 @@ fn error_table(
         .into_inner()
         .map_err(|_| "capture lock poisoned")?;
     let t = Instant::now();
-    let mut per_kind: Vec<(LinearKind, Vec<f64>, Vec<f64>)> = Vec::new();
+    let mut per_kind: Vec<(LinearKind, [Vec<f64>; 3])> = Vec::new();
     let n_layers = loaded.resident.config().n_layers;
     for kind in LinearKind::ALL {
-        let (mut e8, mut ef) = (Vec::new(), Vec::new());
+        let mut errs: [Vec<f64>; 3] = Default::default();
         for layer in 0..n_layers {
             let ws = &snap.weights()[weight_index(layer, kind)];
             let x = inputs.get(&(layer, kind)).ok_or("missing activation")?;
@@ -187,10 +194,9 @@ fn error_table(
             let batch = x.len() / m.cols;
             let mut want = vec![0f32; batch * m.rows];
             matmul_reference(&refs, m.rows, m.cols, ws.inv_scale(), x, &mut want)?;
-            for (params, out) in [
-                (FusedParams::default(), &mut e8),
-                (FusedParams::exact(), &mut ef),
-            ] {
+            let paths = [TablePrecision::Int16, TablePrecision::Int8, TablePrecision::F32];
+            for (tables, out) in paths.into_iter().zip(errs.iter_mut()) {
+                let params = FusedParams::with_tables(tables);
                 let mut y = vec![0f32; batch * m.rows];
                 let mut scratch =
                     vec![
@@ -210,7 +216,7 @@ fn error_table(
                 out.push(rel_err(&y, &want));
             }
         }
-        per_kind.push((kind, e8, ef));
+        per_kind.push((kind, errs));
     }
     println!(
         "\nrelative error of Ŵ X vs the f64 reference at {:.1} MB ({} tokens of real inputs per linear, {:.0} s):",
@@ -218,18 +224,15 @@ fn error_table(
         tokens.len(),
         t.elapsed().as_secs_f64()
     );
-    println!("| linear | int8 median | int8 max | exact f32 median | exact f32 max |");
-    println!("| --- | --- | --- | --- | --- |");
-    for (kind, mut e8, mut ef) in per_kind {
-        e8.sort_by(f64::total_cmp);
-        ef.sort_by(f64::total_cmp);
-        println!(
-            "| {kind:?} | {:.2e} | {:.2e} | {:.2e} | {:.2e} |",
-            e8[e8.len() / 2],
-            e8[e8.len() - 1],
-            ef[ef.len() / 2],
-            ef[ef.len() - 1]
-        );
+    println!("| linear | int16 median | int16 max | int8 median | int8 max | exact f32 median | exact f32 max |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (kind, mut errs) in per_kind {
+        let mut cells = Vec::new();
+        for e in errs.iter_mut() {
+            e.sort_by(f64::total_cmp);
+            cells.push(format!("{:.2e} | {:.2e}", e[e.len() / 2], e[e.len() - 1]));
+        }
+        println!("| {kind:?} | {} |", cells.join(" | "));
     }
     Ok(())
 }
