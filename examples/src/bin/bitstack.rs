@@ -1040,7 +1040,9 @@ fn generate(args: &GenerateArgs) -> Res<()> {
     let loaded = open_loaded(&args.file, Some(args.budget))?;
     loaded
         .elastic
-        .set_fused_params(bitstack_core::kernels::FusedParams::with_tables(args.kernel));
+        .set_fused_params(bitstack_core::kernels::FusedParams::with_tables(
+            args.kernel,
+        ));
     let params = GenerateParams {
         max_new_tokens: args.max_tokens,
         sampling: if args.temperature > 0.0 {

@@ -194,7 +194,11 @@ fn error_table(
             let batch = x.len() / m.cols;
             let mut want = vec![0f32; batch * m.rows];
             matmul_reference(&refs, m.rows, m.cols, ws.inv_scale(), x, &mut want)?;
-            let paths = [TablePrecision::Int16, TablePrecision::Int8, TablePrecision::F32];
+            let paths = [
+                TablePrecision::Int16,
+                TablePrecision::Int8,
+                TablePrecision::F32,
+            ];
             for (tables, out) in paths.into_iter().zip(errs.iter_mut()) {
                 let params = FusedParams::with_tables(tables);
                 let mut y = vec![0f32; batch * m.rows];

@@ -451,14 +451,19 @@ impl<'a> Llama<'a> {
         let mut u = vec![0f32; t * c.ffn];
         lin(LinearKind::Gate).forward(&xn, &mut g)?;
         lin(LinearKind::Up).forward(&xn, &mut u)?;
-        g.par_chunks_mut(4096)
-            .zip(u.par_chunks(4096))
-            .for_each(|(g, u)| {
-                clear_upper_simd();
-                for (g, u) in g.iter_mut().zip(u) {
-                    *g = silu(*g) * u;
-                }
-            });
+        let swiglu = |(g, u): (&mut [f32], &[f32])| {
+            clear_upper_simd();
+            for (g, u) in g.iter_mut().zip(u) {
+                *g = silu(*g) * u;
+            }
+        };
+        if t <= SERIAL_ROWS {
+            g.chunks_mut(4096).zip(u.chunks(4096)).for_each(swiglu);
+        } else {
+            g.par_chunks_mut(4096)
+                .zip(u.par_chunks(4096))
+                .for_each(swiglu);
+        }
         drop(u);
         observe(LinearKind::Down, &g);
         lin(LinearKind::Down).forward(&g, &mut o)?;
@@ -466,6 +471,11 @@ impl<'a> Llama<'a> {
         Ok(())
     }
 }
+
+/// Row counts up to this (a decode step, a short chunk) run the element-wise parts of a block
+/// on the calling thread: handing microseconds of work to rayon costs a futex wake-up and keeps
+/// its workers spinning on the core the kernel pool's worker needs.
+const SERIAL_ROWS: usize = bitstack_core::kernels::FUSED_MAX_BATCH;
 
 fn rows_of(len: usize, width: usize, what: &'static str) -> Result<usize> {
     if len.is_multiple_of(width) {
@@ -514,16 +524,19 @@ fn nll_of(row: &[f32], t: usize) -> f32 {
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let h = w.len();
     let mut out = vec![0f32; x.len()];
-    out.par_chunks_mut(h)
-        .zip(x.par_chunks(h))
-        .for_each(|(o, r)| {
-            clear_upper_simd();
-            let ss: f64 = r.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
-            let inv = (1.0 / (ss / h as f64 + f64::from(eps)).sqrt()) as f32;
-            for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
-                *o = g * (v * inv);
-            }
-        });
+    let norm = |(o, r): (&mut [f32], &[f32])| {
+        clear_upper_simd();
+        let ss: f64 = r.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        let inv = (1.0 / (ss / h as f64 + f64::from(eps)).sqrt()) as f32;
+        for ((o, &v), &g) in o.iter_mut().zip(r).zip(w) {
+            *o = g * (v * inv);
+        }
+    };
+    if x.len() <= SERIAL_ROWS * h {
+        out.chunks_mut(h).zip(x.chunks(h)).for_each(norm);
+    } else {
+        out.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(norm);
+    }
     out
 }
 
@@ -546,22 +559,25 @@ fn add_into(x: &mut [f32], y: &[f32]) {
 /// Rotate-half RoPE on every head of every row; row `r` is at position `start + r % seq_len`.
 pub(crate) fn rope(x: &mut [f32], n_heads: usize, d: usize, seqs: &SeqBatch) {
     let half = d / 2;
-    x.par_chunks_mut(n_heads * d)
-        .enumerate()
-        .for_each(|(r, row)| {
-            clear_upper_simd();
-            let p = r % seqs.seq_len;
-            let cos = &seqs.cos[p * half..(p + 1) * half];
-            let sin = &seqs.sin[p * half..(p + 1) * half];
-            for hd in row.chunks_mut(d) {
-                let (lo, hi) = hd.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = b * cos[i] + a * sin[i];
-                }
+    let rotate = |(r, row): (usize, &mut [f32])| {
+        clear_upper_simd();
+        let p = r % seqs.seq_len;
+        let cos = &seqs.cos[p * half..(p + 1) * half];
+        let sin = &seqs.sin[p * half..(p + 1) * half];
+        for hd in row.chunks_mut(d) {
+            let (lo, hi) = hd.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                lo[i] = a * cos[i] - b * sin[i];
+                hi[i] = b * cos[i] + a * sin[i];
             }
-        });
+        }
+    };
+    if x.len() <= SERIAL_ROWS * n_heads * d {
+        x.chunks_mut(n_heads * d).enumerate().for_each(rotate);
+    } else {
+        x.par_chunks_mut(n_heads * d).enumerate().for_each(rotate);
+    }
 }
 
 /// [`rope`] for the module's property tests.
@@ -603,43 +619,47 @@ fn attention(
             (0..s.n_heads).flat_map(move |h| (0..n_q).step_by(ATTN_ROWS).map(move |r0| (sq, h, r0)))
         })
         .collect();
-    let parts: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(sq, h, r0)| {
-            let nb = ATTN_ROWS.min(n_q - r0);
-            let kv_h = h / group;
-            // Keys visible to the block's last query; earlier rows mask the tail.
-            let kend = past + r0 + nb;
-            let qb = qm.submatrix(sq * n_q + r0, h * d, nb, d);
-            let kb = km.submatrix(sq * n_k, kv_h * d, kend, d);
-            let vb = vm.submatrix(sq * n_k, kv_h * d, kend, d);
-            let mut sc = vec![0f32; nb * kend];
-            matmul(
-                MatMut::from_row_major_slice_mut(&mut sc, nb, kend),
-                Accum::Replace,
-                qb,
-                kb.transpose(),
-                scale,
-                Par::Seq,
-            );
-            for (i, row) in sc.chunks_mut(kend).enumerate() {
-                let visible = past + r0 + i + 1;
-                let (vis, masked) = row.split_at_mut(visible);
-                softmax_in_place(vis);
-                masked.fill(0.0);
-            }
-            let mut out = vec![0f32; nb * d];
-            matmul(
-                MatMut::from_row_major_slice_mut(&mut out, nb, d),
-                Accum::Replace,
-                MatRef::from_row_major_slice(&sc, nb, kend),
-                vb,
-                1.0f32,
-                Par::Seq,
-            );
-            out
-        })
-        .collect();
+    let head_block = |&(sq, h, r0): &(usize, usize, usize)| {
+        let nb = ATTN_ROWS.min(n_q - r0);
+        let kv_h = h / group;
+        // Keys visible to the block's last query; earlier rows mask the tail.
+        let kend = past + r0 + nb;
+        let qb = qm.submatrix(sq * n_q + r0, h * d, nb, d);
+        let kb = km.submatrix(sq * n_k, kv_h * d, kend, d);
+        let vb = vm.submatrix(sq * n_k, kv_h * d, kend, d);
+        let mut sc = vec![0f32; nb * kend];
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut sc, nb, kend),
+            Accum::Replace,
+            qb,
+            kb.transpose(),
+            scale,
+            Par::Seq,
+        );
+        for (i, row) in sc.chunks_mut(kend).enumerate() {
+            let visible = past + r0 + i + 1;
+            let (vis, masked) = row.split_at_mut(visible);
+            softmax_in_place(vis);
+            masked.fill(0.0);
+        }
+        let mut out = vec![0f32; nb * d];
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut out, nb, d),
+            Accum::Replace,
+            MatRef::from_row_major_slice(&sc, nb, kend),
+            vb,
+            1.0f32,
+            Par::Seq,
+        );
+        out
+    };
+    // A decode step's attention (one query over a short cache) is microseconds: running it on
+    // the calling thread keeps rayon's workers asleep and the kernel pool's worker on its core.
+    let parts: Vec<Vec<f32>> = if n_seqs * n_q * n_k * s.n_heads <= 1 << 18 {
+        tasks.iter().map(head_block).collect()
+    } else {
+        tasks.par_iter().map(head_block).collect()
+    };
 
     let mut attn = vec![0f32; n_seqs * n_q * qw];
     for (&(sq, h, r0), part) in tasks.iter().zip(&parts) {
