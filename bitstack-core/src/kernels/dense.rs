@@ -142,3 +142,181 @@ mod tests {
         assert!(gemv_f16(&[0.0; 9], &[f16::ZERO; 9], 1, 1, &mut y).is_err());
     }
 }
+
+/// Values per scale of a [`Q8Matrix`] (llama.cpp's Q8_0 block size).
+pub const Q8_GROUP: usize = 32;
+
+/// A dense `rows × cols` matrix quantized to int8 with one f16 scale per [`Q8_GROUP`]
+/// consecutive values of a row (`w ≈ scale · q`, `|q| ≤ 127`): 8.5 bits per value, for
+/// resident tensors such as a large-vocabulary embedding and head. Row lookups and the
+/// small-batch product dequantize in registers; nothing is ever widened as a whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Q8Matrix {
+    rows: usize,
+    cols: usize,
+    q: Vec<i8>,
+    scales: Vec<half::f16>,
+}
+
+impl Q8Matrix {
+    /// Quantizes `w` (`rows × cols`, row-major; values must be finite): per group,
+    /// `scale = max|w| / 127` rounded to f16, `q = round(w / scale)`.
+    pub fn quantize(rows: usize, cols: usize, w: &[f32]) -> Result<Self> {
+        check_len("q8 source", rows * cols, w.len())?;
+        if w.iter().any(|v| !v.is_finite()) {
+            return Err(crate::CoreError::NonFinite("q8 source"));
+        }
+        let groups = cols.div_ceil(Q8_GROUP);
+        let mut q = vec![0i8; rows * cols];
+        let mut scales = vec![half::f16::ZERO; rows * groups];
+        for ((row, qrow), srow) in w
+            .chunks_exact(cols)
+            .zip(q.chunks_exact_mut(cols))
+            .zip(scales.chunks_exact_mut(groups))
+        {
+            for ((g, qg), s) in row
+                .chunks(Q8_GROUP)
+                .zip(qrow.chunks_mut(Q8_GROUP))
+                .zip(srow.iter_mut())
+            {
+                let max = g.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let scale = half::f16::from_f32(max / 127.0);
+                *s = scale;
+                let sf = scale.to_f32();
+                let inv = if sf > 0.0 { 1.0 / sf } else { 0.0 };
+                for (qv, v) in qg.iter_mut().zip(g) {
+                    *qv = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            q,
+            scales,
+        })
+    }
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes held (values and scales).
+    pub fn bytes(&self) -> u64 {
+        (self.q.len() + 2 * self.scales.len()) as u64
+    }
+    /// Row `i` dequantized into `out` (`cols` values).
+    pub fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
+        if i >= self.rows {
+            return Err(crate::CoreError::InvalidParameter {
+                name: "row",
+                reason: format!("{i} >= {} rows", self.rows),
+            });
+        }
+        check_len("q8 row output", self.cols, out.len())?;
+        let groups = self.cols.div_ceil(Q8_GROUP);
+        let q = &self.q[i * self.cols..(i + 1) * self.cols];
+        let s = &self.scales[i * groups..(i + 1) * groups];
+        for ((og, qg), sc) in out.chunks_mut(Q8_GROUP).zip(q.chunks(Q8_GROUP)).zip(s) {
+            let sc = sc.to_f32();
+            for (o, &v) in og.iter_mut().zip(qg) {
+                *o = sc * v as f32;
+            }
+        }
+        Ok(())
+    }
+    /// Rows `r0..r0 + n` dequantized into `out` (`n × cols`).
+    pub fn rows_into(&self, r0: usize, n: usize, out: &mut [f32]) -> Result<()> {
+        check_len("q8 rows output", n * self.cols, out.len())?;
+        for (d, o) in out.chunks_exact_mut(self.cols).enumerate() {
+            self.row_into(r0 + d, o)?;
+        }
+        Ok(())
+    }
+    /// `y (batch × rows) = x (batch × cols) · Wᵀ` for `batch ≤` [`GEMV_F16_MAX_BATCH`], in
+    /// parallel over rows on the kernel pool.
+    pub fn gemv(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let (rows, cols) = (self.rows, self.cols);
+        let batch = batch_of(x.len(), cols)?;
+        check_len("output", batch * rows, y.len())?;
+        if batch > GEMV_F16_MAX_BATCH {
+            return Err(crate::CoreError::InvalidParameter {
+                name: "batch",
+                reason: format!("{batch} > {GEMV_F16_MAX_BATCH}; dequantize rows and use a GEMM"),
+            });
+        }
+        let groups = cols.div_ceil(Q8_GROUP);
+        let mut yt = vec![0.0f32; rows * batch];
+        let tasks = rows.div_ceil(ROWS_PER_TASK);
+        let yt_ptr = super::SyncPtr(yt.as_mut_ptr());
+        super::pool::run(tasks, &|task, _slot| {
+            let r0 = task * ROWS_PER_TASK;
+            let n = ROWS_PER_TASK.min(rows - r0);
+            // SAFETY: task `task` alone owns rows r0..r0 + n of `yt`.
+            let ytc =
+                unsafe { std::slice::from_raw_parts_mut(yt_ptr.get().add(r0 * batch), n * batch) };
+            let mut wrow = vec![0.0f32; cols];
+            for (d, out) in ytc.chunks_exact_mut(batch).enumerate() {
+                let i = r0 + d;
+                let q = &self.q[i * cols..(i + 1) * cols];
+                let s = &self.scales[i * groups..(i + 1) * groups];
+                for ((wg, qg), sc) in wrow.chunks_mut(Q8_GROUP).zip(q.chunks(Q8_GROUP)).zip(s) {
+                    let sc = sc.to_f32();
+                    for (w, &v) in wg.iter_mut().zip(qg) {
+                        *w = sc * v as f32;
+                    }
+                }
+                for (bi, o) in out.iter_mut().enumerate() {
+                    let xr = &x[bi * cols..(bi + 1) * cols];
+                    *o = wrow.iter().zip(xr).map(|(a, b)| a * b).sum();
+                }
+            }
+        });
+        for (i, row) in yt.chunks_exact(batch).enumerate() {
+            for (bi, v) in row.iter().enumerate() {
+                y[bi * rows + i] = *v;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod q8_tests {
+    use super::*;
+    use crate::testutil::XorShift;
+
+    #[test]
+    fn q8_round_trip_and_product() {
+        let mut rng = XorShift::new(9);
+        let (rows, cols) = (37, 70);
+        let w: Vec<f32> = (0..rows * cols).map(|_| rng.next_gaussian()).collect();
+        let m = Q8Matrix::quantize(rows, cols, &w).unwrap();
+        assert_eq!(m.bytes(), (rows * cols + 2 * rows * 3) as u64);
+        let mut back = vec![0.0; rows * cols];
+        m.rows_into(0, rows, &mut back).unwrap();
+        // Each value within half a step of its group's scale (plus the f16 rounding of it).
+        for (wr, br) in w.chunks(cols).zip(back.chunks(cols)) {
+            for (wv, bv) in wr.chunks(Q8_GROUP).zip(br.chunks(Q8_GROUP)) {
+                let max = wv.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                for (a, b) in wv.iter().zip(bv) {
+                    assert!((a - b).abs() <= 0.51 * max / 127.0 + 1e-3 * max, "{a} vs {b}");
+                }
+            }
+        }
+        let x: Vec<f32> = (0..3 * cols).map(|_| rng.next_gaussian()).collect();
+        let mut y = vec![0.0; 3 * rows];
+        m.gemv(&x, &mut y).unwrap();
+        for bi in 0..3 {
+            for i in 0..rows {
+                let want: f32 = (0..cols).map(|j| back[i * cols + j] * x[bi * cols + j]).sum();
+                assert!((y[bi * rows + i] - want).abs() <= 1e-4 * (1.0 + want.abs()));
+            }
+        }
+        assert!(m.row_into(rows, &mut vec![0.0; cols]).is_err());
+        assert!(Q8Matrix::quantize(2, 2, &[0.0, f32::NAN, 0.0, 0.0]).is_err());
+    }
+}
