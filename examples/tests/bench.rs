@@ -313,6 +313,12 @@ fn bench_reports_every_budget_and_rejects_bad_flags() {
     let before = std::fs::read(&json).unwrap();
     let with = |extra: &[&'static str]| -> Vec<&str> {
         let mut a = vec!["bench", stack_s, "--json", json_s];
+        // Small, valid lengths unless the case is about them (a flag may be given once).
+        for (flag, v) in [("--prompt-tokens", "24"), ("--gen-tokens", "4")] {
+            if !extra.contains(&flag) {
+                a.extend([flag, v]);
+            }
+        }
         a.extend_from_slice(extra);
         a
     };
