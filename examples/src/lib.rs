@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod baselines;
+pub mod bench;
 pub mod compare;
 pub mod compress;
 pub mod gguf;

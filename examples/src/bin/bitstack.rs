@@ -32,6 +32,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
+#[path = "bitstack/bench.rs"]
+mod bench;
+
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 /// A usage error (exit status 2): a flag value or combination that cannot work.
@@ -148,6 +151,8 @@ enum Command {
     Compare(bitstack_examples::compare::CompareArgs),
     /// Plot several `eval --json` results as perplexity against budget in one SVG.
     Plot(PlotArgs),
+    /// Decode and prefill tokens/s at several budgets, next to the machine's read bandwidth.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -1903,6 +1908,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> Res<()> {
         Command::Sort(a) => sort(&a),
         Command::Compare(a) => bitstack_examples::compare::run_cli(&a),
         Command::Plot(a) => plot(&a),
+        Command::Bench(a) => bench::run(&a),
     }
 }
 
