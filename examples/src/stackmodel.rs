@@ -376,9 +376,20 @@ impl LoadedStack {
         path: impl AsRef<std::path::Path>,
         budget: Option<MemoryBudget>,
     ) -> Result<Self, LoadError> {
-        let model = StackModel::open(path)?;
         // The file stores the embedding in f16; keep it so (a tied head reads it in chunks).
-        let resident = LlamaResident::from_source_with(&model, EmbeddingPrecision::F16)?;
+        Self::open_with(path, budget, EmbeddingPrecision::F16)
+    }
+
+    /// [`LoadedStack::open`] with the resident embedding (and an untied head) held at
+    /// `resident` precision, e.g. [`EmbeddingPrecision::Q8`] (8.5 bits per value instead of
+    /// 16): the bytes held, and so the prefix a budget buys, follow it.
+    pub fn open_with(
+        path: impl AsRef<std::path::Path>,
+        budget: Option<MemoryBudget>,
+        resident: EmbeddingPrecision,
+    ) -> Result<Self, LoadError> {
+        let model = StackModel::open(path)?;
+        let resident = LlamaResident::from_source_with(&model, resident)?;
         let tokenizer = model.tokenizer()?;
         let mut layout = model.file().layout();
         // Count what the process actually holds for the resident part (f16 embedding, f32

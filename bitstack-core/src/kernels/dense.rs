@@ -303,7 +303,10 @@ mod q8_tests {
             for (wv, bv) in wr.chunks(Q8_GROUP).zip(br.chunks(Q8_GROUP)) {
                 let max = wv.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                 for (a, b) in wv.iter().zip(bv) {
-                    assert!((a - b).abs() <= 0.51 * max / 127.0 + 1e-3 * max, "{a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 0.51 * max / 127.0 + 1e-3 * max,
+                        "{a} vs {b}"
+                    );
                 }
             }
         }
@@ -312,7 +315,9 @@ mod q8_tests {
         m.gemv(&x, &mut y).unwrap();
         for bi in 0..3 {
             for i in 0..rows {
-                let want: f32 = (0..cols).map(|j| back[i * cols + j] * x[bi * cols + j]).sum();
+                let want: f32 = (0..cols)
+                    .map(|j| back[i * cols + j] * x[bi * cols + j])
+                    .sum();
                 assert!((y[bi * rows + i] - want).abs() <= 1e-4 * (1.0 + want.abs()));
             }
         }

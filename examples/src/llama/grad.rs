@@ -370,6 +370,11 @@ pub fn weight_gradients(
                 .for_each(|(o, s)| s.convert_to_f32_slice(o));
             Cow::Owned(out)
         }
+        TokenEmbedding::Q8(m) => {
+            let mut out = vec![0f32; m.rows() * m.cols()];
+            m.rows_into(0, m.rows(), &mut out)?;
+            Cow::Owned(out)
+        }
     };
     let xn = rms_norm(&x, &res.output_norm, c.rms_eps);
     let scored = seqs.n_seqs() * (n - 1);

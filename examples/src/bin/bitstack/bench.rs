@@ -42,6 +42,12 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Decode-kernel tables: int16 (default), int8 or exact (see `generate --kernel`).
+    #[arg(long, default_value_t = bitstack_core::kernels::TablePrecision::default())]
+    kernel: bitstack_core::kernels::TablePrecision,
+    /// Precision of the resident embedding: f16 (as stored) or q8 (see `eval --resident`).
+    #[arg(long, default_value_t = bitstack_examples::llama::EmbeddingPrecision::F16)]
+    resident: bitstack_examples::llama::EmbeddingPrecision,
 }
 
 /// A usage error: printed like clap's own, exit status 2.
@@ -81,8 +87,13 @@ fn run_in_pool(args: &BenchArgs) -> Res<()> {
     let stack = super::is_stack_file(&args.file);
     let load_before = load_average();
     let (kind, rows, bandwidth, minimum, full) = if stack {
-        let loaded = LoadedStack::open(&args.file, None)
+        let loaded = LoadedStack::open_with(&args.file, None, args.resident)
             .map_err(|e| format!("{}: {e}", args.file.display()))?;
+        loaded
+            .elastic
+            .set_fused_params(bitstack_core::kernels::FusedParams::with_tables(
+                args.kernel,
+            ));
         params
             .validate(loaded.resident.config().max_seq)
             .map_err(flag_error)?;
