@@ -857,6 +857,23 @@ fn f16_embeddings_match_f32_and_halve_the_bytes() {
         // Round-tripping back to f32 is exact on the already-rounded values.
         let back = f16res.with_embedding_precision(EmbeddingPrecision::F32);
         assert_eq!(back.token_embd().bytes(), 4 * v * h);
+
+        // q8 embedding (int8 + f16 scale per 32): close to f32 logits, 8.5 bits per value.
+        let q8res = LlamaResident::random(&c, 91)
+            .unwrap()
+            .with_embedding_precision(EmbeddingPrecision::Q8);
+        assert_eq!(q8res.token_embd().precision(), EmbeddingPrecision::Q8);
+        let groups = (h as usize).div_ceil(32) as u64;
+        assert_eq!(q8res.token_embd().bytes(), v * h + 2 * v * groups);
+        let (l8, n8) = run(&q8res);
+        // Relative (Frobenius) error: int8 rounding is ~0.2 % of each group's largest value.
+        let rel = |a: &[f32], b: &[f32]| {
+            let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+            let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+            (num / den).sqrt()
+        };
+        assert!(rel(&l8, &l32) < 2e-2, "q8 logits: {}", rel(&l8, &l32));
+        assert!(rel(&n8, &n32) < 2e-2, "q8 nll: {}", rel(&n8, &n32));
     }
 }
 
