@@ -130,29 +130,10 @@ pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
                         let mut acc = [_mm512_setzero_si512(); SUB];
                         for (dw, idx_w) in idx[..nw].iter().enumerate() {
                             let t = inp.tables.as_ptr().add((at + dw) * stride);
-                            let t0 = _mm512_loadu_si512(t.cast());
-                            let t1 = _mm512_loadu_si512(t.add(64).cast());
-                            let t2 = _mm512_loadu_si512(t.add(128).cast());
-                            let t3 = _mm512_loadu_si512(t.add(192).cast());
-                            for (acc_s, ix) in acc.iter_mut().zip(idx_w) {
-                                let v0 = _mm512_permutex2var_epi8(t0, ix[0], t1);
-                                let v1 = _mm512_permutex2var_epi8(t2, ix[1], t3);
-                                *acc_s = _mm512_dpbusd_epi32(*acc_s, w_hi, v0);
-                                *acc_s = _mm512_dpbusd_epi32(*acc_s, w_hi, v1);
-                            }
+                            lookup_accumulate(t, idx_w, w_hi, &mut acc);
                             if SPLIT {
                                 // The low halves: same indices, weight 1.
-                                let t = t.add(TABLE_BYTES);
-                                let t0 = _mm512_loadu_si512(t.cast());
-                                let t1 = _mm512_loadu_si512(t.add(64).cast());
-                                let t2 = _mm512_loadu_si512(t.add(128).cast());
-                                let t3 = _mm512_loadu_si512(t.add(192).cast());
-                                for (acc_s, ix) in acc.iter_mut().zip(idx_w) {
-                                    let v0 = _mm512_permutex2var_epi8(t0, ix[0], t1);
-                                    let v1 = _mm512_permutex2var_epi8(t2, ix[1], t3);
-                                    *acc_s = _mm512_dpbusd_epi32(*acc_s, ones, v0);
-                                    *acc_s = _mm512_dpbusd_epi32(*acc_s, ones, v1);
-                                }
+                                lookup_accumulate(t.add(TABLE_BYTES), idx_w, ones, &mut acc);
                             }
                         }
                         // One convert-and-scale per block of words sharing a scale.
@@ -184,6 +165,32 @@ pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
             }
         }
         tile += n;
+    }
+}
+
+/// `acc[s] += weight · (the 64 table bytes each of sub-tile s's index pair selects)`, from the
+/// 256-byte table of one (word, rank) at `t`: two `vpermi2b` lookups (groups 0..8, 8..16) and
+/// two `vpdpbusd` adds per sub-tile; the table is loaded once for all `SUB` sub-tiles.
+///
+/// # Safety
+/// AVX-512 F, BW, VBMI and VNNI; `t` points at 256 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+unsafe fn lookup_accumulate<const SUB: usize>(
+    t: *const i8,
+    idx: &[[__m512i; 2]; SUB],
+    weight: __m512i,
+    acc: &mut [__m512i; SUB],
+) {
+    let t0 = _mm512_loadu_si512(t.cast());
+    let t1 = _mm512_loadu_si512(t.add(64).cast());
+    let t2 = _mm512_loadu_si512(t.add(128).cast());
+    let t3 = _mm512_loadu_si512(t.add(192).cast());
+    for (acc_s, ix) in acc.iter_mut().zip(idx) {
+        let v0 = _mm512_permutex2var_epi8(t0, ix[0], t1);
+        let v1 = _mm512_permutex2var_epi8(t2, ix[1], t3);
+        *acc_s = _mm512_dpbusd_epi32(*acc_s, weight, v0);
+        *acc_s = _mm512_dpbusd_epi32(*acc_s, weight, v1);
     }
 }
 

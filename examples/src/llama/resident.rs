@@ -18,9 +18,9 @@ const F16_CHUNK_ROWS: usize = 2048;
 const F16_CONVERT_ROWS: usize = 64;
 
 /// `y (batch × rows) = x (batch × cols) · wᵀ` for an f16 `w` (`rows × cols`, row-major), without
-/// ever holding an f32 copy of `w`: [`F16_CHUNK_ROWS`] rows at a time are widened into one
-/// reusable f32 scratch and multiplied with faer's GEMM into the matching columns of `y`.
-/// Lengths must already be checked by the caller.
+/// ever holding an f32 copy of `w`: decode batches use the register-widening GEMV; larger
+/// ones widen [`F16_CHUNK_ROWS`] rows at a time into one reusable f32 scratch and multiply
+/// with faer's GEMM ([`gemm_xwt_chunked`]). Lengths must already be checked by the caller.
 fn gemm_xwt_f16(x: &[f32], w: &[f16], rows: usize, cols: usize, y: &mut [f32]) {
     let batch = x.len() / cols;
     if batch <= bitstack_core::kernels::dense::GEMV_F16_MAX_BATCH {
@@ -30,6 +30,24 @@ fn gemm_xwt_f16(x: &[f32], w: &[f16], rows: usize, cols: usize, y: &mut [f32]) {
         }
     }
     debug_assert_eq!(w.len(), rows * cols);
+    gemm_xwt_chunked(x, rows, cols, y, &|r0, n, dst| {
+        dst.par_chunks_mut(F16_CONVERT_ROWS * cols)
+            .zip(w[r0 * cols..(r0 + n) * cols].par_chunks(F16_CONVERT_ROWS * cols))
+            .for_each(|(d, s)| s.convert_to_f32_slice(d));
+    });
+}
+
+/// `y = x · Wᵀ` where `fill(r0, n, dst)` writes rows `r0..r0 + n` of `W` (`rows × cols`) as
+/// f32 into `dst`: [`F16_CHUNK_ROWS`] rows at a time into one reusable scratch, each chunk
+/// multiplied with faer's GEMM into the matching columns of `y`.
+fn gemm_xwt_chunked(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    y: &mut [f32],
+    fill: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+) {
+    let batch = x.len() / cols;
     debug_assert_eq!(y.len(), batch * rows);
     let xm = MatRef::from_row_major_slice(x, batch, cols);
     let mut scratch = vec![0f32; F16_CHUNK_ROWS.min(rows) * cols];
@@ -38,9 +56,7 @@ fn gemm_xwt_f16(x: &[f32], w: &[f16], rows: usize, cols: usize, y: &mut [f32]) {
     while r0 < rows {
         let n = F16_CHUNK_ROWS.min(rows - r0);
         let dst = &mut scratch[..n * cols];
-        dst.par_chunks_mut(F16_CONVERT_ROWS * cols)
-            .zip(w[r0 * cols..(r0 + n) * cols].par_chunks(F16_CONVERT_ROWS * cols))
-            .for_each(|(d, s)| s.convert_to_f32_slice(d));
+        fill(r0, n, dst);
         let wm = MatRef::from_row_major_slice(dst, n, cols);
         matmul(
             ym.as_mut().subcols_mut(r0, n),
@@ -234,33 +250,17 @@ impl TokenEmbedding {
 }
 
 /// `y = x · Wᵀ` for a [`Q8Matrix`] `W`: the pool GEMV for decode batches, chunks of rows
-/// dequantized into one reusable scratch and faer's GEMM otherwise (as [`gemm_xwt_f16`]).
+/// dequantized for a GEMM otherwise ([`gemm_xwt_chunked`]).
 fn gemm_xwt_q8(x: &[f32], w: &Q8Matrix, y: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     let batch = x.len() / cols;
     if batch <= bitstack_core::kernels::dense::GEMV_F16_MAX_BATCH && w.gemv(x, y).is_ok() {
         return;
     }
-    let xm = MatRef::from_row_major_slice(x, batch, cols);
-    let mut scratch = vec![0f32; F16_CHUNK_ROWS.min(rows) * cols];
-    let mut ym = MatMut::from_row_major_slice_mut(y, batch, rows);
-    let mut r0 = 0;
-    while r0 < rows {
-        let n = F16_CHUNK_ROWS.min(rows - r0);
-        let dst = &mut scratch[..n * cols];
+    gemm_xwt_chunked(x, rows, cols, y, &|r0, n, dst| {
         // Lengths match by construction.
         let _ = w.rows_into(r0, n, dst);
-        let wm = MatRef::from_row_major_slice(dst, n, cols);
-        matmul(
-            ym.as_mut().subcols_mut(r0, n),
-            Accum::Replace,
-            xm,
-            wm.transpose(),
-            1.0f32,
-            faer::get_global_parallelism(),
-        );
-        r0 += n;
-    }
+    });
 }
 
 /// An untied head (or any dense weight) held as a [`Q8Matrix`].
