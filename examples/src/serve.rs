@@ -706,7 +706,7 @@ pub fn serve(args: &ServeArgs) -> Res<()> {
     let loaded =
         LoadedStack::open(&args.file, None).map_err(|e| format!("{}: {e}", args.file.display()))?;
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
-    eprintln!(
+    crate::noteln!(
         "[serve] opened {} at the minimum ({:.1} MB; full {:.1} MB) in {:.2} s; memory {}, headroom {:.0} % + {:.1} MB, hysteresis {:.1} MB, poll every {} tokens",
         args.file.display(),
         mb(min),
@@ -723,7 +723,7 @@ pub fn serve(args: &ServeArgs) -> Res<()> {
         &loaded,
         source,
         params,
-        Box::new(|s: &str| eprintln!("{s}")),
+        Box::new(|s: &str| crate::noteln!("{s}")),
     );
     let opts = ServeOptions {
         max_tokens: args.max_tokens,
@@ -739,9 +739,9 @@ pub fn serve(args: &ServeArgs) -> Res<()> {
         &opts,
         &mut input,
         &mut std::io::stdout().lock(),
-        &mut |s: &str| eprintln!("{s}"),
+        &mut |s: &str| crate::noteln!("{s}"),
     )?;
-    eprintln!(
+    crate::noteln!(
         "[serve] end of input: {} prompts, {} answered, {} failed, {} lines not UTF-8, {} answers cut by the context, {} failed resizes",
         stats.prompts,
         stats.answered,

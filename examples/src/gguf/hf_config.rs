@@ -180,7 +180,7 @@ impl<'a> Reader<'a> {
 pub fn hf_config(json: &Value, has_lm_head: bool) -> Result<LlamaConfig, ModelError> {
     let (config, notes) = read_hf_config(json, has_lm_head, "config.json")?;
     for n in notes {
-        eprintln!("{n}");
+        crate::noteln!("{n}");
     }
     Ok(config)
 }

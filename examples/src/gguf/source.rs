@@ -245,7 +245,7 @@ impl GgufModel {
         let file = GgufFile::open(path)?;
         let (config, notes) = gguf_config(&file, &path.display().to_string())?;
         for n in notes {
-            eprintln!("{n}");
+            crate::noteln!("{n}");
         }
         Ok(Self { file, config })
     }
@@ -264,7 +264,7 @@ impl GgufModel {
     pub fn from_file(file: GgufFile) -> Result<Self, ModelError> {
         let (config, notes) = gguf_config(&file, "GGUF metadata")?;
         for n in notes {
-            eprintln!("{n}");
+            crate::noteln!("{n}");
         }
         Ok(Self { file, config })
     }
@@ -560,7 +560,7 @@ impl HfModel {
         let has_lm_head = index.contains_key("lm_head.weight");
         let (config, notes) = read_hf_config(&json, has_lm_head, &cfg_path.display().to_string())?;
         for n in notes {
-            eprintln!("{n}");
+            crate::noteln!("{n}");
         }
         Ok(Self {
             dir,
