@@ -540,7 +540,7 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-fn add_bias(x: &mut [f32], b: &[f32]) {
+pub(crate) fn add_bias(x: &mut [f32], b: &[f32]) {
     clear_upper_simd();
     for row in x.chunks_mut(b.len()) {
         for (v, &bb) in row.iter_mut().zip(b) {

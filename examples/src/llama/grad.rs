@@ -8,9 +8,10 @@
 //! recomputes a layer's internals from it (activation checkpointing), so memory stays at one
 //! layer's activations plus the gradients.
 //!
-//! Only what the first-order scores need is differentiated: norms' and embeddings' own
-//! parameters get no gradient, and a model with an untied output head or biased projections
-//! is rejected (SmolLM2 and the Llama family tie the head and have no biases).
+//! Only what the first-order scores need is differentiated: norms', biases', embeddings' and
+//! the head's own parameters get no gradient, but the pass runs *through* all of them — Q/K/V
+//! biases (Qwen2) shift the activations every weight gradient is taken at, and an untied head
+//! (Qwen2, Llama-3) is the matrix the loss's gradient flows back through.
 
 use std::borrow::Cow;
 
@@ -19,7 +20,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::forward::{clear_upper_simd, rms_norm, rope, SeqBatch};
+use super::forward::{add_bias, clear_upper_simd, rms_norm, rope, SeqBatch};
 use super::resident::{LlamaResident, TokenEmbedding};
 use super::{check_len, LinearKind, LlamaError, Result};
 
@@ -303,8 +304,7 @@ fn attention_fwd_bwd(
 /// weight, with the model's linears given as dense row-major matrices in
 /// `layer · 7 + kind.index()` order.
 ///
-/// Errors: a weight of the wrong size, a model with an untied head or projection biases, a
-/// token outside the vocabulary, non-finite activations.
+/// Errors: a weight of the wrong size, a token outside the vocabulary, non-finite activations.
 pub fn weight_gradients(
     res: &LlamaResident,
     weights: &[&[f32]],
@@ -317,12 +317,6 @@ pub fn weight_gradients(
     for (w, m) in weights.iter().enumerate() {
         let (rows, cols) = LinearKind::ALL[w % n_kinds].shape(c);
         check_len("dense weight", rows * cols, m.len())?;
-    }
-    if res.head.is_some() || res.blocks.iter().any(|b| b.bias.is_some()) {
-        return Err(LlamaError::InvalidParameter {
-            name: "model",
-            reason: "weight gradients need a tied output head and no projection biases".into(),
-        });
     }
     let (t, h, n) = (seqs.n_tokens(), c.hidden, seqs.seq_len());
     check_len("tokens", t, tokens.len())?;
@@ -360,8 +354,14 @@ pub fn weight_gradients(
         return Err(LlamaError::NonFinite("final hidden states".into()));
     }
 
-    // Head: loss and d(final hidden).
+    // Head: loss and d(final hidden). `head_t` is the head's transpose (`hidden × vocab`).
+    let untied_t = res
+        .head
+        .as_deref()
+        .map(|op| head_transpose(op, h))
+        .transpose()?;
     let embedding: Cow<'_, [f32]> = match &res.token_embd {
+        _ if untied_t.is_some() => Cow::Borrowed(&[]),
         TokenEmbedding::F32(e) => Cow::Borrowed(e),
         TokenEmbedding::F16(e) => {
             let mut out = vec![0f32; e.len()];
@@ -376,6 +376,10 @@ pub fn weight_gradients(
             Cow::Owned(out)
         }
     };
+    let head_t = match &untied_t {
+        Some(t) => MatRef::from_row_major_slice(t, h, c.vocab),
+        None => MatRef::from_row_major_slice(&embedding, c.vocab, h).transpose(),
+    };
     let xn = rms_norm(&x, &res.output_norm, c.rms_eps);
     let scored = seqs.n_seqs() * (n - 1);
     let mut dxn = vec![0f32; t * h];
@@ -386,7 +390,15 @@ pub fn weight_gradients(
             .iter()
             .flat_map(|&r| xn[r * h..(r + 1) * h].iter().copied())
             .collect();
-        let mut logits = xwt(&xs, &embedding, c.vocab, h);
+        let mut logits = vec![0f32; chunk.len() * c.vocab];
+        matmul(
+            MatMut::from_row_major_slice_mut(&mut logits, chunk.len(), c.vocab),
+            Accum::Replace,
+            MatRef::from_row_major_slice(&xs, chunk.len(), h),
+            head_t,
+            1.0f32,
+            par(),
+        );
         let nll: Vec<f64> = logits
             .par_chunks_mut(c.vocab)
             .zip(chunk.par_iter())
@@ -413,7 +425,7 @@ pub fn weight_gradients(
             MatMut::from_row_major_slice_mut(&mut d, chunk.len(), h),
             Accum::Replace,
             MatRef::from_row_major_slice(&logits, chunk.len(), c.vocab),
-            MatRef::from_row_major_slice(&embedding, c.vocab, h),
+            head_t.transpose(),
             1.0f32,
             par(),
         );
@@ -421,7 +433,7 @@ pub fn weight_gradients(
             dxn[r * h..(r + 1) * h].copy_from_slice(&d[i * h..(i + 1) * h]);
         }
     }
-    drop(embedding);
+    drop((embedding, untied_t));
     let mut dx = vec![0f32; t * h];
     rms_norm_backward(&x, &res.output_norm, c.rms_eps, &dxn, &mut dx);
     drop((x, xn, dxn));
@@ -454,6 +466,17 @@ pub fn weight_gradients(
     })
 }
 
+/// The transpose of an untied head (`hidden × vocab`, row-major), read through the only thing
+/// every [`LinearOp`](bitstack_core::LinearOp) offers, its product: row `i` of `I · Wᵀ` is
+/// column `i` of `W`. One pass over the head per gradient, whatever it is stored as.
+fn head_transpose(op: &dyn bitstack_core::LinearOp, hidden: usize) -> Result<Vec<f32>> {
+    let mut eye = vec![0f32; hidden * hidden];
+    eye.iter_mut().step_by(hidden + 1).for_each(|v| *v = 1.0);
+    let mut t = vec![0f32; hidden * op.out_features()];
+    op.forward(&eye, &mut t)?;
+    Ok(t)
+}
+
 /// One decoder block forward from its input `x`; with `back = Some((d_out, grads))` also its
 /// backward pass: accumulates the seven weight gradients and returns `d_in`.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -476,7 +499,13 @@ fn layer_pass<'w>(
     let xn1 = rms_norm(x, &b.attn_norm, c.rms_eps);
     let mut q = lin(LinearKind::Q, &xn1);
     let mut k = lin(LinearKind::K, &xn1);
-    let v = lin(LinearKind::V, &xn1);
+    let mut v = lin(LinearKind::V, &xn1);
+    // As in the forward pass: bias, then RoPE. A bias passes gradients through unchanged.
+    if let Some(bias) = &b.bias {
+        add_bias(&mut q, &bias.q);
+        add_bias(&mut k, &bias.k);
+        add_bias(&mut v, &bias.v);
+    }
     rope(&mut q, c.n_heads, c.head_dim, seqs);
     rope(&mut k, c.n_kv_heads, c.head_dim, seqs);
     let (attn, _) = attention_fwd_bwd(&q, &k, &v, seqs, heads, None);
