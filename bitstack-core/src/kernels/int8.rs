@@ -76,7 +76,7 @@ impl Int8Layout {
 }
 
 /// `SIGN[c][v]`: the sign column `c` takes in table entry `v`.
-const SIGN: [[f32; 16]; 4] = {
+pub(super) const SIGN: [[f32; 16]; 4] = {
     let mut s = [[0.0f32; 16]; 4];
     let mut c = 0;
     while c < 4 {
@@ -147,9 +147,10 @@ pub(super) fn build_tables_generic(
         for r in 0..rank {
             let block = &t[r * padded + w0 * 64..r * padded + w1 * 64];
             // Finite inputs (checked upstream) make a plain comparison a correct max.
+            // Sums paired as the SIMD build pairs them, so both give the same bytes.
             let mut maxabs = 0.0f32;
             for g in block.chunks_exact(4) {
-                let s = g[0].abs() + g[1].abs() + g[2].abs() + g[3].abs();
+                let s = (g[0].abs() + g[1].abs()) + (g[2].abs() + g[3].abs());
                 maxabs = if s > maxabs { s } else { maxabs };
             }
             let (scale, inv) = if maxabs > 0.0 {
@@ -164,10 +165,13 @@ pub(super) fn build_tables_generic(
                 let out = &mut tables[idx * stride..(idx + 1) * stride];
                 let (hi, lo) = out.split_at_mut(TABLE_BYTES);
                 for (gi, g) in tw.chunks_exact(4).enumerate() {
-                    let (t0, t1, t2, t3) = (g[0] * inv, g[1] * inv, g[2] * inv, g[3] * inv);
+                    // The signed sum first, then the scale: the order the SIMD build uses
+                    // (products by ±1 are exact, so its fused adds round the same way).
                     let mut e = [0.0f32; 16];
                     for (v, ev) in e.iter_mut().enumerate() {
-                        *ev = t0 * SIGN[0][v] + t1 * SIGN[1][v] + t2 * SIGN[2][v] + t3 * SIGN[3][v];
+                        *ev = (((g[0] * SIGN[0][v] + g[1] * SIGN[1][v]) + g[2] * SIGN[2][v])
+                            + g[3] * SIGN[3][v])
+                            * inv;
                     }
                     let h = &mut hi[gi * 16..gi * 16 + 16];
                     for (hv, ev) in h.iter_mut().zip(&e) {
