@@ -59,7 +59,8 @@ pub use error::{CoreError, Result};
 pub use linear::{DenseLinear, LinearOp};
 pub use order::{BlockId, UniversalOrder};
 pub use runtime::{
-    BlockSource, ElasticModel, InMemorySource, ModelLayout, ModelSnapshot, ResizeReport,
+    BlockSource, ElasticLinear, ElasticModel, InMemorySource, ModelLayout, ModelSnapshot,
+    ResizeReport,
 };
 pub use signs::SignsRef;
 pub use stack::{release_thread_scratch, thread_scratch_bytes, StackMeta, WeightStack};
