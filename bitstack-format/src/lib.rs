@@ -131,11 +131,16 @@ compile_error!(
 pub mod checksum;
 mod error;
 mod header;
+pub mod model;
 mod reader;
 mod types;
 mod writer;
 
 pub use error::{FormatError, Result};
+pub use model::{
+    Architecture, ContractError, EmbeddingPrecision, LinearKind, ModelConfig, ModelContract,
+    QkLayout,
+};
 pub use reader::StackFile;
 pub use types::{
     DType, FileDescription, ResidentTensor, StackFileContents, TensorSpec, TensorView,
