@@ -51,6 +51,9 @@ pub mod policy;
 pub mod runtime;
 pub mod signs;
 pub mod stack;
+// Test and benchmark helpers shared with the other crates' tests, examples and doc examples:
+// not part of the public API (hidden from the docs, may change in any release).
+#[doc(hidden)]
 pub mod testutil;
 
 pub use block::{ResidualBlock, ResidualBlockRef};

@@ -579,6 +579,6 @@ mod tests {
         let mut y = vec![0f32; 64];
         assert!(lin.forward(&x[..127], &mut y).is_err());
         assert!(lin.restore_into_as(&mut vec![0f32; 64 * 127]).is_err());
-        assert!(lin.restore_into_as(&mut vec![f16::ZERO; 1]).is_err());
+        assert!(lin.restore_into_as(&mut [f16::ZERO; 1]).is_err());
     }
 }
