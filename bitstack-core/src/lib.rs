@@ -51,6 +51,9 @@ pub mod policy;
 pub mod runtime;
 pub mod signs;
 pub mod stack;
+// Test and benchmark helpers shared with the other crates' tests, examples and doc examples:
+// not part of the public API (hidden from the docs, may change in any release).
+#[doc(hidden)]
 pub mod testutil;
 
 pub use block::{ResidualBlock, ResidualBlockRef};
@@ -59,7 +62,8 @@ pub use error::{CoreError, Result};
 pub use linear::{DenseLinear, LinearOp};
 pub use order::{BlockId, UniversalOrder};
 pub use runtime::{
-    BlockSource, ElasticModel, InMemorySource, ModelLayout, ModelSnapshot, ResizeReport,
+    BlockSource, ElasticLinear, ElasticModel, InMemorySource, ModelLayout, ModelSnapshot,
+    ResizeReport,
 };
 pub use signs::SignsRef;
 pub use stack::{release_thread_scratch, thread_scratch_bytes, StackMeta, WeightStack};

@@ -16,6 +16,7 @@ use crate::block::ResidualBlock;
 use crate::budget::MemoryBudget;
 use crate::error::{CoreError, Result};
 use crate::kernels::FusedParams;
+use crate::linear::LinearOp;
 use crate::order::{BlockId, UniversalOrder};
 use crate::stack::{StackMeta, WeightStack};
 use rayon::prelude::*;
@@ -158,8 +159,18 @@ pub struct ElasticModel<S: BlockSource> {
     source: S,
     layout: ModelLayout,
     cumulative: Vec<u64>,
-    current: RwLock<Arc<ModelSnapshot>>,
+    // Shared with every [`ElasticLinear`] handle, so a handle sees each resize.
+    current: Arc<RwLock<Arc<ModelSnapshot>>>,
     resizing: Mutex<()>,
+}
+
+/// Reads the current snapshot of a shared cell (a poisoned lock still holds a whole
+/// snapshot: writers only ever swap an `Arc`).
+fn current_of(cell: &RwLock<Arc<ModelSnapshot>>) -> Arc<ModelSnapshot> {
+    match cell.read() {
+        Ok(g) => g.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
 }
 
 impl<S: BlockSource> ElasticModel<S> {
@@ -181,7 +192,7 @@ impl<S: BlockSource> ElasticModel<S> {
             source,
             layout,
             cumulative,
-            current: RwLock::new(Arc::new(empty)),
+            current: Arc::new(RwLock::new(Arc::new(empty))),
             resizing: Mutex::new(()),
         };
         model.resize_to_prefix(prefix)?;
@@ -209,10 +220,26 @@ impl<S: BlockSource> ElasticModel<S> {
     }
     /// The current snapshot (cheap: one `Arc` clone under a read lock).
     pub fn snapshot(&self) -> Arc<ModelSnapshot> {
-        match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        current_of(&self.current)
+    }
+    /// A handle on weight `index` that an engine keeps in its layer: its products and
+    /// restores always use the snapshot current *at the call*, so it follows every later
+    /// resize without the engine re-fetching snapshots. Errors past the last weight.
+    pub fn linear(&self, index: usize) -> Result<ElasticLinear> {
+        let meta = self
+            .layout
+            .stacks
+            .get(index)
+            .ok_or_else(|| CoreError::InvalidParameter {
+                name: "weight index",
+                reason: format!("{index} >= {} weights", self.layout.stacks.len()),
+            })?
+            .clone();
+        Ok(ElasticLinear {
+            current: self.current.clone(),
+            index,
+            meta,
+        })
     }
     /// Longest prefix fitting `budget`.
     pub fn prefix_for_budget(&self, budget: MemoryBudget) -> Result<usize> {
@@ -308,6 +335,86 @@ impl<S: BlockSource> ElasticModel<S> {
     }
 }
 
+/// One weight of an [`ElasticModel`], following its resizes ([`ElasticModel::linear`]).
+///
+/// Cheap to clone (two `Arc`s and an index). Each call reads the model's current snapshot
+/// once and computes on it, so one product never mixes two budgets; a resize that lands
+/// between two calls takes effect at the second. Holding a handle keeps no blocks alive
+/// between calls.
+#[derive(Clone)]
+pub struct ElasticLinear {
+    current: Arc<RwLock<Arc<ModelSnapshot>>>,
+    index: usize,
+    meta: Arc<StackMeta>,
+}
+
+impl std::fmt::Debug for ElasticLinear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ElasticLinear")
+            .field("index", &self.index)
+            .field("name", &self.meta.name)
+            .field("loaded_levels", &self.loaded_levels())
+            .finish()
+    }
+}
+
+impl ElasticLinear {
+    /// The weight's index in the layout (`BlockId::weight`).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+    /// The weight's stack meta (name, shape, rank, levels, scale).
+    pub fn meta(&self) -> &StackMeta {
+        &self.meta
+    }
+    /// The current snapshot's stack of this weight (an `Arc` of the snapshot keeps it alive).
+    fn with_current<T>(&self, f: impl FnOnce(&WeightStack) -> Result<T>) -> Result<T> {
+        let snap = current_of(&self.current);
+        // The snapshot was built from the same layout the index was checked against.
+        let w = snap
+            .weight(self.index)
+            .ok_or_else(|| CoreError::InvalidParameter {
+                name: "weight index",
+                reason: format!("{} missing from the snapshot", self.index),
+            })?;
+        f(w)
+    }
+    /// Levels loaded at the current budget.
+    pub fn loaded_levels(&self) -> usize {
+        self.with_current(|w| Ok(w.loaded_levels())).unwrap_or(0)
+    }
+    /// Restores the dense weight of the levels loaded now (scale divided out) into `out`
+    /// (`rows × cols`, row-major) of f32, f16 or bf16, and returns how many levels it used.
+    /// A wrong `out` length is an error.
+    pub fn restore_into_as<T: crate::kernels::RestoreElement>(
+        &self,
+        out: &mut [T],
+    ) -> Result<usize> {
+        self.with_current(|w| {
+            let levels = w.loaded_levels();
+            w.restore_into_as(levels, out)?;
+            Ok(levels)
+        })
+    }
+}
+
+impl LinearOp for ElasticLinear {
+    fn in_features(&self) -> usize {
+        self.meta.cols
+    }
+    fn out_features(&self) -> usize {
+        self.meta.rows
+    }
+    /// `Y = X Ŵᵀ` with the levels loaded at the time of the call.
+    fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        self.with_current(|w| w.forward(x, y))
+    }
+    /// Bytes this weight holds at the current budget (blocks and scale).
+    fn weight_bytes(&self) -> u64 {
+        self.with_current(|w| Ok(w.held_bytes())).unwrap_or(0)
+    }
+}
+
 /// A [`BlockSource`] over blocks already in memory (tests, and engines that decompose on the fly).
 #[derive(Clone, Debug, Default)]
 pub struct InMemorySource {
@@ -347,7 +454,6 @@ pub fn trim_allocator() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::linear::LinearOp;
     use crate::testutil::random_block;
 
     fn model(levels: u16) -> (InMemorySource, ModelLayout) {
@@ -419,5 +525,60 @@ mod tests {
         let mut y = vec![0.0f32; 64];
         old.weight(2).unwrap().forward(&x, &mut y).unwrap();
         assert!(y.iter().all(|v| v.is_finite()));
+    }
+
+    /// A handle follows resizes: before and after, its product and its restores (f32, f16,
+    /// bf16) equal those of the snapshot current at the call; bad sizes are errors.
+    #[test]
+    fn elastic_linear_follows_resizes() {
+        use half::{bf16, f16};
+        let (src, layout) = model(3);
+        let full = layout.full_bytes();
+        let m = ElasticModel::new(src, layout, MemoryBudget::from_bytes(full)).unwrap();
+        assert!(m.linear(3).is_err());
+        let lin = m.linear(2).unwrap();
+        let cloned = lin.clone();
+        assert_eq!((lin.in_features(), lin.out_features()), (128, 64));
+        let x: Vec<f32> = (0..2 * 128)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let check = |levels: usize| {
+            let snap = m.snapshot();
+            let w = snap.weight(2).unwrap();
+            assert_eq!(lin.loaded_levels(), levels);
+            assert_eq!(w.loaded_levels(), levels);
+            let (mut want, mut got) = (vec![0f32; 2 * 64], vec![0f32; 2 * 64]);
+            w.forward(&x, &mut want).unwrap();
+            cloned.forward(&x, &mut got).unwrap();
+            assert_eq!(got, want);
+            assert_eq!(lin.weight_bytes(), w.held_bytes());
+            let mut dense = vec![0f32; 64 * 128];
+            w.restore_into(levels, &mut dense).unwrap();
+            let mut r32 = vec![0f32; 64 * 128];
+            assert_eq!(lin.restore_into_as(&mut r32).unwrap(), levels);
+            assert_eq!(r32, dense);
+            let mut r16 = vec![f16::ZERO; 64 * 128];
+            lin.restore_into_as(&mut r16).unwrap();
+            let mut rb = vec![bf16::ZERO; 64 * 128];
+            lin.restore_into_as(&mut rb).unwrap();
+            for ((d, h), b) in dense.iter().zip(&r16).zip(&rb) {
+                assert_eq!(*h, f16::from_f32(*d));
+                assert_eq!(*b, bf16::from_f32(*d));
+            }
+            dense
+        };
+        let at_full = check(3);
+        m.resize_to_prefix(3).unwrap();
+        let at_min = check(1);
+        assert_ne!(at_full, at_min);
+        m.resize_to_prefix(6).unwrap();
+        check(2);
+        // Wrong sizes: a short output, an input that is not whole rows, a short restore.
+        let mut y = vec![0f32; 63];
+        assert!(lin.forward(&x[..128], &mut y).is_err());
+        let mut y = vec![0f32; 64];
+        assert!(lin.forward(&x[..127], &mut y).is_err());
+        assert!(lin.restore_into_as(&mut vec![0f32; 64 * 127]).is_err());
+        assert!(lin.restore_into_as(&mut [f16::ZERO; 1]).is_err());
     }
 }

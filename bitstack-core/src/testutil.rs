@@ -1,4 +1,7 @@
 //! Deterministic random blocks for tests, benchmarks and other crates' tests.
+//!
+//! Not part of the public API: hidden from the documentation and free to change in any
+//! release (it is public only so the workspace's other crates can share it in their tests).
 
 use crate::block::ResidualBlock;
 use crate::signs::{pack_row_bools, words_per_row};

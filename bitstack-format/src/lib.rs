@@ -121,6 +121,62 @@
 //! each is 64-byte aligned, and a page-aligned map can be cast to `u64`/`f16` slices. This
 //! crate's writer places residents first (in header order) then blocks by weight and level,
 //! but readers accept any placement that satisfies the rule.
+//!
+//! # The model contract
+//!
+//! The container above is model-agnostic. A file holding a Llama-family decoder (Llama,
+//! Mistral, Qwen2) follows these conventions, read typed by
+//! [`ModelContract::from_file`] (module [`model`]) and written by the `bitstack` tool through
+//! [`ModelContract::metadata`]. They need no format version: they are metadata keys and
+//! names, and a file without the newer key keeps the meaning it had.
+//!
+//! **Metadata.**
+//!
+//! | key | value |
+//! |---|---|
+//! | `bitstack.llama.config` ([`model::META_CONFIG`]) | a JSON object, [`ModelConfig`]: `arch` (`"llama"`, `"qwen2"` or `"mistral"`), `n_layers`, `hidden`, `ffn`, `n_heads`, `n_kv_heads`, `head_dim`, `vocab`, `rope_theta`, `rope_freq_factors` (`null` or `head_dim/2` numbers), `rms_eps`, `tied_embeddings`, `attn_bias`, `max_seq`, `bos_id`, `eos_id` (`null` or a token id). Unknown keys are ignored. It must pass [`ModelConfig::validate`] (heads a multiple of KV heads, even `head_dim`, ...). Required. |
+//! | `bitstack.qk_layout` ([`model::META_QK_LAYOUT`]) | `rotate-half` or `interleaved` ([`QkLayout`]): the row order of `attn_q` / `attn_k` weights and biases within each head. **Absent means `rotate-half`**: every file written before the key existed has Hugging Face rows, because `bitstack compress` un-permutes GGUF's interleaved ones. A llama.cpp-style engine must permute them back (or apply rotate-half RoPE). |
+//!
+//! **Stacks.** Exactly `7 · n_layers` weight stacks; stack `w` ([`model::stack_index`],
+//! [`model::stack_location`]) is linear `LinearKind::ALL[w % 7]` — `attn_q`, `attn_k`,
+//! `attn_v`, `attn_output`, `ffn_gate`, `ffn_up`, `ffn_down` — of layer `w / 7`, named by its
+//! GGUF name `blk.{layer}.{stem}.weight` (Hugging Face:
+//! `model.layers.{layer}.self_attn.q_proj.weight`, ..., [`LinearKind::hf_tensor_name`]), with
+//! PyTorch shape `[out, in]` ([`LinearKind::shape`]): Q `[n_heads·head_dim, hidden]`, K and V
+//! `[n_kv_heads·head_dim, hidden]`, O `[hidden, n_heads·head_dim]`, gate and up
+//! `[ffn, hidden]`, down `[hidden, ffn]`.
+//!
+//! **Resident tensors** ([`model::ResidentRole`]), float dtype (the tool writes F16), PyTorch
+//! shapes: `token_embd.weight` `[vocab, hidden]`, `output_norm.weight` `[hidden]`,
+//! `output.weight` `[vocab, hidden]` unless `tied_embeddings`, and per layer
+//! `blk.{l}.attn_norm.weight` and `blk.{l}.ffn_norm.weight` `[hidden]`, plus when `attn_bias`
+//! `blk.{l}.attn_q.bias` `[n_heads·head_dim]`, `blk.{l}.attn_k.bias` and
+//! `blk.{l}.attn_v.bias` `[n_kv_heads·head_dim]`. The tokenizer is the optional U8 tensor
+//! `tokenizer.json` ([`model::TOKENIZER_TENSOR`]), a Hugging Face `tokenizer.json` document.
+//! Other residents may exist and are ignored.
+//!
+//! **Budgets.** A memory budget is the whole model as an engine holds it: the token embedding
+//! and an untied head at the engine's [`EmbeddingPrecision`] (f32, f16 as stored, or Q8:
+//! int8 plus an f16 scale per 32 values of a row), every norm and bias as **f32**, the scale
+//! vectors, and the loaded blocks; the tokenizer blob is not counted.
+//! [`ModelContract::held_layout`] is that accounting and is what `bitstack` itself uses, so
+//! the same budget loads the same prefix everywhere. ([`StackFile::layout`] counts the stored
+//! payload bytes instead, as a container knows nothing of models.)
+//!
+//! ```
+//! # fn demo(path: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+//! use bitstack_core::{ElasticModel, MemoryBudget};
+//! use bitstack_format::{EmbeddingPrecision, LinearKind, ModelContract, QkLayout, StackFile};
+//!
+//! let file = StackFile::open(path)?;
+//! let contract = ModelContract::from_file(&file)?;
+//! assert_eq!(contract.qk_layout(), QkLayout::RotateHalf);
+//! let layout = contract.held_layout(&file, EmbeddingPrecision::F16);
+//! let q0 = contract.stack_of(0, LinearKind::Q).ok_or("no layer 0")?;
+//! let model = ElasticModel::new(file, layout, "200MB".parse::<MemoryBudget>()?)?;
+//! let q_proj = model.linear(q0)?; // follows every later resize
+//! # let _ = q_proj; Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
 #[cfg(target_endian = "big")]
@@ -131,11 +187,16 @@ compile_error!(
 pub mod checksum;
 mod error;
 mod header;
+pub mod model;
 mod reader;
 mod types;
 mod writer;
 
 pub use error::{FormatError, Result};
+pub use model::{
+    Architecture, ContractError, EmbeddingPrecision, LinearKind, ModelConfig, ModelContract,
+    QkLayout,
+};
 pub use reader::StackFile;
 pub use types::{
     DType, FileDescription, ResidentTensor, StackFileContents, TensorSpec, TensorView,

@@ -145,8 +145,11 @@ impl StackFile {
     pub fn file_len(&self) -> u64 {
         self.storage.bytes().len() as u64
     }
-    /// The runtime's view of the model: stack metas, universal order and the bytes of all
-    /// resident tensors as stored (and held in memory once loaded).
+    /// The runtime's view of the container: stack metas, universal order and the bytes of
+    /// all resident tensors *as stored* (blobs included). For a file holding a model, budget
+    /// with [`ModelContract::held_layout`](crate::ModelContract::held_layout) instead: it
+    /// counts what an engine holds (f32 norms, the embedding at its precision, no tokenizer),
+    /// the accounting the `bitstack` tool uses.
     pub fn layout(&self) -> ModelLayout {
         ModelLayout {
             stacks: self.header.stacks.clone(),

@@ -24,18 +24,15 @@ use crate::llama::{
     LlamaResident,
 };
 use crate::report::Progress;
-use crate::stackmodel::{
-    config_to_json, resident_tensor_names, weight_index, weight_of_index, META_COMPRESSION,
-    META_CONFIG, TOKENIZER_TENSOR,
-};
+use crate::stackmodel::{weight_index, weight_of_index, META_COMPRESSION, TOKENIZER_TENSOR};
 use crate::tokenizer::TokenizerError;
 use bitstack_core::{ResidualBlock, StackMeta, UniversalOrder};
+use bitstack_format::model::{ContractError, ModelConfig, ModelContract, QkLayout};
 use bitstack_format::{FormatError, ResidentTensor, StackFileContents};
 use bitstack_linalg::{ActivationNorms, IavdParams, LinalgError, ScaleParams};
 use bitstack_sort::{ActivationStats, ProxyConfig, ProxyWeight, SortError};
 use half::f16;
 use serde_json::json;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -67,6 +64,9 @@ pub enum CompressError {
     /// Writing the file failed.
     #[error(transparent)]
     Format(#[from] FormatError),
+    /// The model cannot be described by the stack file's model contract.
+    #[error(transparent)]
+    Contract(#[from] ContractError),
     /// A parameter was unusable.
     #[error("invalid parameter {name}: {reason}")]
     InvalidParameter {
@@ -654,8 +654,12 @@ pub fn compress(
         seconds: t.elapsed().as_secs_f64(),
     });
 
+    // The model contract of the file: the config, and the Q/K layout the rows have here
+    // (the sources un-permute GGUF's interleaved rows, so always rotate-half).
+    let contract_config = ModelConfig::try_from(&c)?;
     let mut residents = Vec::new();
-    for name in resident_tensor_names(&c) {
+    for slot in contract_config.residents() {
+        let name = slot.role.tensor_name();
         let (shape, data) = source.tensor_f32(&name)?;
         let half: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
         if half
@@ -673,11 +677,7 @@ pub fn compress(
     }
     residents.push(ResidentTensor::blob(TOKENIZER_TENSOR, tokenizer.to_json()?));
 
-    let mut metadata = BTreeMap::new();
-    metadata.insert(
-        META_CONFIG.to_owned(),
-        config_to_json(&c).to_string().into_bytes(),
-    );
+    let mut metadata = ModelContract::metadata(&contract_config, QkLayout::RotateHalf)?;
     let compression = json!({
         "levels": params.iavd.levels,
         "rank": match params.rank {

@@ -59,17 +59,10 @@ pub const DEFAULT_SCORING_SEQ_LEN: usize = 256;
 /// Samples the paper scores each block on (section 3.1.1: 32 WikiText-2 training samples).
 pub const PAPER_SCORING_SEQS: usize = 32;
 
-/// Index of linear `kind` of block `layer` in the evaluator's (and the compressor's) weight
-/// numbering: `layer · 7 + kind.index()`.
-pub fn weight_index(layer: usize, kind: LinearKind) -> usize {
-    layer * LinearKind::ALL.len() + kind.index()
-}
-
-/// The `(layer, kind)` of weight index `weight` (inverse of [`weight_index`]).
-pub fn weight_location(weight: usize) -> (usize, LinearKind) {
-    let n = LinearKind::ALL.len();
-    (weight / n, LinearKind::ALL[weight % n])
-}
+/// Index of linear `kind` of block `layer` in the evaluator's (and the compressor's, and a
+/// stack file's) weight numbering, `layer · 7 + kind.index()`, and its inverse: the model
+/// contract's one definition.
+pub use bitstack_format::model::{stack_index as weight_index, stack_location as weight_location};
 
 /// `n` evenly spaced windows of `seq_len` tokens of `tokens`, concatenated: the scoring set
 /// of a [`LlamaStackEvaluator`]. Errors when the text holds fewer than `n` windows.

@@ -1,17 +1,15 @@
-//! A Llama model stored as a BitStack stack file: the metadata conventions the `bitstack` tool
-//! writes, a [`ModelSource`] over the file's resident tensors (so
+//! A Llama model stored as a BitStack stack file: the bridge between the published model
+//! contract ([`bitstack_format::model`]) and this crate's [`LlamaConfig`], a [`ModelSource`]
+//! over the file's resident tensors (so
 //! [`LlamaResident::from_source`](crate::llama::LlamaResident::from_source) works unchanged),
 //! and a [`LinearProvider`] over an [`ElasticModel`] snapshot.
 //!
 //! # File conventions
 //!
-//! * Weight stack `w` is linear `LinearKind::ALL[w % 7]` of layer `w / 7`, named by its
-//!   canonical tensor name (`blk.3.attn_q.weight`).
-//! * Resident tensors carry their canonical names (`token_embd.weight`, norms, biases, an
-//!   untied `output.weight`), in f16; the tokenizer is the U8 resident [`TOKENIZER_TENSOR`]
-//!   (a [`Tokenizer::to_json`] document; it can be megabytes, too large for the header).
-//! * Metadata: [`META_CONFIG`] holds the [`LlamaConfig`] as JSON, [`META_COMPRESSION`] the
-//!   settings the file was made with (informational).
+//! The model contract in `bitstack_format::model` defines them (stack `w` is linear
+//! `LinearKind::ALL[w % 7]` of layer `w / 7`, the config JSON under [`META_CONFIG`], the Q/K
+//! row layout, the resident tensors, the tokenizer blob [`TOKENIZER_TENSOR`]); this module
+//! adds only [`META_COMPRESSION`], the settings a file was made with (informational).
 
 use crate::gguf::{LlamaConfig, ModelError, ModelSource};
 use crate::llama::{EmbeddingPrecision, LinearKind, LinearProvider, LlamaResident};
@@ -20,151 +18,82 @@ use bitstack_core::{
     BlockId, BlockSource, CoreError, ElasticModel, LinearOp, MemoryBudget, ModelSnapshot,
     ResidualBlock, UniversalOrder,
 };
+use bitstack_format::model::{ContractError, LinearDims, ModelConfig, ModelContract, QkLayout};
 use bitstack_format::StackFile;
-use serde_json::{json, Value};
 use std::sync::Arc;
 
-/// Metadata key of the model configuration (JSON).
-pub const META_CONFIG: &str = "bitstack.llama.config";
+pub use bitstack_format::model::{
+    stack_index as weight_index, stack_location as weight_of_index, META_CONFIG, META_QK_LAYOUT,
+    TOKENIZER_TENSOR,
+};
+
 /// Metadata key of the compression settings (JSON, informational).
 pub const META_COMPRESSION: &str = "bitstack.compression";
-/// Name of the U8 resident tensor holding the tokenizer.
-pub const TOKENIZER_TENSOR: &str = "tokenizer.json";
-
-/// Index of the stack of `(layer, kind)`.
-pub fn weight_index(layer: usize, kind: LinearKind) -> usize {
-    layer * LinearKind::ALL.len() + kind.index()
-}
-
-/// `(layer, kind)` of stack `index`.
-pub fn weight_of_index(index: usize) -> (usize, LinearKind) {
-    let n = LinearKind::ALL.len();
-    (index / n, LinearKind::ALL[index % n])
-}
-
-/// The canonical names of a model's resident (non-decomposed) tensors.
-pub fn resident_tensor_names(c: &LlamaConfig) -> Vec<String> {
-    let mut names = vec![
-        "token_embd.weight".to_owned(),
-        "output_norm.weight".to_owned(),
-    ];
-    if !c.tied_embeddings {
-        names.push("output.weight".to_owned());
-    }
-    for l in 0..c.n_layers {
-        names.push(format!("blk.{l}.attn_norm.weight"));
-        names.push(format!("blk.{l}.ffn_norm.weight"));
-        if c.attn_bias {
-            for p in ["q", "k", "v"] {
-                names.push(format!("blk.{l}.attn_{p}.bias"));
-            }
-        }
-    }
-    names
-}
-
-/// Serialises a config for [`META_CONFIG`].
-pub fn config_to_json(c: &LlamaConfig) -> Value {
-    json!({
-        "arch": c.arch,
-        "n_layers": c.n_layers,
-        "hidden": c.hidden,
-        "ffn": c.ffn,
-        "n_heads": c.n_heads,
-        "n_kv_heads": c.n_kv_heads,
-        "head_dim": c.head_dim,
-        "vocab": c.vocab,
-        "rope_theta": c.rope_theta,
-        "rope_freq_factors": c.rope_freq_factors,
-        "rms_eps": c.rms_eps,
-        "tied_embeddings": c.tied_embeddings,
-        "attn_bias": c.attn_bias,
-        "max_seq": c.max_seq,
-        "bos_id": c.bos_id,
-        "eos_id": c.eos_id,
-    })
-}
-
-/// Reads a config written by [`config_to_json`], validating it.
-pub fn config_from_json(v: &Value) -> Result<LlamaConfig, ModelError> {
-    let bad = |k: &str| {
-        ModelError::BadModel(format!(
-            "model config ({META_CONFIG} metadata): bad or missing {k:?}"
-        ))
-    };
-    let usize_of = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_u64)
-            .and_then(|x| usize::try_from(x).ok())
-            .ok_or_else(|| bad(k))
-    };
-    let f32_of = |k: &str| {
-        v.get(k)
-            .and_then(Value::as_f64)
-            .map(|x| x as f32)
-            .ok_or_else(|| bad(k))
-    };
-    let bool_of = |k: &str| v.get(k).and_then(Value::as_bool).ok_or_else(|| bad(k));
-    let id_of = |k: &str| match v.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .map(Some)
-            .ok_or_else(|| bad(k)),
-    };
-    let rope_freq_factors = match v.get("rope_freq_factors") {
-        None | Some(Value::Null) => None,
-        Some(Value::Array(a)) => Some(
-            a.iter()
-                .map(|x| {
-                    x.as_f64()
-                        .map(|x| x as f32)
-                        .ok_or_else(|| bad("rope_freq_factors"))
-                })
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        Some(_) => return Err(bad("rope_freq_factors")),
-    };
-    let c = LlamaConfig {
-        arch: v
-            .get("arch")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad("arch"))?
-            .to_owned(),
-        n_layers: usize_of("n_layers")?,
-        hidden: usize_of("hidden")?,
-        ffn: usize_of("ffn")?,
-        n_heads: usize_of("n_heads")?,
-        n_kv_heads: usize_of("n_kv_heads")?,
-        head_dim: usize_of("head_dim")?,
-        vocab: usize_of("vocab")?,
-        rope_theta: f32_of("rope_theta")?,
-        rope_freq_factors,
-        rms_eps: f32_of("rms_eps")?,
-        tied_embeddings: bool_of("tied_embeddings")?,
-        attn_bias: bool_of("attn_bias")?,
-        max_seq: usize_of("max_seq")?,
-        bos_id: id_of("bos_id")?,
-        eos_id: id_of("eos_id")?,
-    };
-    if c.n_layers > MAX_LAYERS {
-        return Err(ModelError::BadModel(format!(
-            "model config ({META_CONFIG} metadata): n_layers {} is over the limit of {MAX_LAYERS}",
-            c.n_layers
-        )));
-    }
-    c.validate().map_err(|e| match e {
-        ModelError::BadConfig(m) => {
-            ModelError::BadModel(format!("model config ({META_CONFIG} metadata): {m}"))
-        }
-        e => e,
-    })?;
-    Ok(c)
-}
 
 /// The most decoder layers a stack file's config may claim (as for every model config).
 pub use crate::gguf::MAX_LAYERS;
+
+impl TryFrom<&LlamaConfig> for ModelConfig {
+    type Error = ContractError;
+    /// The contract's config of a model read here (the architecture must be one the
+    /// contract names; every reader of this crate yields one).
+    fn try_from(c: &LlamaConfig) -> Result<Self, ContractError> {
+        Ok(ModelConfig {
+            arch: c.arch.parse()?,
+            n_layers: c.n_layers,
+            hidden: c.hidden,
+            ffn: c.ffn,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            vocab: c.vocab,
+            rope_theta: c.rope_theta,
+            rope_freq_factors: c.rope_freq_factors.clone(),
+            rms_eps: c.rms_eps,
+            tied_embeddings: c.tied_embeddings,
+            attn_bias: c.attn_bias,
+            max_seq: c.max_seq,
+            bos_id: c.bos_id,
+            eos_id: c.eos_id,
+        })
+    }
+}
+
+impl From<&ModelConfig> for LlamaConfig {
+    fn from(c: &ModelConfig) -> Self {
+        LlamaConfig {
+            arch: c.arch.as_str().to_owned(),
+            n_layers: c.n_layers,
+            hidden: c.hidden,
+            ffn: c.ffn,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            vocab: c.vocab,
+            rope_theta: c.rope_theta,
+            rope_freq_factors: c.rope_freq_factors.clone(),
+            rms_eps: c.rms_eps,
+            tied_embeddings: c.tied_embeddings,
+            attn_bias: c.attn_bias,
+            max_seq: c.max_seq,
+            bos_id: c.bos_id,
+            eos_id: c.eos_id,
+        }
+    }
+}
+
+impl From<&LlamaConfig> for LinearDims {
+    /// Saturating, so an unvalidated config gives absurd shapes (rejected by the shape checks
+    /// that use them) instead of an overflow panic.
+    fn from(c: &LlamaConfig) -> Self {
+        LinearDims {
+            hidden: c.hidden,
+            ffn: c.ffn,
+            q_out: c.n_heads.saturating_mul(c.head_dim),
+            kv_out: c.n_kv_heads.saturating_mul(c.head_dim),
+        }
+    }
+}
 
 /// The message for a file without the stack-file magic: says what it is when it is a GGUF
 /// model or a Hugging Face folder.
@@ -192,49 +121,34 @@ fn not_a_stack_file(path: &std::path::Path) -> String {
 #[derive(Clone, Debug)]
 pub struct StackModel {
     file: Arc<StackFile>,
+    contract: ModelContract,
     config: LlamaConfig,
 }
 
 impl StackModel {
-    /// Checks that `file` holds a Llama model: its config parses and its stacks are exactly
-    /// the model's `7 · n_layers` linears with the config's shapes, in [`weight_index`] order.
+    /// Checks that `file` holds a Llama model under the model contract
+    /// ([`ModelContract::from_file`]: config, stacks, resident tensors) with the Q/K layout
+    /// this crate's forward pass uses ([`QkLayout::RotateHalf`]).
     pub fn new(file: StackFile) -> Result<Self, ModelError> {
-        let text = file.metadata_str(META_CONFIG).ok_or_else(|| {
-            ModelError::BadModel(format!(
-                "no {META_CONFIG} metadata (not a Llama stack file written by bitstack)"
-            ))
-        })?;
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::BadModel(format!("{META_CONFIG} metadata: {e}")))?;
-        let config = config_from_json(&v)?;
-        let stacks = file.stacks();
-        let expected = config
-            .n_layers
-            .checked_mul(LinearKind::ALL.len())
-            .ok_or_else(|| ModelError::BadModel("n_layers overflows".into()))?;
-        if stacks.len() != expected {
+        let contract =
+            ModelContract::from_file(&file).map_err(|e| ModelError::BadModel(e.to_string()))?;
+        if contract.qk_layout() != QkLayout::RotateHalf {
             return Err(ModelError::BadModel(format!(
-                "stack file has {} weight stacks, the config needs {expected}",
-                stacks.len()
+                "{META_QK_LAYOUT} is {}: this forward pass applies rotate-half RoPE and needs Hugging Face (rotate-half) Q/K rows",
+                contract.qk_layout().as_str()
             )));
         }
-        for (i, meta) in stacks.iter().enumerate() {
-            let (layer, kind) = weight_of_index(i);
-            let (rows, cols) = kind.shape(&config);
-            if meta.name != kind.tensor_name(layer) || (meta.rows, meta.cols) != (rows, cols) {
-                return Err(ModelError::BadModel(format!(
-                    "stack {i} is {} ({}x{}), expected {} ({rows}x{cols})",
-                    meta.name,
-                    meta.rows,
-                    meta.cols,
-                    kind.tensor_name(layer)
-                )));
-            }
-        }
+        let config = LlamaConfig::from(contract.config());
         Ok(Self {
             file: Arc::new(file),
+            contract,
             config,
         })
+    }
+
+    /// The file's model contract.
+    pub fn contract(&self) -> &ModelContract {
+        &self.contract
     }
 
     /// Opens and validates a stack file.
@@ -343,6 +257,15 @@ pub enum LoadError {
     /// The runtime rejected the budget or the layout.
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// The resident part holds other bytes than the model contract counts for it (a bug:
+    /// budgets would buy a different prefix here than in other engines).
+    #[error("resident tensors hold {held} bytes but the model contract counts {contract} bytes")]
+    Accounting {
+        /// [`ModelContract::held_resident_bytes`].
+        contract: u64,
+        /// [`LlamaResident::held_bytes`].
+        held: u64,
+    },
 }
 
 /// A stack file's model held by the elastic runtime, with its resident part and tokenizer:
@@ -354,7 +277,8 @@ pub struct LoadedStack {
     pub resident: LlamaResident,
     /// The tokenizer stored in the file.
     pub tokenizer: Tokenizer,
-    /// The resizable weights. Its layout's `resident_bytes` is what `resident` really holds.
+    /// The resizable weights. Its layout is the contract's [`ModelContract::held_layout`]:
+    /// `resident_bytes` is what `resident` really holds.
     pub elastic: ElasticModel<SharedStackFile>,
     /// Bytes of the same model with every parameter in f16 (compression ratios).
     pub original_f16_bytes: u64,
@@ -389,12 +313,18 @@ impl LoadedStack {
         resident: EmbeddingPrecision,
     ) -> Result<Self, LoadError> {
         let model = StackModel::open(path)?;
-        let resident = LlamaResident::from_source_with(&model, resident)?;
+        let precision = resident;
+        let resident = LlamaResident::from_source_with(&model, precision)?;
         let tokenizer = model.tokenizer()?;
-        let mut layout = model.file().layout();
-        // Count what the process actually holds for the resident part (f16 embedding, f32
-        // norms), not the file's payload bytes (which include the tokenizer blob).
-        layout.resident_bytes = resident.held_bytes();
+        // The contract's accounting (what an engine holding the embedding at `precision`
+        // holds; no tokenizer blob), so a budget picks the same prefix here as in any engine.
+        let layout = model.contract().held_layout(model.file(), precision);
+        if layout.resident_bytes != resident.held_bytes() {
+            return Err(LoadError::Accounting {
+                contract: layout.resident_bytes,
+                held: resident.held_bytes(),
+            });
+        }
         let linear_params: u64 = layout.stacks.iter().map(|m| (m.rows * m.cols) as u64).sum();
         let original_f16_bytes = 2 * (linear_params + resident.param_count() as u64);
         let budget = budget.unwrap_or(MemoryBudget::from_bytes(layout.minimum_bytes()));
@@ -442,7 +372,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_round_trips_through_json() {
+    fn config_converts_both_ways() {
         let c = LlamaConfig {
             arch: "llama".into(),
             n_layers: 3,
@@ -461,13 +391,21 @@ mod tests {
             bos_id: Some(1),
             eos_id: None,
         };
-        let back = config_from_json(&config_to_json(&c)).unwrap();
-        assert_eq!(back, c);
-        let mut broken = config_to_json(&c);
-        broken["n_heads"] = json!(3);
-        assert!(config_from_json(&broken).is_err());
-        broken["n_heads"] = json!("four");
-        assert!(config_from_json(&broken).is_err());
+        let m = ModelConfig::try_from(&c).unwrap();
+        assert_eq!(LlamaConfig::from(&m), c);
+        // The JSON the writer stores reads back to the same config.
+        let json = serde_json::to_string(&m).unwrap();
+        let back: ModelConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(LlamaConfig::from(&back), c);
+        for kind in LinearKind::ALL {
+            assert_eq!(kind.shape(&c), kind.shape(&m));
+        }
+        let mut odd = c.clone();
+        odd.arch = "gpt2".into();
+        assert!(ModelConfig::try_from(&odd).is_err());
+        odd.arch = "llama".into();
+        odd.n_heads = 3;
+        assert!(odd.validate().is_err());
     }
 
     #[test]

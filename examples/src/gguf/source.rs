@@ -72,9 +72,8 @@ pub enum ModelError {
     },
 }
 
-/// The most decoder layers a config may have (the largest Llama has 126): a guard against
-/// corrupt counts that would overflow `7 · n_layers` or allocate without bound.
-pub const MAX_LAYERS: usize = 4096;
+/// The most decoder layers a config may have (the model contract's limit).
+pub use bitstack_format::model::MAX_LAYERS;
 
 /// The hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2).
 #[derive(Clone, Debug, PartialEq)]
@@ -116,51 +115,16 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Checks the internal consistency the forward pass relies on.
+    /// Checks the internal consistency the forward pass relies on: the model contract's
+    /// checks ([`bitstack_format::ModelConfig::validate`]), one definition for models read
+    /// from GGUF, Hugging Face and stack files.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad = |s: String| Err(ModelError::BadConfig(s));
-        if self.n_layers == 0
-            || self.hidden == 0
-            || self.ffn == 0
-            || self.n_heads == 0
-            || self.n_kv_heads == 0
-            || self.vocab == 0
-        {
-            return bad(format!(
-                "zero-sized dimension (layers {}, hidden {}, ffn {}, heads {}, KV heads {}, vocab {})",
-                self.n_layers, self.hidden, self.ffn, self.n_heads, self.n_kv_heads, self.vocab
-            ));
-        }
-        if self.n_layers > MAX_LAYERS {
-            return bad(format!(
-                "{} layers is over the limit of {MAX_LAYERS}",
-                self.n_layers
-            ));
-        }
-        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
-            return bad(format!(
-                "{} heads are not a multiple of {} KV heads",
-                self.n_heads, self.n_kv_heads
-            ));
-        }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
-            return bad(format!(
-                "head_dim {} must be even and non-zero",
-                self.head_dim
-            ));
-        }
-        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
-            return bad(format!("rope theta {} must be positive", self.rope_theta));
-        }
-        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
-            return bad(format!("rms eps {} must be non-negative", self.rms_eps));
-        }
-        if let Some(f) = &self.rope_freq_factors {
-            if f.len() != self.head_dim / 2 || f.iter().any(|v| !(v.is_finite() && *v > 0.0)) {
-                return bad("rope frequency factors must be head_dim/2 positive values".into());
-            }
-        }
-        Ok(())
+        bitstack_format::ModelConfig::try_from(self)
+            .and_then(|c| c.validate())
+            .map_err(|e| match e {
+                bitstack_format::ContractError::InvalidConfig(m) => ModelError::BadConfig(m),
+                e => ModelError::BadConfig(e.to_string()),
+            })
     }
 }
 

@@ -185,73 +185,10 @@ pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> R
     }
 }
 
-/// The seven linear layers of a Llama decoder block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LinearKind {
-    /// Query projection, `hidden → n_heads·head_dim`.
-    Q,
-    /// Key projection, `hidden → n_kv_heads·head_dim`.
-    K,
-    /// Value projection, `hidden → n_kv_heads·head_dim`.
-    V,
-    /// Attention output projection, `n_heads·head_dim → hidden`.
-    O,
-    /// MLP gate projection, `hidden → ffn`.
-    Gate,
-    /// MLP up projection, `hidden → ffn`.
-    Up,
-    /// MLP down projection, `ffn → hidden`.
-    Down,
-}
-
-impl LinearKind {
-    /// All seven, in the order they run within a block.
-    pub const ALL: [LinearKind; 7] = [
-        LinearKind::Q,
-        LinearKind::K,
-        LinearKind::V,
-        LinearKind::O,
-        LinearKind::Gate,
-        LinearKind::Up,
-        LinearKind::Down,
-    ];
-
-    /// Position in [`LinearKind::ALL`].
-    pub fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The canonical GGUF tensor stem, e.g. `attn_q` or `ffn_down`.
-    pub fn stem(self) -> &'static str {
-        match self {
-            LinearKind::Q => "attn_q",
-            LinearKind::K => "attn_k",
-            LinearKind::V => "attn_v",
-            LinearKind::O => "attn_output",
-            LinearKind::Gate => "ffn_gate",
-            LinearKind::Up => "ffn_up",
-            LinearKind::Down => "ffn_down",
-        }
-    }
-
-    /// The canonical weight name in `layer`, e.g. `blk.3.attn_q.weight`.
-    pub fn tensor_name(self, layer: usize) -> String {
-        format!("blk.{layer}.{}.weight", self.stem())
-    }
-
-    /// `(out_features, in_features)` of this linear under `config` (PyTorch `[out, in]`).
-    pub fn shape(self, config: &LlamaConfig) -> (usize, usize) {
-        let q = config.n_heads * config.head_dim;
-        let kv = config.n_kv_heads * config.head_dim;
-        match self {
-            LinearKind::Q => (q, config.hidden),
-            LinearKind::K | LinearKind::V => (kv, config.hidden),
-            LinearKind::O => (config.hidden, q),
-            LinearKind::Gate | LinearKind::Up => (config.ffn, config.hidden),
-            LinearKind::Down => (config.hidden, config.ffn),
-        }
-    }
-}
+/// The seven linear layers of a Llama decoder block: the model contract's type
+/// (`bitstack_format::model`), which also numbers the stacks of a stack file.
+/// [`LinearKind::shape`] takes a [`LlamaConfig`] (`impl From<&LlamaConfig> for LinearDims`).
+pub use bitstack_format::model::LinearKind;
 
 /// Hands out the linear layer for each `(layer, kind)`.
 ///

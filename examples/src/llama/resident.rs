@@ -71,40 +71,10 @@ fn gemm_xwt_chunked(
 }
 
 /// Storage precision of the token embedding (and of an untied head loaded with
-/// [`LlamaResident::from_source_with`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum EmbeddingPrecision {
-    /// f32, exactly as dequantised from the source.
-    #[default]
-    F32,
-    /// IEEE half precision: half the bytes; rows are widened to f32 on use.
-    F16,
-    /// int8 with an f16 scale per 32 values (llama.cpp's Q8_0 layout, 8.5 bits per value):
-    /// 47 % fewer bytes than f16; rows are dequantized on use.
-    Q8,
-}
-
-impl std::str::FromStr for EmbeddingPrecision {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f32" => Ok(Self::F32),
-            "f16" => Ok(Self::F16),
-            "q8" => Ok(Self::Q8),
-            _ => Err(format!("{s:?}: expected f16, q8 or f32")),
-        }
-    }
-}
-
-impl std::fmt::Display for EmbeddingPrecision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Q8 => "q8",
-        })
-    }
-}
+/// [`LlamaResident::from_source_with`]): the model contract's type, so the bytes a budget
+/// counts ([`bitstack_format::ModelConfig::held_resident_bytes`]) and the bytes held here are
+/// one definition.
+pub use bitstack_format::EmbeddingPrecision;
 
 /// The token embedding, `vocab × hidden` row-major, in its storage precision.
 #[derive(Clone, Debug)]

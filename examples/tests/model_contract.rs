@@ -1,0 +1,397 @@
+//! The model contract of a stack file (issue 14) on a file written *before* the contract was
+//! part of the published crates: `fixtures/stack-v1.0-synthetic.bitstack` was written by
+//! commit 609b5b8 (format 1.0, no Q/K layout key) from the tiny synthetic Qwen2-style model
+//! below (biases, untied head, byte-level vocabulary). Today's reader must still open it, read
+//! its contract (Q/K layout `RotateHalf`, the layout every file of that time has) and run it.
+//!
+//! `write_fixture` (ignored) regenerates a file of the same model with the *current* writer;
+//! the committed fixture must not be replaced by it, since the point is an old file.
+
+use bitstack_examples::compress::{
+    compress, write_compressed, CompressParams, OrderMethod, RankRule,
+};
+use bitstack_examples::gguf::{open_model, GgmlType, GgufBuilder, GgufValue, GgufValueType};
+use bitstack_examples::llama::{LinearKind, SplitMix64};
+use std::path::{Path, PathBuf};
+
+const LAYERS: usize = 2;
+const HIDDEN: usize = 16;
+const FFN: usize = 24;
+const HEADS: usize = 2;
+const KV_HEADS: usize = 1;
+const HEAD_DIM: usize = 8;
+const CONTEXT: u32 = 64;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stack-v1.0-synthetic.bitstack")
+}
+
+/// GPT-2's byte-to-character map: every byte is one token, so any text encodes.
+fn byte_vocab() -> Vec<String> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut extra = 0;
+    (0u32..256)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap().to_string()
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap().to_string()
+            }
+        })
+        .collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The tiny Qwen2-style model as GGUF bytes (f32 tensors, GGUF's reversed dims).
+fn tiny_qwen2_gguf() -> Vec<u8> {
+    let mut rng = SplitMix64::new(14);
+    let mut random = |n: usize, amp: f32| -> Vec<u8> {
+        f32_bytes(&(0..n).map(|_| amp * rng.next_signed()).collect::<Vec<_>>())
+    };
+    let strings = |v: Vec<String>| GgufValue::Array {
+        elem_type: GgufValueType::String,
+        values: v.into_iter().map(GgufValue::String).collect(),
+    };
+    let u = |v: usize| GgufValue::U32(v as u32);
+    let vocab = 256;
+    let mut b = GgufBuilder::new();
+    b.metadata("general.architecture", GgufValue::String("qwen2".into()))
+        .metadata("qwen2.block_count", u(LAYERS))
+        .metadata("qwen2.embedding_length", u(HIDDEN))
+        .metadata("qwen2.feed_forward_length", u(FFN))
+        .metadata("qwen2.attention.head_count", u(HEADS))
+        .metadata("qwen2.attention.head_count_kv", u(KV_HEADS))
+        .metadata(
+            "qwen2.attention.layer_norm_rms_epsilon",
+            GgufValue::F32(1e-6),
+        )
+        .metadata("qwen2.rope.freq_base", GgufValue::F32(1_000_000.0))
+        .metadata("qwen2.context_length", GgufValue::U32(CONTEXT))
+        .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .metadata("tokenizer.ggml.pre", GgufValue::String("gpt2".into()))
+        .metadata("tokenizer.ggml.tokens", strings(byte_vocab()))
+        .metadata("tokenizer.ggml.merges", strings(vec![]));
+    let h = HIDDEN as u64;
+    b.tensor(
+        "token_embd.weight",
+        GgmlType::F32,
+        &[h, vocab],
+        random(HIDDEN * vocab as usize, 1.0),
+    );
+    b.tensor(
+        "output.weight",
+        GgmlType::F32,
+        &[h, vocab],
+        random(HIDDEN * vocab as usize, 0.5),
+    );
+    b.tensor(
+        "output_norm.weight",
+        GgmlType::F32,
+        &[h],
+        f32_bytes(&[1.0; HIDDEN]),
+    );
+    let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
+    for l in 0..LAYERS {
+        for norm in ["attn_norm", "ffn_norm"] {
+            b.tensor(
+                &format!("blk.{l}.{norm}.weight"),
+                GgmlType::F32,
+                &[h],
+                f32_bytes(&[1.0; HIDDEN]),
+            );
+        }
+        for (p, n) in [("q", q), ("k", kv), ("v", kv)] {
+            b.tensor(
+                &format!("blk.{l}.attn_{p}.bias"),
+                GgmlType::F32,
+                &[n as u64],
+                random(n, 0.1),
+            );
+        }
+        for kind in LinearKind::ALL {
+            let (rows, cols) = match kind {
+                LinearKind::Q => (q, HIDDEN),
+                LinearKind::K | LinearKind::V => (kv, HIDDEN),
+                LinearKind::O => (HIDDEN, q),
+                LinearKind::Gate | LinearKind::Up => (FFN, HIDDEN),
+                LinearKind::Down => (HIDDEN, FFN),
+            };
+            let amp = (3.0 / cols as f32).sqrt();
+            b.tensor(
+                &kind.tensor_name(l),
+                GgmlType::F32,
+                &[cols as u64, rows as u64],
+                random(rows * cols, amp),
+            );
+        }
+    }
+    b.build()
+}
+
+/// Compresses the tiny model (3 levels of rank 2, round-robin order) into `out`.
+fn write_tiny_stack(dir: &Path, out: &Path) {
+    let gguf = dir.join("tiny-qwen2.gguf");
+    std::fs::write(&gguf, tiny_qwen2_gguf()).unwrap();
+    let source = open_model(&gguf).unwrap();
+    let mut params = CompressParams {
+        calib_windows: 2,
+        calib_seq_len: 16,
+        order: OrderMethod::RoundRobin,
+        ..Default::default()
+    };
+    params.iavd.levels = 3;
+    params.rank = RankRule::Fixed(2);
+    let calib = "The quick brown fox jumps over the lazy dog. ".repeat(4);
+    let compressed = compress(source.as_ref(), &calib, &params).unwrap();
+    write_compressed(&compressed, out).unwrap();
+}
+
+/// Regenerates the model with the current writer into `$BITSTACK_FIXTURE_OUT` (ignored: the
+/// committed fixture is deliberately an old file).
+#[test]
+#[ignore]
+fn write_fixture() {
+    let out =
+        PathBuf::from(std::env::var_os("BITSTACK_FIXTURE_OUT").expect("set BITSTACK_FIXTURE_OUT"));
+    let dir = std::env::temp_dir().join(format!("bitstack-fixture-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_tiny_stack(&dir, &out);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The old file opens through today's loader, has no Q/K layout key, and runs at its minimum
+/// and full budgets (finite losses that differ, so both prefixes really ran).
+#[test]
+fn old_fixture_opens_and_runs() {
+    use bitstack_examples::llama::Llama;
+    use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears};
+    let loaded = LoadedStack::open(fixture(), None).unwrap();
+    let file = loaded.model.file();
+    assert_eq!(file.version(), (1, 0));
+    assert!(file.metadata_str("bitstack.qk_layout").is_none());
+    let c = bitstack_examples::gguf::ModelSource::config(&loaded.model).clone();
+    assert_eq!(c.arch, "qwen2");
+    assert!(c.attn_bias && !c.tied_embeddings);
+    assert_eq!(file.stacks().len(), 7 * LAYERS);
+    let tokens = loaded.prompt_ids("The lazy dog", false).unwrap();
+    assert!(tokens.len() >= 8);
+    let nll_at = |levels_loaded: usize| {
+        loaded.elastic.resize_to_prefix(levels_loaded).unwrap();
+        let linears = SnapshotLinears(loaded.elastic.snapshot());
+        let model = Llama::new(&loaded.resident, &linears).unwrap();
+        let nll = model.sequence_nll(&tokens, tokens.len()).unwrap();
+        assert!(nll.iter().all(|v| v.is_finite()), "{nll:?}");
+        nll.iter().sum::<f32>()
+    };
+    let (min, full) = (nll_at(7 * LAYERS), nll_at(3 * 7 * LAYERS));
+    assert_ne!(min, full);
+}
+
+/// The published contract reads the old file: config, Q/K layout `RotateHalf` (not recorded),
+/// the stack ↔ linear ↔ tensor-name mapping, the resident tensors with their stored dtypes
+/// and shapes, and the tokenizer blob.
+#[test]
+fn old_fixture_has_a_contract() {
+    use bitstack_format::model::{
+        stack_location, Architecture, ModelContract, QkLayout, ResidentRole, TOKENIZER_TENSOR,
+    };
+    use bitstack_format::{DType, StackFile};
+    let file = StackFile::open(fixture()).unwrap();
+    let contract = ModelContract::from_file(&file).unwrap();
+    let c = contract.config();
+    assert_eq!(c.arch, Architecture::Qwen2);
+    assert_eq!((c.n_layers, c.hidden, c.ffn), (LAYERS, HIDDEN, FFN));
+    assert_eq!(
+        (c.n_heads, c.n_kv_heads, c.head_dim),
+        (HEADS, KV_HEADS, HEAD_DIM)
+    );
+    assert!(c.attn_bias && !c.tied_embeddings);
+    assert_eq!(contract.qk_layout(), QkLayout::RotateHalf);
+    assert!(!contract.qk_layout_recorded());
+    assert_eq!(contract.stack_count(), 7 * LAYERS);
+    for (i, meta) in file.stacks().iter().enumerate() {
+        let (layer, kind) = contract.linear_of(i).unwrap();
+        assert_eq!((layer, kind), stack_location(i));
+        assert_eq!(contract.stack_of(layer, kind), Some(i));
+        assert_eq!(meta.name, kind.tensor_name(layer));
+        assert_eq!((meta.rows, meta.cols), kind.shape(c));
+    }
+    assert_eq!(contract.linear_of(7 * LAYERS), None);
+    assert_eq!(contract.stack_of(LAYERS, LinearKind::Q), None);
+    assert_eq!(
+        LinearKind::Q.hf_tensor_name(1),
+        "model.layers.1.self_attn.q_proj.weight"
+    );
+    // Embedding, output norm, untied head, then per layer two norms and three biases.
+    assert_eq!(contract.residents().len(), 3 + LAYERS * 5);
+    for r in contract.residents() {
+        assert_eq!(r.spec.dtype, DType::F16, "{}", r.spec.name);
+        assert_eq!(r.spec.name, r.role.tensor_name());
+        assert_eq!(file.resident(&r.spec.name).unwrap().shape(), r.spec.shape);
+    }
+    let bias = contract
+        .resident(ResidentRole::Bias {
+            layer: 1,
+            kind: LinearKind::K,
+        })
+        .unwrap();
+    assert_eq!(bias.spec.shape, vec![(KV_HEADS * HEAD_DIM) as u64]);
+    assert_eq!(
+        bias.role.hf_tensor_name(),
+        "model.layers.1.self_attn.k_proj.bias"
+    );
+    let tok = contract.tokenizer().unwrap();
+    assert_eq!(
+        (tok.name.as_str(), tok.dtype),
+        (TOKENIZER_TENSOR, DType::U8)
+    );
+}
+
+/// A file written by today's writer from the same model records its Q/K layout and has the
+/// same contract otherwise; a file claiming the interleaved layout reads as such and is
+/// refused by this crate's (rotate-half) forward pass; an unknown layout is a typed error.
+#[test]
+fn new_files_record_the_qk_layout() {
+    use bitstack_examples::stackmodel::StackModel;
+    use bitstack_format::model::{ContractError, ModelContract, QkLayout, META_QK_LAYOUT};
+    use bitstack_format::{write_stack_file, StackFile};
+    let dir = std::env::temp_dir().join(format!("bitstack-contract-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let new_path = dir.join("new.bitstack");
+    write_tiny_stack(&dir, &new_path);
+    let new = StackFile::open(&new_path).unwrap();
+    let old = StackFile::open(fixture()).unwrap();
+    let (nc, oc) = (
+        ModelContract::from_file(&new).unwrap(),
+        ModelContract::from_file(&old).unwrap(),
+    );
+    assert_eq!(new.metadata_str(META_QK_LAYOUT), Some("rotate-half"));
+    assert!(nc.qk_layout_recorded());
+    assert_eq!(nc.qk_layout(), QkLayout::RotateHalf);
+    assert_eq!(nc.config(), oc.config());
+    assert_eq!(nc.residents(), oc.residents());
+
+    let mut contents = new.to_contents().unwrap();
+    let mut rewrite = |value: &str| {
+        contents
+            .metadata
+            .insert(META_QK_LAYOUT.into(), value.as_bytes().to_vec());
+        let p = dir.join(format!("{value}.bitstack"));
+        write_stack_file(&p, &contents).unwrap();
+        StackFile::open(&p).unwrap()
+    };
+    let interleaved = rewrite("interleaved");
+    assert_eq!(
+        ModelContract::from_file(&interleaved).unwrap().qk_layout(),
+        QkLayout::Interleaved
+    );
+    let err = StackModel::new(interleaved).unwrap_err().to_string();
+    assert!(err.contains("interleaved"), "{err}");
+    assert!(matches!(
+        ModelContract::from_file(&rewrite("sideways")),
+        Err(ContractError::UnknownQkLayout(v)) if v == "sideways"
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One byte accounting: the contract's resident bytes equal what `LlamaResident` holds at
+/// every precision, and a loaded model's held bytes are those plus its blocks and scales.
+#[test]
+fn contract_accounting_equals_what_the_loader_holds() {
+    use bitstack_core::LinearOp;
+    use bitstack_examples::llama::{EmbeddingPrecision, LlamaResident};
+    use bitstack_examples::stackmodel::{LoadedStack, StackModel};
+    let model = StackModel::open(fixture()).unwrap();
+    for p in [
+        EmbeddingPrecision::F32,
+        EmbeddingPrecision::F16,
+        EmbeddingPrecision::Q8,
+    ] {
+        let res = LlamaResident::from_source_with(&model, p).unwrap();
+        assert_eq!(
+            model.contract().held_resident_bytes(p),
+            res.held_bytes(),
+            "{p}"
+        );
+        let loaded = LoadedStack::open_with(fixture(), None, p).unwrap();
+        loaded.elastic.resize_to_prefix(2 * 7 * LAYERS).unwrap();
+        let snap = loaded.elastic.snapshot();
+        let blocks: u64 = snap.weights().iter().map(|w| w.weight_bytes()).sum();
+        assert_eq!(snap.held_bytes(), res.held_bytes() + blocks, "{p}");
+    }
+    // The stored payload bytes (tokenizer blob, f16 norms) are another number: the reason
+    // the contract defines the held one.
+    assert_ne!(
+        model.file().layout().resident_bytes,
+        model
+            .contract()
+            .held_resident_bytes(EmbeddingPrecision::F16)
+    );
+}
+
+/// An engine using only bitstack-core + bitstack-format picks the same prefix and held bytes
+/// for a budget as `bitstack eval` (the built binary, `--json`), at several budgets and both
+/// resident precisions the CLI offers.
+#[test]
+fn engine_and_cli_pick_the_same_prefix() {
+    use bitstack_core::{ElasticModel, MemoryBudget};
+    use bitstack_format::{EmbeddingPrecision, ModelContract, StackFile};
+    let dir = std::env::temp_dir().join(format!("bitstack-budget-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("text.txt");
+    std::fs::write(
+        &text,
+        "A budget is the whole model, as held in memory. ".repeat(8),
+    )
+    .unwrap();
+    for precision in [EmbeddingPrecision::F16, EmbeddingPrecision::Q8] {
+        let file = StackFile::open(fixture()).unwrap();
+        let contract = ModelContract::from_file(&file).unwrap();
+        let layout = contract.held_layout(&file, precision);
+        let (min, full) = (layout.minimum_bytes(), layout.full_bytes());
+        let cum = layout.cumulative_bytes();
+        // The minimum, the full model, points between, and one byte short of a block edge.
+        let budgets = [
+            min,
+            min + (full - min) / 3,
+            min + 2 * (full - min) / 3,
+            cum[cum.len() - 2] - 1,
+            full,
+        ];
+        let engine = ElasticModel::new(file, layout, MemoryBudget::from_bytes(min)).unwrap();
+        let json = dir.join(format!("eval-{precision}.json"));
+        let list = budgets.map(|b| b.to_string()).join(",");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitstack"))
+            .args(["eval", fixture().to_str().unwrap(), "--text"])
+            .arg(&text)
+            .args(["--budgets", &list, "--seq-len", "16", "--max-windows", "1"])
+            .args(["--resident", &precision.to_string(), "--json"])
+            .arg(&json)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(doc["minimum_bytes"].as_u64(), Some(min));
+        assert_eq!(doc["full_bytes"].as_u64(), Some(full));
+        let rows = doc["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), budgets.len());
+        for (b, row) in budgets.iter().zip(rows) {
+            engine.resize(MemoryBudget::from_bytes(*b)).unwrap();
+            let snap = engine.snapshot();
+            assert_eq!(row["budget_bytes"].as_u64(), Some(*b));
+            assert_eq!(row["blocks"].as_u64(), Some(snap.prefix() as u64), "{row}");
+            assert_eq!(row["held_bytes"].as_u64(), Some(snap.held_bytes()), "{row}");
+            assert!(snap.held_bytes() <= *b);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
