@@ -84,7 +84,7 @@ fn run_in_pool(args: &BenchArgs) -> Res<()> {
         gen_tokens: args.gen_tokens,
         reps: args.reps,
     };
-    let stack = super::is_stack_file(&args.file);
+    let stack = crate::common::is_stack_file(&args.file);
     let load_before = load_average();
     let (kind, rows, bandwidth, minimum, full) = if stack {
         let loaded = LoadedStack::open_with(&args.file, None, args.resident)
