@@ -153,7 +153,7 @@ fn run_in_pool(args: &BenchArgs) -> Res<()> {
     println!("{}", report.markdown());
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
-        bitstack_examples::compare::write_atomic(path, text.as_bytes())
+        bitstack_examples::output::write_atomic(path, text.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("wrote {}", path.display());
     }
