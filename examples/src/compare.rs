@@ -1092,8 +1092,9 @@ fn eval_plain_svd_ablation(
     report: &mut Report,
     phases: &mut Vec<(String, f64)>,
 ) -> Res<()> {
-    use crate::compress::{calibrate, OrderMethod};
+    use crate::compress::calibrate;
     use bitstack_linalg::{decompose_plain_slice, same_size_rank, IavdParams};
+    use bitstack_sort::SortMethod;
     let name = "BitStack w/o AVD (plain SVD, same bits)".to_owned();
     let t = Instant::now();
     let c = source.config().clone();
@@ -1130,7 +1131,7 @@ fn eval_plain_svd_ablation(
     phases.push((format!("{name} decompose"), t.elapsed().as_secs_f64()));
     let levels: Vec<u16> = decs.iter().map(|d| d.levels.len() as u16).collect();
     let order = match base.order {
-        OrderMethod::Proxy => {
+        SortMethod::Proxy => {
             let scores: Vec<Vec<Option<f64>>> = decs
                 .iter()
                 .map(|d| {
@@ -1150,12 +1151,13 @@ fn eval_plain_svd_ablation(
         }
         // The evaluated orders score residual blocks, which the sign-free levels are not; they
         // fall back to round robin.
-        OrderMethod::RoundRobin
-        | OrderMethod::ProxySensitive { .. }
-        | OrderMethod::FirstOrder { .. }
-        | OrderMethod::Average { .. }
-        | OrderMethod::Greedy { .. } => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
-        OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
+        SortMethod::RoundRobin
+        | SortMethod::ProxySensitive
+        | SortMethod::FirstOrder
+        | SortMethod::Average
+        | SortMethod::Greedy
+        | SortMethod::Import => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
+        SortMethod::Random => bitstack_sort::sort_random(&levels, base.order_settings.seed)?,
     };
     let resident = loaded
         .elastic
@@ -1324,24 +1326,24 @@ fn run_ablations(
     }
     // Ablations change one setting of the main stack's: its k (when fixed) and its order.
     // Files store the order as its display text (`first-order (…)`); older ones as Debug text.
+    use bitstack_sort::SortMethod;
     let main_order = match stack_compression.get("order").and_then(Value::as_str) {
-        Some("Proxy" | "proxy") => crate::compress::OrderMethod::Proxy,
+        Some("Proxy" | "proxy") => SortMethod::Proxy,
         Some(o) if o.starts_with("ProxySensitive") || o.starts_with("proxy-sensitive") => {
-            crate::compress::OrderMethod::PROXY_SENSITIVE
+            SortMethod::ProxySensitive
         }
         Some(o) if o.starts_with("FirstOrder") || o.starts_with("first-order") => {
-            crate::compress::OrderMethod::FIRST_ORDER
+            SortMethod::FirstOrder
         }
-        Some(o) if o.starts_with("Random") || o.starts_with("random") => {
-            crate::compress::OrderMethod::Random { seed: 0 }
-        }
-        _ => crate::compress::OrderMethod::RoundRobin,
+        Some(o) if o.starts_with("Random") || o.starts_with("random") => SortMethod::Random,
+        _ => SortMethod::RoundRobin,
     };
     let base = CompressParams {
         rank: main_rank.map_or(CompressParams::default().rank, |k| {
             crate::compress::RankRule::Fixed(k as usize)
         }),
         order: main_order,
+        order_settings: crate::compress::OrderSettings::for_method(main_order),
         ..Default::default()
     };
     if args.ablation_variants.contains(&AblationKind::NoAvd) {

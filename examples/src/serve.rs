@@ -1344,9 +1344,10 @@ fn print_summary(rows: &[PhaseRow], rss0: Option<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::{compress, write_compressed, CompressParams, OrderMethod, RankRule};
+    use crate::compress::{compress, write_compressed, CompressParams, RankRule};
     use crate::gguf::{GgmlType, GgufBuilder, GgufModel, GgufValue, GgufValueType};
     use crate::llama::LinearKind;
+    use bitstack_sort::SortMethod;
     use std::cell::RefCell;
 
     /// A scratch folder removed on drop.
@@ -1496,7 +1497,7 @@ mod tests {
         let model = GgufModel::open(&gguf).unwrap();
         let mut params = CompressParams {
             scale: None,
-            order: OrderMethod::RoundRobin,
+            order: SortMethod::RoundRobin,
             rank: RankRule::Fixed(4),
             ..Default::default()
         };

@@ -2,11 +2,12 @@
 
 use crate::common::{mb, mib, named, open_source, print_phases, read_text, usage, Res};
 use bitstack_examples::compress::{
-    compress, write_compressed, CompressParams, OrderMethod, RankRule,
+    compress, write_compressed, CompressParams, OrderSettings, RankRule,
 };
 use bitstack_examples::output::check_output;
 use bitstack_examples::{noteln, outln};
 use bitstack_linalg::ScaleParams;
+use bitstack_sort::SortMethod;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -38,8 +39,19 @@ pub(crate) struct CalibArgs {
     /// forward evaluations), roundrobin (the best measured with no forward pass), proxy,
     /// random, or the paper's average / greedy (4 windows of 256 tokens, 3150 evaluations at
     /// 16 levels: about an hour; `bitstack sort` runs them resumably on an existing file).
-    #[arg(long, default_value = "first-order")]
-    order: OrderMethod,
+    #[arg(long, default_value = "first-order", value_parser = compress_order)]
+    order: SortMethod,
+}
+
+/// `--order`: a [`SortMethod`] that computes an order (not `import`, which applies one).
+fn compress_order(s: &str) -> Result<SortMethod, String> {
+    match s.parse::<SortMethod>().map_err(|e| e.to_string())? {
+        SortMethod::Import => Err(
+            "import applies an order computed elsewhere: compress with another order, then use `bitstack sort --method import`"
+                .into(),
+        ),
+        m => Ok(m),
+    }
 }
 
 impl CalibArgs {
@@ -49,6 +61,7 @@ impl CalibArgs {
             calib_seq_len: self.calib_seq_len,
             scale: (!self.no_scaling).then(ScaleParams::default),
             order: self.order,
+            order_settings: OrderSettings::for_method(self.order),
             ..Default::default()
         };
         p.iavd.levels = self.levels;
@@ -146,7 +159,7 @@ pub(crate) fn run_compress(
         params.iavd.levels,
         params.rank,
         if params.scale.is_some() { "on" } else { "off" },
-        params.order
+        params.order_settings.describe(params.order)
     );
     let out = compress(source.as_ref(), &text, &params)?;
     phases.extend(out.phases.iter().map(|p| (p.name.to_owned(), p.seconds)));

@@ -6,6 +6,7 @@ use bitstack_examples::llama::LlamaResident;
 use bitstack_examples::output::check_output;
 use bitstack_examples::stackmodel::StackModel;
 use bitstack_examples::{note, noteln, outln};
+use bitstack_sort::SortMethod;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,8 +16,8 @@ pub(crate) struct SortArgs {
     /// The stack file to reorder (its blocks are reused; only the order changes).
     file: PathBuf,
     /// average | greedy | random | roundrobin | proxy | proxy-sensitive | first-order | import.
-    #[arg(long)]
-    method: String,
+    #[arg(long, value_parser = clap::value_parser!(SortMethod))]
+    method: SortMethod,
     /// Output stack file.
     #[arg(short, long)]
     output: PathBuf,
@@ -79,23 +80,6 @@ pub(crate) struct SortArgs {
 
 /// `sort`'s checks of its flags and outputs, before the file is read.
 fn check_sort_flags(args: &SortArgs) -> Res<()> {
-    const METHODS: [&str; 8] = [
-        "average",
-        "greedy",
-        "random",
-        "roundrobin",
-        "proxy",
-        "proxy-sensitive",
-        "first-order",
-        "import",
-    ];
-    if !METHODS.contains(&args.method.as_str()) {
-        return Err(usage(format!(
-            "--method {:?}: expected one of {}",
-            args.method,
-            METHODS.join(", ")
-        )));
-    }
     if !["relative", "absolute"].contains(&args.proxy_normalisation.as_str()) {
         return Err(usage(format!(
             "--proxy-normalisation {:?}: expected relative or absolute",
@@ -119,7 +103,7 @@ fn check_sort_flags(args: &SortArgs) -> Res<()> {
             args.scoring_skip, args.scoring_seq_len
         )));
     }
-    if args.method == "first-order"
+    if args.method == SortMethod::FirstOrder
         && args
             .first_order_bases
             .split(',')
@@ -130,23 +114,32 @@ fn check_sort_flags(args: &SortArgs) -> Res<()> {
             args.first_order_bases
         )));
     }
-    let needs = |flag: &str, present: bool, methods: &[&str]| {
-        if !present && methods.contains(&args.method.as_str()) {
+    let needs = |flag: &str, present: bool, methods: &[SortMethod]| {
+        if !present && methods.contains(&args.method) {
             Err(usage(format!("--method {} needs {flag}", args.method)))
         } else {
             Ok(())
         }
     };
-    needs("--order-json FILE", args.order_json.is_some(), &["import"])?;
+    needs(
+        "--order-json FILE",
+        args.order_json.is_some(),
+        &[SortMethod::Import],
+    )?;
     needs(
         "--calib TEXT",
         args.calib.is_some(),
-        &["average", "greedy", "proxy-sensitive", "first-order"],
+        &[
+            SortMethod::Average,
+            SortMethod::Greedy,
+            SortMethod::ProxySensitive,
+            SortMethod::FirstOrder,
+        ],
     )?;
     needs(
         "--model (the original weights)",
         args.model.is_some(),
-        &["proxy", "proxy-sensitive"],
+        &[SortMethod::Proxy, SortMethod::ProxySensitive],
     )?;
     let mut inputs = vec![args.file.as_path()];
     for p in [&args.calib, &args.model, &args.order_json, &args.checkpoint]
@@ -186,12 +179,12 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
             .collect()
     };
     let t = Instant::now();
-    let (order, detail) = match args.method.as_str() {
-        "roundrobin" => (
+    let (order, detail) = match args.method {
+        SortMethod::RoundRobin => (
             bitstack_core::UniversalOrder::round_robin(levels.clone())?,
             String::new(),
         ),
-        "import" => {
+        SortMethod::Import => {
             let path = args
                 .order_json
                 .as_ref()
@@ -212,11 +205,11 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
                 format!("imported from {}", path.display()),
             )
         }
-        "random" => (
+        SortMethod::Random => (
             bitstack_sort::sort_random(&levels, args.seed)?,
             format!("seed {}", args.seed),
         ),
-        "proxy" => {
+        SortMethod::Proxy => {
             let (originals, blocks) = proxy_inputs(args, file, &read_all)?;
             let weights = proxy_weights(file, &originals, &blocks);
             let t = Instant::now();
@@ -243,7 +236,7 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
                 format!("proxy itself {:.2} s", t.elapsed().as_secs_f64()),
             )
         }
-        "proxy-sensitive" => {
+        SortMethod::ProxySensitive => {
             let (originals, blocks) = proxy_inputs(args, file, &read_all)?;
             let weights = proxy_weights(file, &originals, &blocks);
             let resident = LlamaResident::from_source_with(
@@ -287,7 +280,7 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
                 ),
             )
         }
-        "first-order" => {
+        SortMethod::FirstOrder => {
             let resident = LlamaResident::from_source_with(
                 &sm,
                 bitstack_examples::llama::EmbeddingPrecision::F16,
@@ -328,7 +321,7 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
                 ),
             )
         }
-        "average" | "greedy" => {
+        SortMethod::Average | SortMethod::Greedy => {
             let resident = LlamaResident::from_source_with(
                 &sm,
                 bitstack_examples::llama::EmbeddingPrecision::F16,
@@ -370,7 +363,7 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
                     );
                 }
             };
-            let out = if args.method == "average" {
+            let out = if args.method == SortMethod::Average {
                 sort_average(&mut ev, &config, &mut observer)?
             } else {
                 ev.inner.prepare_greedy()?;
@@ -399,7 +392,6 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
                 ),
             )
         }
-        other => return Err(format!("unknown sort method {other:?}").into()),
     };
     let secs = t.elapsed().as_secs_f64();
     // Checked before the work; again now, as the path may have changed meanwhile.
