@@ -40,9 +40,9 @@ pub(crate) fn run(a: &PressureArgs) -> Res<()> {
     let config = PressureConfig {
         file: a.file.clone(),
         schedule: a.schedule.clone(),
-        tokens_per_phase: a.tokens_per_phase.clone(),
+        tokens_per_phase: a.tokens_per_phase,
         prompt: a.prompt.clone(),
-        no_reopen: a.no_reopen.clone(),
+        no_reopen: a.no_reopen,
         policy: a.policy.options(),
         sampling: a.sampling.options(),
     };

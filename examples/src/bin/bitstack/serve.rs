@@ -30,10 +30,10 @@ pub(crate) struct PolicyArgs {
 impl PolicyArgs {
     pub(crate) fn options(&self) -> PolicyOptions {
         PolicyOptions {
-            headroom: self.headroom.clone(),
-            headroom_bytes: self.headroom_bytes.clone(),
-            hysteresis: self.hysteresis.clone(),
-            poll_every: self.poll_every.clone(),
+            headroom: self.headroom,
+            headroom_bytes: self.headroom_bytes,
+            hysteresis: self.hysteresis,
+            poll_every: self.poll_every,
         }
     }
 }
@@ -55,9 +55,9 @@ pub(crate) struct SamplingArgs {
 impl SamplingArgs {
     pub(crate) fn options(&self) -> SamplingOptions {
         SamplingOptions {
-            temperature: self.temperature.clone(),
-            top_p: self.top_p.clone(),
-            seed: self.seed.clone(),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            seed: self.seed,
         }
     }
 }
@@ -106,8 +106,8 @@ pub(crate) fn run(a: &ServeArgs) -> Res<()> {
         file: a.file.clone(),
         memory: a.memory.clone(),
         prompt_file: a.prompt_file.clone(),
-        max_tokens: a.max_tokens.clone(),
-        raw: a.raw.clone(),
+        max_tokens: a.max_tokens,
+        raw: a.raw,
         policy: a.policy.options(),
         sampling: a.sampling.options(),
     };
