@@ -70,35 +70,69 @@ pub use proxy::{
 pub use search::{sort_average, sort_greedy, sort_random, SortConfig, SortOutcome};
 pub use sensitivity::{measure_sensitivity, Sensitivity, SensitivityProbe};
 
-/// The orderings this crate computes, e.g. for a `--order` command-line flag.
+/// The ways to order a universal stack, named as the `bitstack` command line names them
+/// (`compress --order`, `sort --method`): the one type for "which sort" in this workspace. The
+/// settings a method takes (seed, scoring windows, gradient bases) are passed to the function
+/// that computes it; this names the method only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum SortMethod {
-    /// [`sort_average`].
-    Average,
-    /// [`sort_greedy`].
-    Greedy,
+    /// Level-major round robin over weights in model order, no scoring
+    /// ([`UniversalOrder::round_robin`](bitstack_core::UniversalOrder::round_robin)).
+    RoundRobin,
     /// [`sort_random`].
     Random,
     /// [`sort_proxy`].
     Proxy,
+    /// [`sort_proxy_sensitive`] on the sensitivities of [`measure_sensitivity`].
+    ProxySensitive,
+    /// [`sort_first_order`].
+    FirstOrder,
+    /// [`sort_average`].
+    Average,
+    /// [`sort_greedy`].
+    Greedy,
+    /// An order computed elsewhere and given as a list of blocks (nothing is computed here).
+    Import,
 }
 
 impl SortMethod {
     /// Every method, in the order above.
-    pub const ALL: [SortMethod; 4] = [Self::Average, Self::Greedy, Self::Random, Self::Proxy];
+    pub const ALL: [SortMethod; 8] = [
+        Self::RoundRobin,
+        Self::Random,
+        Self::Proxy,
+        Self::ProxySensitive,
+        Self::FirstOrder,
+        Self::Average,
+        Self::Greedy,
+        Self::Import,
+    ];
 
     /// The lower-case name ([`std::str::FromStr`] accepts it back).
     pub fn name(self) -> &'static str {
         match self {
-            Self::Average => "average",
-            Self::Greedy => "greedy",
+            Self::RoundRobin => "roundrobin",
             Self::Random => "random",
             Self::Proxy => "proxy",
+            Self::ProxySensitive => "proxy-sensitive",
+            Self::FirstOrder => "first-order",
+            Self::Average => "average",
+            Self::Greedy => "greedy",
+            Self::Import => "import",
         }
     }
-    /// Whether the method needs a [`StackEvaluator`] (forward passes).
+
+    /// Whether the method runs forward (or backward) passes through a [`StackEvaluator`].
     pub fn needs_evaluator(self) -> bool {
-        matches!(self, Self::Average | Self::Greedy)
+        matches!(
+            self,
+            Self::Average | Self::Greedy | Self::ProxySensitive | Self::FirstOrder
+        )
+    }
+
+    /// Whether the method reads the original (uncompressed) weights: the proxies.
+    pub fn needs_original_weights(self) -> bool {
+        matches!(self, Self::Proxy | Self::ProxySensitive)
     }
 }
 
@@ -110,13 +144,20 @@ impl std::fmt::Display for SortMethod {
 
 impl std::str::FromStr for SortMethod {
     type Err = SortError;
+    /// A name of [`SortMethod::name`], in any case, with surrounding blanks ignored;
+    /// `round-robin` is accepted for `roundrobin`.
     fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("round-robin") {
+            return Ok(Self::RoundRobin);
+        }
         Self::ALL
             .into_iter()
-            .find(|m| m.name().eq_ignore_ascii_case(s.trim()))
+            .find(|m| m.name().eq_ignore_ascii_case(t))
             .ok_or_else(|| {
                 SortError::InvalidInput(format!(
-                    "unknown order {s:?}; expected average, greedy, random or proxy"
+                    "unknown method {s:?}; expected one of {}",
+                    Self::ALL.map(Self::name).join(", ")
                 ))
             })
     }

@@ -293,6 +293,13 @@ fn methods_parse_from_cli_names() {
     }
     assert_eq!(" Proxy ".parse::<SortMethod>().unwrap(), SortMethod::Proxy);
     assert!("best".parse::<SortMethod>().is_err());
+    for m in SortMethod::ALL {
+        assert_eq!(m.to_string().parse::<SortMethod>().unwrap(), m);
+    }
+    assert_eq!(
+        "round-robin".parse::<SortMethod>().unwrap(),
+        SortMethod::RoundRobin
+    );
 }
 
 proptest! {

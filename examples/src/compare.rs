@@ -23,20 +23,26 @@
 //! their input and therefore their statistics. The reference implementations re-collect the
 //! inputs of each block after quantizing the previous ones; this one-pass variant does not.
 
+use crate::baselines::BaselineError;
 use crate::baselines::{
     packed_words, Baseline, Grouping, HessianAccumulator, QuantBytes, QuantConfig, WeightView,
 };
+use crate::compress::CompressError;
 use crate::compress::{compress, write_compressed, CompressParams};
+use crate::gguf::ModelError;
 use crate::gguf::{open_model, ModelSource};
+use crate::llama::LlamaError;
 use crate::llama::{
     ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaResident,
 };
-use crate::output::UsageError;
+use crate::output::{OutputError, UsageError};
+use crate::perplexity::PerplexityError;
 use crate::perplexity::{perplexity, Perplexity, PerplexityParams};
 use crate::report::{markdown_table, svg_plot, Progress, Series};
+use crate::stackmodel::LoadError;
 use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRESSION};
+use crate::tokenizer::TokenizerError;
 use bitstack_core::{LinearOp, MemoryBudget, MB};
-use clap::Args;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -44,77 +50,148 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-/// Errors of the compare command (every stage's error, as text with context).
-pub type Error = Box<dyn std::error::Error + Send + Sync>;
-type Res<T> = Result<T, Error>;
+/// Errors of [`run`].
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// An option value that cannot work (exit status 2 on the command line).
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// An output path that cannot be written, or a failed write.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    /// The original model could not be read.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The stack file could not be opened.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Compressing the stack (or an ablation's) failed.
+    #[error(transparent)]
+    Compress(#[from] CompressError),
+    /// The forward pass failed.
+    #[error(transparent)]
+    Llama(#[from] LlamaError),
+    /// A baseline quantizer failed.
+    #[error(transparent)]
+    Baseline(#[from] BaselineError),
+    /// A perplexity evaluation failed.
+    #[error(transparent)]
+    Perplexity(#[from] PerplexityError),
+    /// Tokenizing a text failed.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The elastic runtime refused a resize.
+    #[error(transparent)]
+    Core(#[from] bitstack_core::CoreError),
+    /// An order (the stack's, or an ablation's) could not be computed.
+    #[error(transparent)]
+    Sort(#[from] bitstack_sort::SortError),
+    /// A decomposition (the no-AVD ablation's restore) failed.
+    #[error(transparent)]
+    Linalg(#[from] bitstack_linalg::LinalgError),
+    /// Serializing the JSON report failed.
+    #[error("compare.json: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A stage failed; the message names the stage and the file or value involved.
+    #[error("{0}")]
+    Failed(String),
+}
 
-/// Arguments of `bitstack compare`.
-#[derive(Args, Debug, Clone)]
-pub struct CompareArgs {
+impl From<String> for CompareError {
+    fn from(s: String) -> Self {
+        Self::Failed(s)
+    }
+}
+
+impl From<&str> for CompareError {
+    fn from(s: &str) -> Self {
+        Self::Failed(s.to_owned())
+    }
+}
+
+type Res<T> = Result<T, CompareError>;
+
+/// A usage error: an option value that cannot work.
+fn usage(msg: impl Into<String>) -> CompareError {
+    CompareError::Usage(UsageError(msg.into()))
+}
+
+/// What `bitstack compare` runs (the command line's flags, as plain options; [`Default`] is
+/// the command's defaults with empty paths).
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
     /// The original model (`.gguf` file or Hugging Face directory).
     pub model: PathBuf,
-    /// Calibration text for GPTQ / AWQ (and for compressing when --stack is not given).
-    #[arg(long)]
+    /// Calibration text for GPTQ / AWQ (and for compressing when stack is not given).
     pub calib: PathBuf,
     /// Evaluation text.
-    #[arg(long)]
     pub text: PathBuf,
     /// A stack file of the same model; without it one is compressed (default settings) into
-    /// OUT_DIR/stack.bitstack, or reused from there.
-    #[arg(long)]
+    /// `out_dir`/stack.bitstack, or reused from there.
     pub stack: Option<PathBuf>,
     /// Folder for compare.json, compare.md and compare.svg.
-    #[arg(long, default_value = ".cache/compare")]
     pub out_dir: PathBuf,
-    /// Evaluation windows of --seq-len tokens, evenly spaced over the text (0: all).
-    #[arg(long, default_value_t = 8)]
+    /// Evaluation windows of seq-len tokens, evenly spaced over the text (0: all).
     pub max_windows: usize,
     /// Evaluation window length.
-    #[arg(long, default_value_t = 2048)]
     pub seq_len: usize,
     /// Calibration windows for GPTQ / AWQ.
-    #[arg(long, default_value_t = 32)]
     pub calib_windows: usize,
     /// Tokens per calibration window.
-    #[arg(long, default_value_t = 512)]
     pub calib_seq_len: usize,
     /// Bit widths of the baselines.
-    #[arg(long, value_delimiter = ',', default_value = "2,3,4")]
     pub bits: Vec<u8>,
     /// Group size of the grouped configurations (`wNg128`).
-    #[arg(long, default_value_t = 128)]
     pub group_size: usize,
     /// Baselines: rtn, gptq, gptq-act, awq.
-    #[arg(long, value_delimiter = ',', default_value = "rtn,gptq,awq", value_parser = parse_baseline)]
     pub methods: Vec<Baseline>,
     /// Skip the original model's row.
-    #[arg(long)]
     pub skip_original: bool,
-    /// Also evaluate BitStack without activation scaling and with k in --ablation-ranks
-    /// (each compressed afresh into OUT_DIR and deleted afterwards), at the memory of the
+    /// Also evaluate BitStack without activation scaling and with k in ablation-ranks
+    /// (each compressed afresh into `out_dir` and deleted afterwards), at the memory of the
     /// first method's grouped configurations.
-    #[arg(long)]
     pub ablations: bool,
     /// Only the ablations (no baseline rows); their budgets are then those of RTN
     /// `wNg128` computed analytically.
-    #[arg(long)]
     pub ablations_only: bool,
-    /// Ranks k of the k ablation (16, the main stack's usual k, is reused from --stack).
-    #[arg(long, value_delimiter = ',', default_value = "1,4,8,32")]
+    /// Ranks k of the k ablation (16, the main stack's usual k, is reused from stack).
     pub ablation_ranks: Vec<usize>,
-    /// Evaluation windows for the ablations (default: --max-windows).
-    #[arg(long)]
+    /// Evaluation windows for the ablations (default: max-windows).
     pub ablation_windows: Option<usize>,
     /// Extra budgets for the ablations, beyond the baselines' grouped memories (e.g. `250MB`).
-    #[arg(long, value_delimiter = ',')]
     pub ablation_budgets: Vec<MemoryBudget>,
     /// Which ablations to run.
-    #[arg(long, value_delimiter = ',', default_value = "no-scaling,no-avd,ranks")]
     pub ablation_variants: Vec<AblationKind>,
 }
 
+impl Default for CompareOptions {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::new(),
+            calib: PathBuf::new(),
+            text: PathBuf::new(),
+            stack: None,
+            out_dir: PathBuf::from(".cache/compare"),
+            max_windows: 8,
+            seq_len: 2048,
+            calib_windows: 32,
+            calib_seq_len: 512,
+            bits: vec![2, 3, 4],
+            group_size: 128,
+            methods: vec![Baseline::Rtn, Baseline::Gptq, Baseline::Awq],
+            skip_original: false,
+            ablations: false,
+            ablations_only: false,
+            ablation_ranks: vec![1, 4, 8, 32],
+            ablation_windows: None,
+            ablation_budgets: vec![],
+            ablation_variants: AblationKind::ALL.to_vec(),
+        }
+    }
+}
+
 /// One kind of BitStack ablation (paper Fig. 5 and Fig. 7b).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AblationKind {
     /// Without activation-aware scaling.
     NoScaling,
@@ -123,6 +200,45 @@ pub enum AblationKind {
     NoAvd,
     /// Other ranks `k` (`--ablation-ranks`).
     Ranks,
+}
+
+impl AblationKind {
+    /// Every kind, in the order `--ablation-variants` lists them by default.
+    pub const ALL: [AblationKind; 3] = [Self::NoScaling, Self::NoAvd, Self::Ranks];
+
+    /// The kind's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NoScaling => "no-scaling",
+            Self::NoAvd => "no-avd",
+            Self::Ranks => "ranks",
+        }
+    }
+
+    /// One line on what the kind measures (the command's help).
+    pub fn help(self) -> &'static str {
+        match self {
+            Self::NoScaling => "Without activation-aware scaling",
+            Self::NoAvd => "Without absolute value decomposition: plain iterative SVD with `k' = k + mn/(16(m+n))`, so every level costs what a block costs",
+            Self::Ranks => "Other ranks `k` (`--ablation-ranks`)",
+        }
+    }
+}
+
+impl std::fmt::Display for AblationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AblationKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown ablation {s:?} (no-scaling, no-avd, ranks)"))
+    }
 }
 
 /// Parses a baseline name (`rtn`, `gptq`, `gptq-act`, `awq`).
@@ -309,7 +425,7 @@ fn mb(bytes: u64) -> f64 {
     bytes as f64 / MB
 }
 
-pub use crate::output::write_atomic;
+use crate::output::write_atomic;
 
 /// A BitStack point: the prefix loaded, the bytes held and its perplexity.
 #[derive(Clone, Debug)]
@@ -632,30 +748,19 @@ fn eval_stack_within(
     Ok(Some(p))
 }
 
-/// [`run`] for the command line: prints the markdown table and where the files went.
-pub fn run_cli(args: &CompareArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let md = run(args).map_err(|e| -> Box<dyn std::error::Error> { e })?;
-    crate::outln!("{md}")?;
-    crate::outln!(
-        "wrote {}/compare.json, compare.md, compare.svg",
-        args.out_dir.display()
-    )?;
-    Ok(())
-}
-
 /// `e` as an error whose text names `path` (prefixed when it does not already).
-fn named(path: &Path, e: impl std::fmt::Display) -> Error {
+fn named(path: &Path, e: impl std::fmt::Display) -> CompareError {
     let (m, p) = (e.to_string(), path.display().to_string());
-    if m.contains(&p) {
-        m.into()
+    CompareError::Failed(if m.contains(&p) {
+        m
     } else {
-        format!("{p}: {m}").into()
-    }
+        format!("{p}: {m}")
+    })
 }
 
 /// Validates `args` before any work: the counts, and that OUT_DIR exists (it is created) and
 /// its outputs can be written without touching an input.
-pub fn check_args(args: &CompareArgs) -> Res<()> {
+pub fn check_args(args: &CompareOptions) -> Res<()> {
     for (flag, v) in [
         ("--seq-len", args.seq_len),
         ("--calib-windows", args.calib_windows),
@@ -663,12 +768,12 @@ pub fn check_args(args: &CompareArgs) -> Res<()> {
         ("--group-size", args.group_size),
     ] {
         if v == 0 {
-            return Err(UsageError::boxed(format!("{flag} must be at least 1")));
+            return Err(usage(format!("{flag} must be at least 1")));
         }
     }
     let supported = crate::baselines::SUPPORTED_BITS;
     if let Some(b) = args.bits.iter().find(|b| !supported.contains(*b)) {
-        return Err(UsageError::boxed(format!(
+        return Err(usage(format!(
             "--bits {b}: supported bit widths are {supported:?}"
         )));
     }
@@ -695,7 +800,7 @@ pub fn check_args(args: &CompareArgs) -> Res<()> {
 }
 
 /// Runs the comparison and writes OUT_DIR/compare.{json,md,svg}; returns the markdown.
-pub fn run(args: &CompareArgs) -> Result<String, Error> {
+pub fn run(args: &CompareOptions) -> Res<String> {
     let t_all = Instant::now();
     check_args(args)?;
     let source = open_model(&args.model).map_err(|e| named(&args.model, e))?;
@@ -987,8 +1092,9 @@ fn eval_plain_svd_ablation(
     report: &mut Report,
     phases: &mut Vec<(String, f64)>,
 ) -> Res<()> {
-    use crate::compress::{calibrate, OrderMethod};
+    use crate::compress::calibrate;
     use bitstack_linalg::{decompose_plain_slice, same_size_rank, IavdParams};
+    use bitstack_sort::SortMethod;
     let name = "BitStack w/o AVD (plain SVD, same bits)".to_owned();
     let t = Instant::now();
     let c = source.config().clone();
@@ -1025,7 +1131,7 @@ fn eval_plain_svd_ablation(
     phases.push((format!("{name} decompose"), t.elapsed().as_secs_f64()));
     let levels: Vec<u16> = decs.iter().map(|d| d.levels.len() as u16).collect();
     let order = match base.order {
-        OrderMethod::Proxy => {
+        SortMethod::Proxy => {
             let scores: Vec<Vec<Option<f64>>> = decs
                 .iter()
                 .map(|d| {
@@ -1045,12 +1151,13 @@ fn eval_plain_svd_ablation(
         }
         // The evaluated orders score residual blocks, which the sign-free levels are not; they
         // fall back to round robin.
-        OrderMethod::RoundRobin
-        | OrderMethod::ProxySensitive { .. }
-        | OrderMethod::FirstOrder { .. }
-        | OrderMethod::Average { .. }
-        | OrderMethod::Greedy { .. } => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
-        OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
+        SortMethod::RoundRobin
+        | SortMethod::ProxySensitive
+        | SortMethod::FirstOrder
+        | SortMethod::Average
+        | SortMethod::Greedy
+        | SortMethod::Import => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
+        SortMethod::Random => bitstack_sort::sort_random(&levels, base.order_settings.seed)?,
     };
     let resident = loaded
         .elastic
@@ -1159,7 +1266,7 @@ fn eval_plain_svd_ablation(
 
 #[allow(clippy::too_many_arguments)]
 fn run_ablations(
-    args: &CompareArgs,
+    args: &CompareOptions,
     source: &dyn ModelSource,
     calib_text: &str,
     loaded: &LoadedStack,
@@ -1219,24 +1326,24 @@ fn run_ablations(
     }
     // Ablations change one setting of the main stack's: its k (when fixed) and its order.
     // Files store the order as its display text (`first-order (…)`); older ones as Debug text.
+    use bitstack_sort::SortMethod;
     let main_order = match stack_compression.get("order").and_then(Value::as_str) {
-        Some("Proxy" | "proxy") => crate::compress::OrderMethod::Proxy,
+        Some("Proxy" | "proxy") => SortMethod::Proxy,
         Some(o) if o.starts_with("ProxySensitive") || o.starts_with("proxy-sensitive") => {
-            crate::compress::OrderMethod::PROXY_SENSITIVE
+            SortMethod::ProxySensitive
         }
         Some(o) if o.starts_with("FirstOrder") || o.starts_with("first-order") => {
-            crate::compress::OrderMethod::FIRST_ORDER
+            SortMethod::FirstOrder
         }
-        Some(o) if o.starts_with("Random") || o.starts_with("random") => {
-            crate::compress::OrderMethod::Random { seed: 0 }
-        }
-        _ => crate::compress::OrderMethod::RoundRobin,
+        Some(o) if o.starts_with("Random") || o.starts_with("random") => SortMethod::Random,
+        _ => SortMethod::RoundRobin,
     };
     let base = CompressParams {
         rank: main_rank.map_or(CompressParams::default().rank, |k| {
             crate::compress::RankRule::Fixed(k as usize)
         }),
         order: main_order,
+        order_settings: crate::compress::OrderSettings::for_method(main_order),
         ..Default::default()
     };
     if args.ablation_variants.contains(&AblationKind::NoAvd) {

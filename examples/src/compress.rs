@@ -30,7 +30,7 @@ use bitstack_core::{ResidualBlock, StackMeta, UniversalOrder};
 use bitstack_format::model::{ContractError, ModelConfig, ModelContract, QkLayout};
 use bitstack_format::{FormatError, ResidentTensor, StackFileContents};
 use bitstack_linalg::{ActivationNorms, IavdParams, LinalgError, ScaleParams};
-use bitstack_sort::{ActivationStats, ProxyConfig, ProxyWeight, SortError};
+use bitstack_sort::{ActivationStats, ProxyConfig, ProxyWeight, SortError, SortMethod};
 use half::f16;
 use serde_json::json;
 use std::path::Path;
@@ -77,142 +77,69 @@ pub enum CompressError {
     },
 }
 
-/// How the universal stack is ordered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OrderMethod {
-    /// Level-major round robin over weights in model order (no scoring).
-    RoundRobin,
-    /// The paper's Random ablation.
-    Random {
-        /// Seed.
-        seed: u64,
-    },
-    /// The forward-pass-free proxy of `bitstack-sort` (activation-weighted output error).
-    Proxy,
-    /// The proxy weighted by each weight's measured loss sensitivity
-    /// ([`bitstack_sort::measure_sensitivity`]): one evaluation per weight on `scoring_seqs`
-    /// evenly spaced windows of `seq_len` calibration tokens, at `probe`.
-    ProxySensitive {
-        /// Scoring windows.
-        scoring_seqs: usize,
-        /// Tokens per scoring window.
-        seq_len: usize,
-        /// Where the sensitivities are measured.
-        probe: bitstack_sort::SensitivityProbe,
-    },
-    /// Average's criterion to first order ([`bitstack_sort::sort_first_order`]): one gradient
-    /// of the loss on `scoring_seqs` evenly spaced windows of `seq_len` calibration tokens at
-    /// each of `bases` blocks per weight.
-    FirstOrder {
-        /// Scoring windows.
-        scoring_seqs: usize,
-        /// Tokens per scoring window.
-        seq_len: usize,
-        /// Blocks per weight at which a gradient is taken.
-        bases: &'static [u16],
-    },
-    /// The paper's Average ([`bitstack_sort::sort_average`]) scored on `scoring_seqs` evenly
-    /// spaced windows of `seq_len` calibration tokens: `levels − 1` evaluations per weight.
-    /// For long runs `bitstack sort --method average --checkpoint` is resumable.
-    Average {
-        /// Scoring windows.
-        scoring_seqs: usize,
-        /// Tokens per scoring window.
-        seq_len: usize,
-    },
-    /// The paper's Greedy ([`bitstack_sort::sort_greedy`]), scored like [`OrderMethod::Average`].
-    Greedy {
-        /// Scoring windows.
-        scoring_seqs: usize,
-        /// Tokens per scoring window.
-        seq_len: usize,
-    },
+/// The settings of the universal order [`compress`] computes ([`CompressParams::order`] names
+/// the method; each method reads the settings it takes and ignores the others).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrderSettings {
+    /// `random`: the seed.
+    pub seed: u64,
+    /// `proxy-sensitive`, `first-order`, `average`, `greedy`: evenly spaced scoring windows
+    /// of the calibration text.
+    pub scoring_seqs: usize,
+    /// Tokens per scoring window.
+    pub seq_len: usize,
+    /// `proxy-sensitive`: where the sensitivities are measured.
+    pub probe: bitstack_sort::SensitivityProbe,
+    /// `first-order`: blocks per weight at which a gradient is taken.
+    pub bases: Vec<u16>,
 }
 
-impl OrderMethod {
-    /// [`OrderMethod::FirstOrder`] as measured in the README: gradients at 2, 3 and 4 blocks
-    /// per weight on 4 windows of 256 calibration tokens (Average's scoring set).
-    pub const FIRST_ORDER: Self = Self::FirstOrder {
-        scoring_seqs: 4,
-        seq_len: 256,
-        bases: &[2, 3, 4],
-    };
-
-    /// [`OrderMethod::ProxySensitive`] as measured in the README (the best order before
-    /// [`OrderMethod::FIRST_ORDER`]): 1 window of 256 calibration tokens, each weight cut from
-    /// 2 blocks (every other weight holding 2) to 1, so the sensitivities are those of the
-    /// low-budget models the order decides.
-    pub const PROXY_SENSITIVE: Self = Self::ProxySensitive {
-        scoring_seqs: 1,
-        seq_len: 256,
-        probe: bitstack_sort::SensitivityProbe {
-            base_blocks: 2,
-            probe_blocks: 1,
-        },
-    };
-}
-
-impl std::str::FromStr for OrderMethod {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "roundrobin" | "round-robin" => Ok(Self::RoundRobin),
-            "random" => Ok(Self::Random { seed: 0 }),
-            "proxy" => Ok(Self::Proxy),
-            "proxy-sensitive" => Ok(Self::PROXY_SENSITIVE),
-            "first-order" => Ok(Self::FIRST_ORDER),
-            "average" => Ok(Self::Average {
-                scoring_seqs: 4,
-                seq_len: 256,
-            }),
-            "greedy" => Ok(Self::Greedy {
-                scoring_seqs: 4,
-                seq_len: 256,
-            }),
-            other => Err(format!(
-                "unknown order {other:?} (first-order, proxy-sensitive, roundrobin, random, proxy, average, greedy)"
-            )),
+impl OrderSettings {
+    /// The settings measured in the README for `method`: first-order takes gradients at 2,
+    /// 3 and 4 blocks per weight on 4 windows of 256 calibration tokens (Average's scoring
+    /// set); proxy-sensitive uses 1 window of 256 tokens, each weight cut from 2 blocks (every
+    /// other weight holding 2) to 1, so the sensitivities are those of the low-budget models
+    /// the order decides; average and greedy score on 4 windows of 256 tokens; random uses
+    /// seed 0.
+    pub fn for_method(method: SortMethod) -> Self {
+        let (scoring_seqs, probe) = match method {
+            SortMethod::ProxySensitive => (
+                1,
+                bitstack_sort::SensitivityProbe {
+                    base_blocks: 2,
+                    probe_blocks: 1,
+                },
+            ),
+            _ => (4, bitstack_sort::SensitivityProbe::default()),
+        };
+        Self {
+            seed: 0,
+            scoring_seqs,
+            seq_len: 256,
+            probe,
+            bases: vec![2, 3, 4],
         }
     }
-}
 
-impl std::fmt::Display for OrderMethod {
-    /// The CLI name and its settings, as users read them (also stored in the file's
-    /// compression metadata).
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match *self {
-            Self::RoundRobin => write!(f, "roundrobin"),
-            Self::Random { seed } => write!(f, "random (seed {seed})"),
-            Self::Proxy => write!(f, "proxy"),
-            Self::ProxySensitive {
-                scoring_seqs,
-                seq_len,
-                probe,
-            } => write!(
-                f,
-                "proxy-sensitive ({scoring_seqs} x {seq_len} tokens, each weight moved from {} to {} blocks)",
-                probe.base_blocks, probe.probe_blocks
+    /// `method` with these settings, as users read it (also stored in the file's compression
+    /// metadata, which `compare` reads back by its leading name).
+    pub fn describe(&self, method: SortMethod) -> String {
+        let (n, l) = (self.scoring_seqs, self.seq_len);
+        match method {
+            SortMethod::Random => format!("random (seed {})", self.seed),
+            SortMethod::ProxySensitive => format!(
+                "proxy-sensitive ({n} x {l} tokens, each weight moved from {} to {} blocks)",
+                self.probe.base_blocks, self.probe.probe_blocks
             ),
-            Self::FirstOrder {
-                scoring_seqs,
-                seq_len,
-                bases,
-            } => {
-                let b: Vec<String> = bases.iter().map(u16::to_string).collect();
-                write!(
-                    f,
-                    "first-order (gradients at {} blocks per weight on {scoring_seqs} x {seq_len} tokens)",
+            SortMethod::FirstOrder => {
+                let b: Vec<String> = self.bases.iter().map(u16::to_string).collect();
+                format!(
+                    "first-order (gradients at {} blocks per weight on {n} x {l} tokens)",
                     b.join(",")
                 )
             }
-            Self::Average {
-                scoring_seqs,
-                seq_len,
-            } => write!(f, "average ({scoring_seqs} x {seq_len} tokens)"),
-            Self::Greedy {
-                scoring_seqs,
-                seq_len,
-            } => write!(f, "greedy ({scoring_seqs} x {seq_len} tokens)"),
+            SortMethod::Average | SortMethod::Greedy => format!("{method} ({n} x {l} tokens)"),
+            SortMethod::RoundRobin | SortMethod::Proxy | SortMethod::Import => method.to_string(),
         }
     }
 }
@@ -314,8 +241,11 @@ pub struct CompressParams {
     pub iavd: IavdParams,
     /// Singular vectors per block, per weight shape.
     pub rank: RankRule,
-    /// The universal order.
-    pub order: OrderMethod,
+    /// The universal order's method ([`SortMethod::Import`] is refused: an imported order
+    /// is applied to an existing file with `bitstack sort`).
+    pub order: SortMethod,
+    /// The order's settings.
+    pub order_settings: OrderSettings,
 }
 
 impl Default for CompressParams {
@@ -330,7 +260,8 @@ impl Default for CompressParams {
                 min: 4,
                 max: 16,
             },
-            order: OrderMethod::FIRST_ORDER,
+            order: SortMethod::FirstOrder,
+            order_settings: OrderSettings::for_method(SortMethod::FirstOrder),
         }
     }
 }
@@ -482,12 +413,23 @@ fn weight_name(w: usize) -> String {
     kind.tensor_name(layer)
 }
 
+/// [`compress`]'s error for [`SortMethod::Import`], which computes no order.
+fn import_refused() -> CompressError {
+    CompressError::InvalidParameter {
+        name: "order",
+        reason: "import takes an order computed elsewhere: compress with another order, then apply it with `bitstack sort --method import`".into(),
+    }
+}
+
 /// Compresses `source` with calibration text `calib_text` (see the module docs).
 pub fn compress(
     source: &dyn ModelSource,
     calib_text: &str,
     params: &CompressParams,
 ) -> Result<Compressed, CompressError> {
+    if params.order == SortMethod::Import {
+        return Err(import_refused());
+    }
     let c = source.config().clone();
     let mut phases = Vec::new();
     let t = Instant::now();
@@ -516,10 +458,7 @@ pub fn compress(
 
     let t = Instant::now();
     let n_weights = c.n_layers * LinearKind::ALL.len();
-    let keep_originals = matches!(
-        params.order,
-        OrderMethod::Proxy | OrderMethod::ProxySensitive { .. }
-    );
+    let keep_originals = params.order.needs_original_weights();
     let mut originals: Vec<Vec<f32>> = Vec::new();
     let mut blocks: Vec<Vec<ResidualBlock>> = Vec::with_capacity(n_weights);
     let mut stacks: Vec<StackMeta> = Vec::with_capacity(n_weights);
@@ -586,25 +525,23 @@ pub fn compress(
         n_seqs,
         seq_len,
     };
+    let settings = &params.order_settings;
+    let (scoring_seqs, seq_len) = (settings.scoring_seqs, settings.seq_len);
     let order = match params.order {
-        OrderMethod::RoundRobin => UniversalOrder::round_robin(levels)
+        SortMethod::RoundRobin => UniversalOrder::round_robin(levels)
             .map_err(|e| CompressError::Sort(SortError::from(e)))?,
-        OrderMethod::Random { seed } => bitstack_sort::sort_random(&levels, seed)?,
-        OrderMethod::Proxy => {
+        SortMethod::Random => bitstack_sort::sort_random(&levels, settings.seed)?,
+        SortMethod::Proxy => {
             let weights = proxy_weights();
             bitstack_sort::sort_proxy(&weights, &ProxyConfig::default())?.order
         }
-        OrderMethod::ProxySensitive {
-            scoring_seqs,
-            seq_len,
-            probe,
-        } => {
+        SortMethod::ProxySensitive => {
             let mut progress = Progress::new("sensitivity evaluations", n_weights + 1);
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
             let sensitivity = with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
                 Ok(bitstack_sort::measure_sensitivity(
                     ev,
-                    probe,
+                    settings.probe,
                     &mut observer,
                 )?)
             })?;
@@ -612,34 +549,23 @@ pub fn compress(
             bitstack_sort::sort_proxy_sensitive(&weights, &sensitivity, &ProxyConfig::default())?
                 .order
         }
-        OrderMethod::FirstOrder {
-            scoring_seqs,
-            seq_len,
-            bases,
-        } => {
-            let mut progress = Progress::new("order gradients", bases.len());
+        SortMethod::FirstOrder => {
+            let mut progress = Progress::new("order gradients", settings.bases.len());
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
             let config = bitstack_sort::FirstOrderConfig {
-                bases: bases.to_vec(),
+                bases: settings.bases.clone(),
             };
             with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
                 Ok(bitstack_sort::sort_first_order(ev, &config, &mut observer)?.order)
             })?
         }
-        OrderMethod::Average {
-            scoring_seqs,
-            seq_len,
-        }
-        | OrderMethod::Greedy {
-            scoring_seqs,
-            seq_len,
-        } => {
+        SortMethod::Average | SortMethod::Greedy => {
             let total: usize = levels.iter().map(|&l| l as usize - 1).sum();
             let mut progress = Progress::new("order evaluations", total);
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
             let config = bitstack_sort::SortConfig::default();
             with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
-                Ok(if matches!(params.order, OrderMethod::Average { .. }) {
+                Ok(if params.order == SortMethod::Average {
                     bitstack_sort::sort_average(ev, &config, &mut observer)?.order
                 } else {
                     ev.prepare_greedy()?;
@@ -647,6 +573,8 @@ pub fn compress(
                 })
             })?
         }
+        // Refused before any work (above).
+        SortMethod::Import => return Err(import_refused()),
     };
     drop(originals);
     phases.push(Phase {
@@ -687,7 +615,7 @@ pub fn compress(
         "activation_scaling": params.scale.is_some(),
         "calib_windows": params.calib_windows,
         "calib_seq_len": params.calib_seq_len,
-        "order": params.order.to_string(),
+        "order": params.order_settings.describe(params.order),
         "tool": concat!("bitstack-rs ", env!("CARGO_PKG_VERSION")),
     });
     metadata.insert(

@@ -78,13 +78,6 @@ pub enum OutputError {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-impl UsageError {
-    /// A boxed usage error, for `Box<dyn Error>` results.
-    pub fn boxed(msg: impl Into<String>) -> Box<dyn std::error::Error + Send + Sync> {
-        Box::new(UsageError(msg.into()))
-    }
-}
-
 impl OutputError {
     /// Whether the error is about the path the user gave (a usage error, exit status 2)
     /// rather than a failure while writing (a runtime error, exit status 1).

@@ -36,13 +36,50 @@ use bitstack_core::policy::{
 };
 use bitstack_core::runtime::{trim_allocator, BlockSource};
 use bitstack_core::{BlockId, MemoryBudget, ResizeReport, MB};
-use clap::Args;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// Errors of this module's commands.
-pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
+/// Errors of [`serve`], [`serve_loop`] and [`pressure_demo`].
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The stack file could not be opened.
+    #[error(transparent)]
+    Load(#[from] crate::stackmodel::LoadError),
+    /// The forward pass or sampling failed.
+    #[error(transparent)]
+    Llama(#[from] crate::llama::LlamaError),
+    /// Tokenizing a prompt or decoding an answer failed.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// The elastic runtime refused a resize.
+    #[error(transparent)]
+    Core(#[from] bitstack_core::CoreError),
+    /// Writing the memory file of `pressure-demo` failed.
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
+    /// A scratch folder could not be made.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// An option value, a prompt or an input that cannot work; the message names it.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<String> for ServeError {
+    fn from(s: String) -> Self {
+        Self::Failed(s)
+    }
+}
+
+impl From<&str> for ServeError {
+    fn from(s: &str) -> Self {
+        Self::Failed(s.to_owned())
+    }
+}
+
+/// Results of this module.
+pub type Res<T> = Result<T, ServeError>;
 
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / MB
@@ -494,24 +531,22 @@ impl<'a> Follower<'a> {
 }
 
 /// Policy options shared by both commands.
-#[derive(Args, Debug, Clone)]
-pub struct PolicyArgs {
+#[derive(Debug, Clone)]
+pub struct PolicyOptions {
     /// Fraction of the available memory left free for everything else.
-    #[arg(long, default_value_t = 0.05)]
     pub headroom: f64,
     /// Bytes always left free on top of the fraction.
-    #[arg(long, default_value = "0MB")]
     pub headroom_bytes: MemoryBudget,
     /// A grow happens only when the target exceeds the current budget by more than this.
-    #[arg(long, default_value = "4MB")]
     pub hysteresis: MemoryBudget,
     /// Poll the memory source every this many decode tokens (at least 1).
-    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub poll_every: usize,
 }
 
-impl PolicyArgs {
-    fn params(&self) -> Res<PolicyParams> {
+impl PolicyOptions {
+    /// The policy parameters; an error naming the flag for a headroom outside [0, 1) or a
+    /// poll interval of 0.
+    pub fn params(&self) -> Res<PolicyParams> {
         if !(0.0..1.0).contains(&self.headroom) {
             return Err(format!("--headroom {} is not in [0, 1)", self.headroom).into());
         }
@@ -527,20 +562,17 @@ impl PolicyArgs {
 }
 
 /// Sampling options shared by both commands.
-#[derive(Args, Debug, Clone)]
-pub struct SamplingArgs {
+#[derive(Debug, Clone)]
+pub struct SamplingOptions {
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Nucleus mass for sampling.
-    #[arg(long, default_value_t = 0.9)]
     pub top_p: f32,
     /// Sampling seed.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-impl SamplingArgs {
+impl SamplingOptions {
     /// The sampling rule; an error naming the flag for a temperature that is negative or not
     /// finite, or a nucleus mass outside (0, 1].
     pub fn sampling(&self) -> Res<Sampling> {
@@ -566,32 +598,26 @@ impl SamplingArgs {
 }
 
 /// `bitstack serve`.
-#[derive(Args, Debug)]
-pub struct ServeArgs {
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
     /// The stack file.
     pub file: PathBuf,
     /// Memory source: auto (cgroup v2, then /proc/meminfo, then the full model),
     /// fixed:SIZE (SIZE available; the headroom is kept free of it, as for file:), or
     /// file:PATH (a file holding e.g. `300MB`, re-read on every poll; it must be readable at
     /// start-up).
-    #[arg(long, default_value = "auto")]
     pub memory: MemorySpec,
     /// Read prompts from this file (one per line) instead of stdin.
-    #[arg(long)]
     pub prompt_file: Option<PathBuf>,
     /// Most new tokens per prompt (at least 1; capped by what the model's context leaves after
     /// the prompt).
-    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_tokens: usize,
     /// Send prompts as they are instead of wrapping them in the model's chat template.
-    #[arg(long)]
     pub raw: bool,
     /// Memory policy options.
-    #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub policy: PolicyOptions,
     /// Sampling options.
-    #[command(flatten)]
-    pub sampling: SamplingArgs,
+    pub sampling: SamplingOptions,
 }
 
 /// Ids that end a turn: EOS and, for chat models, `<|im_end|>`.
@@ -672,17 +698,17 @@ enum PromptError {
     /// Writing the answer failed: the caller is gone, stop serving.
     Output(std::io::Error),
     /// The prompt could not be answered: report it and serve the next.
-    Prompt(Box<dyn std::error::Error>),
+    Prompt(ServeError),
 }
 
-impl<E: Into<Box<dyn std::error::Error>>> From<E> for PromptError {
+impl<E: Into<ServeError>> From<E> for PromptError {
     fn from(e: E) -> Self {
         Self::Prompt(e.into())
     }
 }
 
 /// `bitstack serve`: see the module docs.
-pub fn serve(args: &ServeArgs) -> Res<()> {
+pub fn serve(args: &ServeConfig) -> Res<()> {
     let params = args.policy.params()?;
     let sampling = args.sampling.sampling()?;
     if args.max_tokens == 0 {
@@ -898,31 +924,22 @@ fn answer(
 }
 
 /// `bitstack pressure-demo`.
-#[derive(Args, Debug)]
-pub struct PressureArgs {
+#[derive(Debug, Clone)]
+pub struct PressureConfig {
     /// The stack file.
     pub file: PathBuf,
     /// Available memory per phase, MB (10^6 bytes) unless a unit is given: `300,120,90,200`.
-    #[arg(long, default_value = "300,120,90,200")]
     pub schedule: String,
     /// Tokens generated per phase.
-    #[arg(long, default_value_t = 48)]
     pub tokens_per_phase: usize,
     /// The prompt (wrapped in the chat template).
-    #[arg(
-        long,
-        default_value = "Tell me a long story about a lighthouse keeper and the sea."
-    )]
     pub prompt: String,
     /// Skip timing the reopen-at-the-new-budget alternative.
-    #[arg(long)]
     pub no_reopen: bool,
     /// Memory policy options.
-    #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub policy: PolicyOptions,
     /// Sampling options.
-    #[command(flatten)]
-    pub sampling: SamplingArgs,
+    pub sampling: SamplingOptions,
 }
 
 /// Parses a schedule of available memory: comma-separated sizes, plain numbers in MB.
@@ -965,13 +982,6 @@ pub fn margin_check(rows: &[(u64, u64, Option<u64>)], slack: u64) -> (Option<u64
     (margin, flags)
 }
 
-/// Writes `text` to `path` with the project's one atomic writer, so a reader never sees a
-/// half-written value.
-fn write_atomic(path: &Path, text: &str) -> Res<()> {
-    crate::compare::write_atomic(path, text.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()).into())
-}
-
 struct PhaseRow {
     available: u64,
     budget: u64,
@@ -998,7 +1008,7 @@ fn one_line(s: &str, max_chars: usize) -> String {
 }
 
 /// `bitstack pressure-demo`: see the module docs.
-pub fn pressure_demo(args: &PressureArgs) -> Res<()> {
+pub fn pressure_demo(args: &PressureConfig) -> Res<()> {
     let schedule = parse_schedule(&args.schedule)?;
     let params = args.policy.params()?;
     let dir = std::env::temp_dir().join(format!("bitstack-pressure-{}", std::process::id()));
@@ -1010,7 +1020,7 @@ pub fn pressure_demo(args: &PressureArgs) -> Res<()> {
 }
 
 fn pressure_inner(
-    args: &PressureArgs,
+    args: &PressureConfig,
     schedule: &[u64],
     params: PolicyParams,
     avail_file: &Path,
@@ -1055,7 +1065,7 @@ fn pressure_inner(
         "available memory is written to {} and read back by a FileSource on every poll",
         avail_file.display()
     );
-    write_atomic(avail_file, &schedule[0].to_string())?;
+    crate::output::write_atomic(avail_file, schedule[0].to_string().as_bytes())?;
     let source = build_source(&MemorySpec::File(avail_file.to_owned()), full, &params);
     let mut follower = Follower::new(
         &loaded,
@@ -1096,7 +1106,7 @@ fn pressure_inner(
             phase + 1,
             mb(available)
         );
-        write_atomic(avail_file, &available.to_string())?;
+        crate::output::write_atomic(avail_file, available.to_string().as_bytes())?;
         let event = follower.poll(&format!("phase {} start", phase + 1));
         let mut free_ms = 0.0;
         if event.is_some() {
@@ -1334,9 +1344,10 @@ fn print_summary(rows: &[PhaseRow], rss0: Option<u64>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compress::{compress, write_compressed, CompressParams, OrderMethod, RankRule};
+    use crate::compress::{compress, write_compressed, CompressParams, RankRule};
     use crate::gguf::{GgmlType, GgufBuilder, GgufModel, GgufValue, GgufValueType};
     use crate::llama::LinearKind;
+    use bitstack_sort::SortMethod;
     use std::cell::RefCell;
 
     /// A scratch folder removed on drop.
@@ -1486,7 +1497,7 @@ mod tests {
         let model = GgufModel::open(&gguf).unwrap();
         let mut params = CompressParams {
             scale: None,
-            order: OrderMethod::RoundRobin,
+            order: SortMethod::RoundRobin,
             rank: RankRule::Fixed(4),
             ..Default::default()
         };
@@ -1709,19 +1720,19 @@ mod tests {
 
     #[test]
     fn serve_rejects_bad_flags_before_work() {
-        let args = |memory: MemorySpec| ServeArgs {
+        let args = |memory: MemorySpec| ServeConfig {
             file: "/nonexistent/model.bitstack".into(),
             memory,
             prompt_file: None,
             max_tokens: 8,
             raw: true,
-            policy: PolicyArgs {
+            policy: PolicyOptions {
                 headroom: 0.05,
                 headroom_bytes: MemoryBudget::from_bytes(0),
                 hysteresis: MemoryBudget::from_bytes(4_000_000),
                 poll_every: 4,
             },
-            sampling: SamplingArgs {
+            sampling: SamplingOptions {
                 temperature: 0.0,
                 top_p: 0.9,
                 seed: 0,

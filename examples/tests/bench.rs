@@ -3,9 +3,7 @@
 //! then benched through the real binary at three budgets and as the dense original; its JSON
 //! report is checked field by field, and bad flags must be usage errors (exit 2).
 
-use bitstack_examples::compress::{
-    compress, write_compressed, CompressParams, OrderMethod, RankRule,
-};
+use bitstack_examples::compress::{compress, write_compressed, CompressParams, RankRule};
 use bitstack_examples::gguf::{open_model, GgmlType, GgufBuilder, GgufValue, GgufValueType};
 use bitstack_examples::llama::{LinearKind, LlamaConfig, SplitMix64};
 use serde_json::Value;
@@ -132,7 +130,7 @@ fn tiny_files() -> (PathBuf, PathBuf, PathBuf) {
     let mut params = CompressParams {
         calib_windows: 2,
         calib_seq_len: 32,
-        order: OrderMethod::RoundRobin,
+        order: bitstack_sort::SortMethod::RoundRobin,
         ..Default::default()
     };
     params.iavd.levels = 3;

@@ -4,11 +4,12 @@
 
 use bitstack_core::MemoryBudget;
 use bitstack_examples::compress::{
-    compress, write_compressed, CompressParams, OrderMethod, RankRule,
+    compress, write_compressed, CompressParams, OrderSettings, RankRule,
 };
 use bitstack_examples::gguf::{open_model, ModelSource};
 use bitstack_examples::llama::Llama;
 use bitstack_examples::stackmodel::{LoadedStack, StackModel};
+use bitstack_sort::SortMethod;
 use std::path::PathBuf;
 
 fn shared(rel: &str) -> Option<PathBuf> {
@@ -41,7 +42,7 @@ fn compress_write_reopen_resize_on_smollm2() {
     let mut params = CompressParams {
         calib_windows: 2,
         calib_seq_len: 64,
-        order: OrderMethod::Proxy,
+        order: SortMethod::Proxy,
         ..Default::default()
     };
     params.iavd.levels = 2;
@@ -56,10 +57,12 @@ fn compress_write_reopen_resize_on_smollm2() {
         source.as_ref(),
         &calib_text,
         &CompressParams {
-            order: OrderMethod::ProxySensitive {
+            order: SortMethod::ProxySensitive,
+            order_settings: OrderSettings {
                 scoring_seqs: 1,
                 seq_len: 16,
                 probe: bitstack_sort::SensitivityProbe::default(),
+                ..OrderSettings::for_method(SortMethod::ProxySensitive)
             },
             ..params.clone()
         },
@@ -77,9 +80,11 @@ fn compress_write_reopen_resize_on_smollm2() {
         source.as_ref(),
         &calib_text,
         &CompressParams {
-            order: OrderMethod::Average {
+            order: SortMethod::Average,
+            order_settings: OrderSettings {
                 scoring_seqs: 1,
                 seq_len: 16,
+                ..OrderSettings::for_method(SortMethod::Average)
             },
             ..params.clone()
         },
@@ -96,10 +101,12 @@ fn compress_write_reopen_resize_on_smollm2() {
         source.as_ref(),
         &calib_text,
         &CompressParams {
-            order: OrderMethod::FirstOrder {
+            order: SortMethod::FirstOrder,
+            order_settings: OrderSettings {
                 scoring_seqs: 1,
                 seq_len: 16,
-                bases: &[1],
+                bases: vec![1],
+                ..OrderSettings::for_method(SortMethod::FirstOrder)
             },
             ..params.clone()
         },

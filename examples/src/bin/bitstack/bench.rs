@@ -84,7 +84,7 @@ fn run_in_pool(args: &BenchArgs) -> Res<()> {
         gen_tokens: args.gen_tokens,
         reps: args.reps,
     };
-    let stack = super::is_stack_file(&args.file);
+    let stack = crate::common::is_stack_file(&args.file);
     let load_before = load_average();
     let (kind, rows, bandwidth, minimum, full) = if stack {
         let loaded = LoadedStack::open_with(&args.file, None, args.resident)
@@ -153,7 +153,7 @@ fn run_in_pool(args: &BenchArgs) -> Res<()> {
     println!("{}", report.markdown());
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report)?;
-        bitstack_examples::compare::write_atomic(path, text.as_bytes())
+        bitstack_examples::output::write_atomic(path, text.as_bytes())
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         println!("wrote {}", path.display());
     }
