@@ -7,9 +7,7 @@
 //! `write_fixture` (ignored) regenerates a file of the same model with the *current* writer;
 //! the committed fixture must not be replaced by it, since the point is an old file.
 
-use bitstack_examples::compress::{
-    compress, write_compressed, CompressParams, OrderMethod, RankRule,
-};
+use bitstack_examples::compress::{compress, write_compressed, CompressParams, RankRule};
 use bitstack_examples::gguf::{open_model, GgmlType, GgufBuilder, GgufValue, GgufValueType};
 use bitstack_examples::llama::{LinearKind, SplitMix64};
 use std::path::{Path, PathBuf};
@@ -140,7 +138,7 @@ fn write_tiny_stack(dir: &Path, out: &Path) {
     let mut params = CompressParams {
         calib_windows: 2,
         calib_seq_len: 16,
-        order: OrderMethod::RoundRobin,
+        order: bitstack_sort::SortMethod::RoundRobin,
         ..Default::default()
     };
     params.iavd.levels = 3;
