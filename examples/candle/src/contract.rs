@@ -40,7 +40,10 @@ pub fn hf_resident_names(config: &LlamaConfig) -> Vec<(String, String)> {
             "token_embd.weight".to_owned(),
             "model.embed_tokens.weight".to_owned(),
         ),
-        ("output_norm.weight".to_owned(), "model.norm.weight".to_owned()),
+        (
+            "output_norm.weight".to_owned(),
+            "model.norm.weight".to_owned(),
+        ),
     ];
     if !config.tied_embeddings {
         names.push(("output.weight".to_owned(), "lm_head.weight".to_owned()));
@@ -69,10 +72,7 @@ pub fn model_config(model: &StackModel) -> &LlamaConfig {
 }
 
 /// A resident tensor of the stack file as `(shape, f32 values)`.
-pub fn resident_f32(
-    model: &StackModel,
-    name: &str,
-) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+pub fn resident_f32(model: &StackModel, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
     model.tensor_f32(name)
 }
 
@@ -146,7 +146,7 @@ mod tests {
         assert_eq!(hf_weight_name(3), "model.layers.0.self_attn.o_proj.weight");
         assert_eq!(hf_weight_name(7), "model.layers.1.self_attn.q_proj.weight");
         assert_eq!(hf_weight_name(13), "model.layers.1.mlp.down_proj.weight");
-        assert_eq!(hf_weight_name(215), "model.layers.30.mlp.gate_proj.weight");
+        assert_eq!(hf_weight_name(214), "model.layers.30.mlp.gate_proj.weight");
     }
 
     #[test]
@@ -160,8 +160,10 @@ mod tests {
         assert!(untied
             .iter()
             .any(|(ours, hf)| ours == "output.weight" && hf == "lm_head.weight"));
-        assert!(untied.iter().any(|(ours, hf)| ours == "blk.1.ffn_norm.weight"
-            && hf == "model.layers.1.post_attention_layernorm.weight"));
+        assert!(untied
+            .iter()
+            .any(|(ours, hf)| ours == "blk.1.ffn_norm.weight"
+                && hf == "model.layers.1.post_attention_layernorm.weight"));
     }
 
     #[test]

@@ -70,8 +70,13 @@ impl BitStackLinear {
     pub fn restored_weight(&self) -> Result<Tensor, CandleError> {
         let (rows, cols) = (self.out_features(), self.in_features());
         let mut w = vec![0f32; rows * cols];
-        self.stack.restore_into(self.stack.loaded_levels(), &mut w)?;
-        Ok(Tensor::from_vec(w, (rows, cols), &candle_core::Device::Cpu)?)
+        self.stack
+            .restore_into(self.stack.loaded_levels(), &mut w)?;
+        Ok(Tensor::from_vec(
+            w,
+            (rows, cols),
+            &candle_core::Device::Cpu,
+        )?)
     }
 }
 
@@ -80,7 +85,11 @@ impl CustomOp1 for BitStackLinear {
         "bitstack-linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!(
                 "bitstack-linear takes f32 tensors, got {:?}",
@@ -105,7 +114,9 @@ impl CustomOp1 for BitStackLinear {
         let batch = x.len() / in_f;
         let mut y = vec![0f32; batch * out_f];
         if batch > 0 {
-            self.stack.forward(x, &mut y).map_err(candle_core::Error::wrap)?;
+            self.stack
+                .forward(x, &mut y)
+                .map_err(candle_core::Error::wrap)?;
         }
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {

@@ -115,7 +115,11 @@ impl CandleLlama {
             });
         }
         let vocab = self.config.vocab_size;
-        if let Some(bad) = windows.iter().flat_map(|w| w.iter()).find(|&&t| t as usize >= vocab) {
+        if let Some(bad) = windows
+            .iter()
+            .flat_map(|w| w.iter())
+            .find(|&&t| t as usize >= vocab)
+        {
             return Err(CandleError::InvalidArgument {
                 name: "token",
                 reason: format!("id {bad} is outside the vocabulary of {vocab}"),

@@ -77,13 +77,19 @@ fn matches_dense_linear_for_every_batch_and_input_rank() {
             assert_eq!(want.dims(), &out_dims[..]);
             let got = exact.forward(&x).unwrap();
             let e = rel_err(&got, &want);
-            assert!(e < 1e-5, "exact tables {rows}x{cols} k{rank} input {dims:?}: {e}");
+            assert!(
+                e < 1e-5,
+                "exact tables {rows}x{cols} k{rank} input {dims:?}: {e}"
+            );
             // The default int8 tables quantise the per-group partial sums; the error stays a
             // small fraction of the output scale (and is zero past the fused batch limit, where
             // both paths restore Ŵ).
             let got = layer.forward(&x).unwrap();
             let e = rel_err(&got, &want);
-            assert!(e < 2e-2, "int8 tables {rows}x{cols} k{rank} input {dims:?}: {e}");
+            assert!(
+                e < 2e-2,
+                "int8 tables {rows}x{cols} k{rank} input {dims:?}: {e}"
+            );
         }
     }
 }

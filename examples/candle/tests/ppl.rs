@@ -128,7 +128,9 @@ fn write_tiny_gguf(path: &Path) {
 fn text() -> String {
     // Varied bytes so the model's predictions differ position by position.
     let mut rng = SplitMix64::new(17);
-    let words = ["the ", "lamp ", "of ", "a ", "tower ", "keeps ", "ships ", "off ", "rocks. "];
+    let words = [
+        "the ", "lamp ", "of ", "a ", "tower ", "keeps ", "ships ", "off ", "rocks. ",
+    ];
     (0..200)
         .map(|_| words[(rng.next_u64() % words.len() as u64) as usize])
         .collect()
@@ -171,7 +173,8 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
         let want = perplexity(&ours, &tokens, &ppl_params, &mut |_| {}).unwrap();
         let model = CandleLlama::from_snapshot(&loaded.model, &snap).unwrap();
         let mut calls = 0;
-        let got = candle_perplexity(&model, &tokens, &ppl_params, 2, &mut |_, _| calls += 1).unwrap();
+        let got =
+            candle_perplexity(&model, &tokens, &ppl_params, 2, &mut |_, _| calls += 1).unwrap();
         assert_eq!(calls, 2, "3 windows in groups of 2");
         assert_eq!(
             (got.windows, got.tokens_scored),

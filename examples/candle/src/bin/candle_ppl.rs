@@ -52,8 +52,8 @@ fn run(args: &Args) -> Res<()> {
         .map_err(|e| format!("cannot read --text {}: {e}", args.text.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| format!("--text {}: not UTF-8 text: {e}", args.text.display()))?;
-    let loaded = LoadedStack::open(&args.file, None)
-        .map_err(|e| format!("{}: {e}", args.file.display()))?;
+    let loaded =
+        LoadedStack::open(&args.file, None).map_err(|e| format!("{}: {e}", args.file.display()))?;
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     for b in &args.budgets {
         if b.bytes() < min {
