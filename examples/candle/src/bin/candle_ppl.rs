@@ -132,13 +132,15 @@ fn run(args: &Args) -> Res<()> {
     println!("| budget (MB) | held (MB) | candle ppl | bitstack ppl | relative difference |");
     println!("|---:|---:|---:|---:|---:|");
     for (budget, held, c, b) in &rows {
+        let rel = (c.ppl - b.ppl).abs() / b.ppl;
         println!(
-            "| {:.1} | {:.2} | {:.4} | {:.4} | {:.4} % |",
+            "| {:.1} | {:.2} | {:.4} | {:.4} | {:.2e} ({:.5} %) |",
             budget.mb(),
             mb(*held),
             c.ppl,
             b.ppl,
-            100.0 * (c.ppl - b.ppl).abs() / b.ppl
+            rel,
+            100.0 * rel
         );
     }
     Ok(())
