@@ -5,9 +5,7 @@
 
 use bitstack_candle::{candle_perplexity, BitStackLinear, CandleError, CandleLlama};
 use bitstack_core::MemoryBudget;
-use bitstack_examples::compress::{
-    compress, write_compressed, CompressParams, OrderMethod, RankRule,
-};
+use bitstack_examples::compress::{compress, write_compressed, CompressParams, RankRule};
 use bitstack_examples::gguf::{open_model, GgmlType, GgufBuilder, GgufValue, GgufValueType};
 use bitstack_examples::llama::{LinearKind, Llama, LlamaConfig, SplitMix64};
 use bitstack_examples::perplexity::{perplexity, PerplexityParams};
@@ -146,7 +144,7 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
     let mut params = CompressParams {
         calib_windows: 2,
         calib_seq_len: 32,
-        order: OrderMethod::RoundRobin,
+        order: bitstack_sort::SortMethod::RoundRobin,
         ..Default::default()
     };
     params.iavd.levels = 3;
