@@ -46,7 +46,11 @@ fn fused_kernels_match_reference_on_smollm2_blocks() {
         isas.push(KernelIsa::Avx512Vbmi);
     }
     for isa in isas {
-        for tables in [TablePrecision::Int8, TablePrecision::Int16] {
+        for tables in [
+            TablePrecision::Int8,
+            TablePrecision::Mixed,
+            TablePrecision::Int16,
+        ] {
             paths.push(FusedParams { tables, isa });
         }
     }
@@ -86,7 +90,7 @@ fn fused_kernels_match_reference_on_smollm2_blocks() {
                 let e = rel_err(&y, &want);
                 let tol = match p.tables {
                     TablePrecision::F32 => 1e-5,
-                    TablePrecision::Int8 => 2e-2,
+                    TablePrecision::Int8 | TablePrecision::Mixed => 2e-2,
                     TablePrecision::Int16 => 2e-4,
                 };
                 println!("{name} ({rows}x{cols}, k {rank}) batch {batch} {p:?}: rel err {e:.2e}");

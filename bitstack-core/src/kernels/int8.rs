@@ -221,6 +221,9 @@ pub(super) struct TileInput<'a> {
     pub scales: &'a [f32],
     /// 1: int8 tables; 2: split 16-bit tables (high then low half per slot).
     pub halves: usize,
+    /// With split tables, ranks `0..split_ranks` use both halves; the others only the high
+    /// half, which is the plain int8 table (same scale).
+    pub split_ranks: usize,
 }
 
 impl TileInput<'_> {
@@ -249,16 +252,17 @@ pub(super) fn tile_portable(inp: &TileInput<'_>, row0: usize, nrows: usize, yt: 
                         let at = inp.table_index(bi, l, w, r);
                         let stride = TABLE_BYTES * inp.halves;
                         let tab = &inp.tables[at * stride..][..stride];
+                        let split = inp.halves == 2 && r < inp.split_ranks;
                         let mut s = 0i32;
                         for g in 0..16 {
                             let v = g * 16 + ((word >> (4 * g)) & 15) as usize;
-                            s += if inp.halves == 2 {
+                            s += if split {
                                 SPLIT_WEIGHT * tab[v] as i32 + tab[TABLE_BYTES + v] as i32
                             } else {
                                 tab[v] as i32
                             };
                         }
-                        let unit = if inp.halves == 2 {
+                        let unit = if split {
                             inp.scales[at] / SPLIT_WEIGHT as f32
                         } else {
                             inp.scales[at]

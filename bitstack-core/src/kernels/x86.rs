@@ -54,7 +54,7 @@ pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
     let nib = _mm512_set1_epi8(0x0f);
     let qtag = _mm512_set1_epi64(0x7060_5040_3020_1000);
     let ones = _mm512_set1_epi8(1);
-    let w_hi = _mm512_set1_epi8(if SPLIT { SPLIT_WEIGHT as u8 as i8 } else { 1 });
+    let w_hi = _mm512_set1_epi8(SPLIT_WEIGHT as u8 as i8);
     let stride = if SPLIT { 2 * TABLE_BYTES } else { TABLE_BYTES };
     let unit = if SPLIT {
         1.0 / SPLIT_WEIGHT as f32
@@ -142,15 +142,23 @@ pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
                         // This rank's tables for the block: nw × 256 contiguous bytes.
                         let at = inp.table_index(bi, l, w0, r);
                         let mut acc = [_mm512_setzero_si512(); SUB];
-                        for (dw, idx_w) in idx[..nw].iter().enumerate() {
-                            let t = inp.tables.as_ptr().add((at + dw) * stride);
-                            lookup_accumulate(t, idx_w, w_hi, &mut acc);
-                            if SPLIT {
+                        let split = SPLIT && r < inp.split_ranks;
+                        if split {
+                            for (dw, idx_w) in idx[..nw].iter().enumerate() {
+                                let t = inp.tables.as_ptr().add((at + dw) * stride);
+                                lookup_accumulate(t, idx_w, w_hi, &mut acc);
                                 // The low halves: same indices, weight 1.
                                 lookup_accumulate(t.add(TABLE_BYTES), idx_w, ones, &mut acc);
                             }
+                        } else {
+                            // Plain int8 (or a split table's high half alone).
+                            for (dw, idx_w) in idx[..nw].iter().enumerate() {
+                                let t = inp.tables.as_ptr().add((at + dw) * stride);
+                                lookup_accumulate(t, idx_w, ones, &mut acc);
+                            }
                         }
                         // One convert-and-scale per block of words sharing a scale.
+                        let unit = if split { unit } else { 1.0 };
                         let scale = _mm512_set1_ps(*inp.scales.as_ptr().add(at) * unit);
                         for (f, i) in accf_r.iter_mut().zip(&acc) {
                             *f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*i), scale, *f);

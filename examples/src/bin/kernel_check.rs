@@ -50,7 +50,7 @@ struct Args {
     /// Skip the (slow) f64 reference error measurement.
     #[arg(long)]
     no_error: bool,
-    /// Table precision compared with the exact f32 tables (int16 or int8).
+    /// Table precision compared with the exact f32 tables (int16, mixed or int8).
     #[arg(long, default_value_t = TablePrecision::Int16)]
     kernel: TablePrecision,
 }

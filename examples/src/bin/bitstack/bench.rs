@@ -42,7 +42,7 @@ pub struct BenchArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Decode-kernel tables: int16 (default), int8 or exact (see `generate --kernel`).
+    /// Decode-kernel tables: int16 (default), mixed, int8 or exact (see `generate --kernel`).
     #[arg(long, default_value_t = bitstack_core::kernels::TablePrecision::default())]
     kernel: bitstack_core::kernels::TablePrecision,
     /// Precision of the resident embedding: f16 (as stored) or q8 (see `eval --resident`).
