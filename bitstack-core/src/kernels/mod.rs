@@ -17,6 +17,7 @@ use crate::error::{check_len, CoreError, Result};
 use rayon::prelude::*;
 
 pub mod dense;
+pub mod q4;
 mod exact;
 mod int8;
 mod pool;
