@@ -17,10 +17,10 @@ use crate::error::{check_len, CoreError, Result};
 use rayon::prelude::*;
 
 pub mod dense;
-pub mod q4;
 mod exact;
 mod int8;
 mod pool;
+pub mod q4;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

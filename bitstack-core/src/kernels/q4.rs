@@ -359,7 +359,11 @@ mod tests {
                 let amax = wg.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                 for (&a, &b) in wg.iter().zip(bg) {
                     let clamped = a / d > 7.5;
-                    let bound = if clamped { amax - 7.0 * d.abs() } else { 0.5 * d.abs() } + slack(amax);
+                    let bound = if clamped {
+                        amax - 7.0 * d.abs()
+                    } else {
+                        0.5 * d.abs()
+                    } + slack(amax);
                     if (a - b).abs() > bound {
                         return Err(format!(
                             "row {i} group {g}: {a} -> {b}, scale {d}, clamped {clamped}"

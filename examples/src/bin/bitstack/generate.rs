@@ -38,7 +38,7 @@ pub(crate) struct GenerateArgs {
     /// about 1 % error per product) or exact (f32 tables).
     #[arg(long, default_value_t = bitstack_core::kernels::TablePrecision::default())]
     kernel: bitstack_core::kernels::TablePrecision,
-    /// Precision of the resident embedding: f16 (as stored) or q8 (see `eval --resident`).
+    /// Precision of the resident embedding: f16 (as stored), q8 or q4 (see `eval --resident`).
     #[arg(long, default_value_t = EmbeddingPrecision::F16)]
     resident: EmbeddingPrecision,
 }
