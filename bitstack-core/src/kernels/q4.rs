@@ -547,9 +547,9 @@ mod tests_support {
                 let r = rng.next_u64() % 99;
                 let g = rng.next_gaussian();
                 scale
-                    * if r % 9 == 0 {
+                    * if r.is_multiple_of(9) {
                         0.0
-                    } else if r % 11 == 0 {
+                    } else if r.is_multiple_of(11) {
                         4.0 * g.signum()
                     } else {
                         g
