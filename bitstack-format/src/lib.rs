@@ -156,8 +156,9 @@
 //! Other residents may exist and are ignored.
 //!
 //! **Budgets.** A memory budget is the whole model as an engine holds it: the token embedding
-//! and an untied head at the engine's [`EmbeddingPrecision`] (f32, f16 as stored, or Q8:
-//! int8 plus an f16 scale per 32 values of a row), every norm and bias as **f32**, the scale
+//! and an untied head at the engine's [`EmbeddingPrecision`] (f32, f16 as stored, Q8:
+//! int8 plus an f16 scale per 32 values of a row, or Q4: 4-bit codes, two per byte, plus an
+//! f16 scale per 32 values of a row), every norm and bias as **f32**, the scale
 //! vectors, and the loaded blocks; the tokenizer blob is not counted.
 //! [`ModelContract::held_layout`] is that accounting and is what `bitstack` itself uses, so
 //! the same budget loads the same prefix everywhere. ([`StackFile::layout`] counts the stored

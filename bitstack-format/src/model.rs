@@ -9,6 +9,7 @@
 use crate::reader::StackFile;
 use crate::types::{DType, TensorSpec};
 use bitstack_core::kernels::dense::Q8_GROUP;
+use bitstack_core::kernels::q4::Q4Matrix;
 use bitstack_core::ModelLayout;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -298,6 +299,8 @@ impl ModelConfig {
             EmbeddingPrecision::F16 => 2 * v * h,
             // int8 values plus one f16 scale per group of a row (`Q8Matrix::bytes`).
             EmbeddingPrecision::Q8 => v * h + 2 * v * h.div_ceil(Q8_GROUP as u64),
+            // 4-bit codes plus one f16 scale per group of a row (`Q4Matrix::bytes`).
+            EmbeddingPrecision::Q4 => Q4Matrix::bytes_for(self.vocab, self.hidden),
         };
         let matrices = if self.tied_embeddings { 1 } else { 2 };
         let d = self.dims();
@@ -323,6 +326,9 @@ pub enum EmbeddingPrecision {
     /// int8 with an f16 scale per [`Q8_GROUP`] values of a row (llama.cpp's Q8_0 layout,
     /// 8.5 bits per value).
     Q8,
+    /// 4-bit codes with an f16 scale per 32 values of a row (llama.cpp's Q4_0 rule, 4.5 bits
+    /// per value; `bitstack_core::kernels::q4::Q4Matrix`).
+    Q4,
 }
 
 impl std::str::FromStr for EmbeddingPrecision {
@@ -332,7 +338,8 @@ impl std::str::FromStr for EmbeddingPrecision {
             "f32" => Ok(Self::F32),
             "f16" => Ok(Self::F16),
             "q8" => Ok(Self::Q8),
-            _ => Err(format!("{s:?}: expected f16, q8 or f32")),
+            "q4" => Ok(Self::Q4),
+            _ => Err(format!("{s:?}: expected f16, q8, q4 or f32")),
         }
     }
 }
@@ -343,6 +350,7 @@ impl std::fmt::Display for EmbeddingPrecision {
             Self::F32 => "f32",
             Self::F16 => "f16",
             Self::Q8 => "q8",
+            Self::Q4 => "q4",
         })
     }
 }
@@ -844,6 +852,11 @@ mod tests {
             c.held_resident_bytes(EmbeddingPrecision::Q8),
             2 * (280 + 2 * 14) + f32s
         );
+        // Q4: 7 rows × 40 / 2 = 20 code bytes and 2 f16 scales, per matrix.
+        assert_eq!(
+            c.held_resident_bytes(EmbeddingPrecision::Q4),
+            2 * (7 * 20 + 2 * 14) + f32s
+        );
         let tied = ModelConfig {
             tied_embeddings: true,
             attn_bias: false,
@@ -853,6 +866,50 @@ mod tests {
             tied.held_resident_bytes(EmbeddingPrecision::F16),
             2 * 280 + 4 * 40 * 5
         );
+    }
+
+    /// A Qwen2.5-0.5B-shaped config (vocab 151,936 × hidden 896, untied head, Q/K/V biases)
+    /// by hand: per matrix f16 2·v·h; q8 v·h + 2·v·28; q4 v·448 + 2·v·28; norms
+    /// 896 · 49 and biases 24 · 1152 f32 values.
+    #[test]
+    fn held_bytes_of_a_qwen2_shape_by_hand() {
+        let c = ModelConfig {
+            n_layers: 24,
+            hidden: 896,
+            ffn: 4864,
+            n_heads: 14,
+            n_kv_heads: 2,
+            head_dim: 64,
+            vocab: 151_936,
+            ..config()
+        };
+        let f32s = 4 * (896 * 49 + 24 * 1152);
+        let v = 151_936u64;
+        assert_eq!(
+            c.held_resident_bytes(EmbeddingPrecision::F16),
+            2 * 2 * v * 896 + f32s
+        );
+        assert_eq!(
+            c.held_resident_bytes(EmbeddingPrecision::Q8),
+            2 * (v * 896 + 2 * v * 28) + f32s
+        );
+        assert_eq!(
+            c.held_resident_bytes(EmbeddingPrecision::Q4),
+            2 * (v * 448 + 2 * v * 28) + f32s
+        );
+        assert_eq!(c.held_resident_bytes(EmbeddingPrecision::Q4), 153_437_696);
+    }
+
+    /// Every precision reads back from the name it prints (the CLI's `--resident` values);
+    /// other names are errors that list the choices.
+    #[test]
+    fn embedding_precision_names_round_trip() {
+        use EmbeddingPrecision::*;
+        for p in [F32, F16, Q8, Q4] {
+            assert_eq!(p.to_string().parse::<EmbeddingPrecision>(), Ok(p));
+        }
+        let err = "q2".parse::<EmbeddingPrecision>().unwrap_err();
+        assert!(err.contains("q4") && err.contains("q8"), "{err}");
     }
 
     #[test]

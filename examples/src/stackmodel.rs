@@ -306,7 +306,8 @@ impl LoadedStack {
 
     /// [`LoadedStack::open`] with the resident embedding (and an untied head) held at
     /// `resident` precision, e.g. [`EmbeddingPrecision::Q8`] (8.5 bits per value instead of
-    /// 16): the bytes held, and so the prefix a budget buys, follow it.
+    /// 16) or [`EmbeddingPrecision::Q4`] (4.5 bits): the bytes held, and so the prefix a
+    /// budget buys, follow it.
     pub fn open_with(
         path: impl AsRef<std::path::Path>,
         budget: Option<MemoryBudget>,

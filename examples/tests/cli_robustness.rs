@@ -895,6 +895,23 @@ fn cli_survives_bad_input_and_corrupt_files() {
     cases.push(
         Case::new("eval stack --json --plot", &a, Expect::Status(0)).inputs(&[&stack, &text]),
     );
+    // Every resident precision the help lists loads; an unknown one is a usage error naming
+    // the choices.
+    for p in ["f16", "q8", "q4", "f32"] {
+        let mut a = eval_base.clone();
+        a.extend_from_slice(&[&"--resident", &p]);
+        cases.push(
+            Case::new(&format!("eval --resident {p}"), &a, Expect::Status(0))
+                .inputs(&[&stack, &text]),
+        );
+    }
+    let mut a = eval_base.clone();
+    a.extend_from_slice(&[&"--resident", &"q2"]);
+    cases.push(
+        Case::new("eval --resident q2", &a, usage.clone())
+            .inputs(&[&stack, &text])
+            .stderr_has("q4"),
+    );
     cases.push(
         Case::new(
             "eval original",

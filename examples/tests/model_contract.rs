@@ -308,6 +308,7 @@ fn contract_accounting_equals_what_the_loader_holds() {
         EmbeddingPrecision::F32,
         EmbeddingPrecision::F16,
         EmbeddingPrecision::Q8,
+        EmbeddingPrecision::Q4,
     ] {
         let res = LlamaResident::from_source_with(&model, p).unwrap();
         assert_eq!(
@@ -332,8 +333,8 @@ fn contract_accounting_equals_what_the_loader_holds() {
 }
 
 /// An engine using only bitstack-core + bitstack-format picks the same prefix and held bytes
-/// for a budget as `bitstack eval` (the built binary, `--json`), at several budgets and both
-/// resident precisions the CLI offers.
+/// for a budget as `bitstack eval` (the built binary, `--json`), at several budgets and the
+/// f16, q8 and q4 resident precisions the CLI offers.
 #[test]
 fn engine_and_cli_pick_the_same_prefix() {
     use bitstack_core::{ElasticModel, MemoryBudget};
@@ -346,7 +347,11 @@ fn engine_and_cli_pick_the_same_prefix() {
         "A budget is the whole model, as held in memory. ".repeat(8),
     )
     .unwrap();
-    for precision in [EmbeddingPrecision::F16, EmbeddingPrecision::Q8] {
+    for precision in [
+        EmbeddingPrecision::F16,
+        EmbeddingPrecision::Q8,
+        EmbeddingPrecision::Q4,
+    ] {
         let file = StackFile::open(fixture()).unwrap();
         let contract = ModelContract::from_file(&file).unwrap();
         let layout = contract.held_layout(&file, precision);

@@ -20,6 +20,7 @@ pub mod dense;
 mod exact;
 mod int8;
 mod pool;
+pub mod q4;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -375,6 +375,11 @@ pub fn weight_gradients(
             m.rows_into(0, m.rows(), &mut out)?;
             Cow::Owned(out)
         }
+        TokenEmbedding::Q4(m) => {
+            let mut out = vec![0f32; m.rows() * m.cols()];
+            m.rows_into(0, m.rows(), &mut out)?;
+            Cow::Owned(out)
+        }
     };
     let head_t = match &untied_t {
         Some(t) => MatRef::from_row_major_slice(t, h, c.vocab),

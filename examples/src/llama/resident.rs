@@ -1,6 +1,7 @@
 //! The non-linear weights of a Llama model and the ready-made [`LinearTable`] provider.
 
 use bitstack_core::kernels::dense::Q8Matrix;
+use bitstack_core::kernels::q4::{Q4Matrix, Q4_GEMV_MAX_BATCH};
 use bitstack_core::{DenseLinear, LinearOp};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef};
@@ -85,6 +86,8 @@ pub enum TokenEmbedding {
     F16(Vec<f16>),
     /// int8 values with f16 group scales, dequantized one row or one chunk at a time.
     Q8(Q8Matrix),
+    /// 4-bit codes with f16 group scales, dequantized one row or one chunk at a time.
+    Q4(Q4Matrix),
 }
 
 impl TokenEmbedding {
@@ -94,6 +97,7 @@ impl TokenEmbedding {
             Self::F32(_) => EmbeddingPrecision::F32,
             Self::F16(_) => EmbeddingPrecision::F16,
             Self::Q8(_) => EmbeddingPrecision::Q8,
+            Self::Q4(_) => EmbeddingPrecision::Q4,
         }
     }
 
@@ -103,6 +107,7 @@ impl TokenEmbedding {
             Self::F32(v) => v.len(),
             Self::F16(v) => v.len(),
             Self::Q8(m) => m.rows() * m.cols(),
+            Self::Q4(m) => m.rows() * m.cols(),
         }
     }
 
@@ -117,6 +122,7 @@ impl TokenEmbedding {
             Self::F32(v) => std::mem::size_of_val(v.as_slice()) as u64,
             Self::F16(v) => std::mem::size_of_val(v.as_slice()) as u64,
             Self::Q8(m) => m.bytes(),
+            Self::Q4(m) => m.bytes(),
         }
     }
 
@@ -153,6 +159,12 @@ impl TokenEmbedding {
                 // The caller checked `row < vocab`; lengths match by construction.
                 let _ = m.row_into(row, &mut out[start..]);
             }
+            Self::Q4(m) => {
+                let start = out.len();
+                out.resize(start + hidden, 0.0);
+                // The caller checked `row < vocab`; lengths match by construction.
+                let _ = m.row_into(row, &mut out[start..]);
+            }
         }
     }
 
@@ -176,12 +188,13 @@ impl TokenEmbedding {
             }
             Self::F16(e) => gemm_xwt_f16(x, e, vocab, hidden, y),
             Self::Q8(m) => gemm_xwt_q8(x, m, y),
+            Self::Q4(m) => gemm_xwt_q4(x, m, y),
         }
     }
 
-    /// Converts to `precision` (f32 → f16 rounds to nearest; f16 → f32 is exact; to Q8
-    /// quantizes per group of 32; from Q8 dequantizes).
-    /// `hidden` is the row width (needed to group a Q8 conversion by rows).
+    /// Converts to `precision` (f32 → f16 rounds to nearest; f16 → f32 is exact; to Q8 or
+    /// Q4 quantizes per group of 32; from Q8 or Q4 dequantizes).
+    /// `hidden` is the row width (needed to group a Q8 or Q4 conversion by rows).
     pub fn into_precision(self, precision: EmbeddingPrecision, hidden: usize) -> Self {
         match (self, precision) {
             (Self::Q8(m), EmbeddingPrecision::Q8) => Self::Q8(m),
@@ -190,6 +203,30 @@ impl TokenEmbedding {
                 // Lengths match by construction.
                 let _ = m.rows_into(0, m.rows(), &mut f);
                 Self::F32(f).into_precision(p, hidden)
+            }
+            (Self::Q4(m), EmbeddingPrecision::Q4) => Self::Q4(m),
+            (Self::Q4(m), p) => {
+                let mut f = vec![0f32; m.rows() * m.cols()];
+                // Lengths match by construction.
+                let _ = m.rows_into(0, m.rows(), &mut f);
+                Self::F32(f).into_precision(p, hidden)
+            }
+            // From f16 directly, a row widened at a time (no f32 copy of the matrix).
+            (Self::F16(v), EmbeddingPrecision::Q4) => {
+                let rows = v.len() / hidden.max(1);
+                match Q4Matrix::quantize_f16(rows, hidden, &v) {
+                    Ok(m) => Self::Q4(m),
+                    // Values that cannot be quantized (non-finite, beyond the f16 scale
+                    // range) stay as they were.
+                    Err(_) => Self::F16(v),
+                }
+            }
+            (Self::F32(v), EmbeddingPrecision::Q4) => {
+                let rows = v.len() / hidden.max(1);
+                match Q4Matrix::quantize(rows, hidden, &v) {
+                    Ok(m) => Self::Q4(m),
+                    Err(_) => Self::F32(v),
+                }
             }
             (Self::F16(v), EmbeddingPrecision::Q8) => {
                 let mut f = vec![0f32; v.len()];
@@ -231,6 +268,48 @@ fn gemm_xwt_q8(x: &[f32], w: &Q8Matrix, y: &mut [f32]) {
         // Lengths match by construction.
         let _ = w.rows_into(r0, n, dst);
     });
+}
+
+/// `y = x · Wᵀ` for a [`Q4Matrix`] `W`: the pool GEMV for batches up to
+/// [`Q4_GEMV_MAX_BATCH`], chunks of rows dequantized for a GEMM otherwise.
+fn gemm_xwt_q4(x: &[f32], w: &Q4Matrix, y: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let batch = x.len() / cols;
+    if batch <= Q4_GEMV_MAX_BATCH && w.gemv(x, y).is_ok() {
+        return;
+    }
+    gemm_xwt_chunked(x, rows, cols, y, &|r0, n, dst| {
+        // Lengths match by construction.
+        let _ = w.rows_into(r0, n, dst);
+    });
+}
+
+/// An untied head (or any dense weight) held as a [`Q4Matrix`].
+#[derive(Clone, Debug)]
+pub struct Q4Linear(pub Q4Matrix);
+
+impl LinearOp for Q4Linear {
+    fn in_features(&self) -> usize {
+        self.0.cols()
+    }
+    fn out_features(&self) -> usize {
+        self.0.rows()
+    }
+    fn forward(&self, x: &[f32], y: &mut [f32]) -> bitstack_core::Result<()> {
+        let cols = self.0.cols();
+        if cols == 0 || !x.len().is_multiple_of(cols) || y.len() != x.len() / cols * self.0.rows() {
+            return Err(bitstack_core::CoreError::ShapeMismatch {
+                what: "q4 linear input/output",
+                expected: cols,
+                actual: x.len(),
+            });
+        }
+        gemm_xwt_q4(x, &self.0, y);
+        Ok(())
+    }
+    fn weight_bytes(&self) -> u64 {
+        self.0.bytes()
+    }
 }
 
 /// An untied head (or any dense weight) held as a [`Q8Matrix`].
@@ -431,6 +510,9 @@ impl LlamaResident {
                 EmbeddingPrecision::F16 => Box::new(HalfLinear::from_f32(c.vocab, c.hidden, &w)?),
                 EmbeddingPrecision::Q8 => {
                     Box::new(Q8Linear(Q8Matrix::quantize(c.vocab, c.hidden, &w)?))
+                }
+                EmbeddingPrecision::Q4 => {
+                    Box::new(Q4Linear(Q4Matrix::quantize(c.vocab, c.hidden, &w)?))
                 }
             })
         };

@@ -714,6 +714,21 @@ fn loads_from_a_model_source_by_canonical_names() {
         .unwrap();
     assert_close(&hn, &b, 2e-2, "f16 nll");
 
+    // Loading straight to q4 holds the embedding and the untied head as 4-bit codes with f16
+    // scales (the contract's byte count) and stays near the f32 NLL.
+    let q4 = LlamaResident::from_source_with(&src, EmbeddingPrecision::Q4).unwrap();
+    let q4_matrix = bitstack_core::kernels::q4::Q4Matrix::bytes_for(c.vocab, c.hidden);
+    assert_eq!(q4.token_embd().precision(), EmbeddingPrecision::Q4);
+    assert_eq!(q4.token_embd().bytes(), q4_matrix);
+    assert_eq!(q4.head().unwrap().weight_bytes(), q4_matrix);
+    let q4n = Llama::new(&q4, &table)
+        .unwrap()
+        .sequence_nll(&toks, 6)
+        .unwrap();
+    assert_close(&q4n, &b, 0.15, "q4 nll");
+    let mut y = vec![0f32; c.vocab];
+    assert!(q4.head().unwrap().forward(&[0.0; 3], &mut y).is_err());
+
     let w = src.tensors.get_mut("blk.1.ffn_up.weight").unwrap();
     w.1[3] = f32::INFINITY;
     assert!(matches!(
@@ -874,6 +889,36 @@ fn f16_embeddings_match_f32_and_halve_the_bytes() {
         };
         assert!(rel(&l8, &l32) < 2e-2, "q8 logits: {}", rel(&l8, &l32));
         assert!(rel(&n8, &n32) < 2e-2, "q8 nll: {}", rel(&n8, &n32));
+
+        // q4 embedding (4-bit codes + f16 scale per 32): 4.5 bits per value, held bytes
+        // counted exactly, logits further from f32 than q8's but still close (a step of
+        // |max| / 8 on uniform values is ~6 % of their RMS).
+        let q4res = LlamaResident::random(&c, 91)
+            .unwrap()
+            .with_embedding_precision(EmbeddingPrecision::Q4);
+        assert_eq!(q4res.token_embd().precision(), EmbeddingPrecision::Q4);
+        let q4_bytes = v * h.div_ceil(2) + 2 * v * groups;
+        assert_eq!(q4res.token_embd().bytes(), q4_bytes);
+        assert_eq!(q4res.held_bytes(), q4_bytes + norms_biases + head32);
+        let (l4, n4) = run(&q4res);
+        let (e4, e8) = (rel(&l4, &l32), rel(&l8, &l32));
+        assert!(e4 < 0.15, "q4 logits: {e4}");
+        assert!(e4 > e8, "q4 logits ({e4}) closer than q8's ({e8})");
+        assert!(rel(&n4, &n32) < 0.15, "q4 nll: {}", rel(&n4, &n32));
+        // From f16 (a stack file's storage) the q4 codes are those of the widened values.
+        let from16 = LlamaResident::random(&c, 91)
+            .unwrap()
+            .into_f16_embeddings()
+            .with_embedding_precision(EmbeddingPrecision::Q4);
+        let from32 = LlamaResident::random(&c, 91)
+            .unwrap()
+            .into_f16_embeddings()
+            .with_embedding_precision(EmbeddingPrecision::F32)
+            .with_embedding_precision(EmbeddingPrecision::Q4);
+        assert_eq!(run(&from16), run(&from32));
+        // And back to f16: the dequantized values, at f16's bytes.
+        let back16 = q4res.with_embedding_precision(EmbeddingPrecision::F16);
+        assert_eq!(back16.token_embd().bytes(), 2 * v * h);
     }
 }
 
