@@ -37,7 +37,7 @@ use crate::llama::{
 };
 use crate::output::{OutputError, UsageError};
 use crate::perplexity::PerplexityError;
-use crate::perplexity::{perplexity, Perplexity, PerplexityParams};
+use crate::perplexity::{perplexity, Perplexity, PerplexityParams, WindowSelection};
 use crate::report::{markdown_table, svg_plot, Progress, Series};
 use crate::stackmodel::LoadError;
 use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRESSION};
@@ -131,8 +131,10 @@ pub struct CompareOptions {
     pub stack: Option<PathBuf>,
     /// Folder for compare.json, compare.md and compare.svg.
     pub out_dir: PathBuf,
-    /// Evaluation windows of seq-len tokens, evenly spaced over the text (0: all).
+    /// Evaluation windows of seq-len tokens (0: all).
     pub max_windows: usize,
+    /// Which windows `max_windows` picks (spread evenly over the text, or the first ones).
+    pub windows: WindowSelection,
     /// Evaluation window length.
     pub seq_len: usize,
     /// Calibration windows for GPTQ / AWQ.
@@ -173,6 +175,7 @@ impl Default for CompareOptions {
             stack: None,
             out_dir: PathBuf::from(".cache/compare"),
             max_windows: 8,
+            windows: WindowSelection::EvenlySpaced,
             seq_len: 2048,
             calib_windows: 32,
             calib_seq_len: 512,
@@ -513,10 +516,11 @@ impl Report {
     fn markdown(&self) -> String {
         let h = &self.header;
         let mut s = format!(
-            "Perplexity on {} ({} windows of {} tokens, evenly spaced, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
+            "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
             h["text"].as_str().unwrap_or("?"),
             h["max_windows"],
             h["seq_len"],
+            h["window_selection"].as_str().unwrap_or("?"),
             self.rows
                 .first()
                 .map(|r| r.ppl.windows_available)
@@ -815,6 +819,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
     let params = PerplexityParams {
         seq_len: args.seq_len,
         max_windows: (args.max_windows > 0).then_some(args.max_windows),
+        selection: args.windows,
         ..Default::default()
     };
     let ablation_params = PerplexityParams {
@@ -873,7 +878,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             "text_tokens": tokens.len(),
             "seq_len": args.seq_len,
             "max_windows": params.max_windows,
-            "window_selection": "evenly spaced",
+            "window_selection": args.windows,
             "ablation_windows": ablation_params.max_windows,
             "calib": args.calib.display().to_string(),
             "calib_windows": args.calib_windows,

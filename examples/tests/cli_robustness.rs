@@ -966,6 +966,120 @@ fn cli_survives_bad_input_and_corrupt_files() {
     if !plot_out.is_file() {
         tally.failures.push("plot wrote nothing".into());
     }
+    // --- `--windows`: a bad value names the flag and the choices; `first` and `spread`
+    // reach the evaluation (recorded in the JSON, and two windows of a long text differ).
+    for (name, args) in [
+        (
+            "eval --windows last",
+            os(&[
+                &"eval",
+                &stack,
+                &"--text",
+                &text,
+                &"--max-windows",
+                &"2",
+                &"--windows",
+                &"last",
+            ]),
+        ),
+        (
+            "compare --windows (empty)",
+            os(&[
+                &"compare",
+                &gguf,
+                &"--calib",
+                &calib,
+                &"--text",
+                &text,
+                &"--windows",
+                &"",
+            ]),
+        ),
+    ] {
+        let a: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|x| x as _).collect();
+        run(
+            &Case::new(name, &a, usage.clone())
+                .inputs(&[&stack, &text, &gguf, &calib])
+                .stderr_has("--windows")
+                .stderr_has("spread")
+                .stderr_has("first")
+                .never("text: "),
+            &mut tally,
+        );
+    }
+    let mut picked: Vec<(String, Option<serde_json::Value>)> = Vec::new();
+    for selection in ["first", "spread"] {
+        let out = dir.join(&format!("windows-{selection}.json"));
+        let mut a = eval_base.clone();
+        a.extend_from_slice(&[&"--windows", &selection, &"--json", &out]);
+        let r = run(
+            &Case::new(
+                &format!("eval --windows {selection}"),
+                &a,
+                Expect::Status(0),
+            )
+            .inputs(&[&stack, &text]),
+            &mut tally,
+        );
+        if !r.stdout.contains(&format!("(--windows {selection})")) {
+            tally.failures.push(format!(
+                "eval --windows {selection}: the table does not say which windows"
+            ));
+        }
+        let doc = std::fs::read_to_string(&out)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let recorded = doc.as_ref().map(|d| d["window_selection"].clone());
+        if recorded != Some(serde_json::Value::String(selection.into())) {
+            tally.failures.push(format!(
+                "eval --windows {selection}: --json window_selection is {recorded:?}"
+            ));
+        }
+        picked.push((selection.to_owned(), doc));
+    }
+    // Both runs score 2 windows of 16 tokens at the same budgets; `first` takes windows 0
+    // and 1, `spread` windows 0 and total/2, so their perplexities differ.
+    let rows = |d: &Option<serde_json::Value>| -> Vec<(u64, f64)> {
+        d.as_ref()
+            .and_then(|d| d["rows"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                (
+                    r["windows"].as_u64().unwrap_or(0),
+                    r["ppl"].as_f64().unwrap_or(f64::NAN),
+                )
+            })
+            .collect()
+    };
+    // Equal up to the rounding of a parallel sum.
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    let (first, spread) = (rows(&picked[0].1), rows(&picked[1].1));
+    if first.len() != 2
+        || spread.len() != 2
+        || first.iter().chain(&spread).any(|r| r.0 != 2)
+        || first.iter().zip(&spread).any(|(f, s)| same(f.1, s.1))
+    {
+        tally.failures.push(format!(
+            "eval --windows first / spread: rows (windows, ppl) {first:?} / {spread:?}, expected 2 rows of 2 windows each, with different perplexities"
+        ));
+    }
+    let default_doc = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let default_rows = rows(&default_doc);
+    if default_doc.as_ref().map(|d| d["window_selection"].clone())
+        != Some(serde_json::Value::String("spread".into()))
+        || default_rows.len() != spread.len()
+        || default_rows
+            .iter()
+            .zip(&spread)
+            .any(|(d, s)| d.0 != s.0 || !same(d.1, s.1))
+    {
+        tally.failures.push(format!(
+            "eval without --windows: rows {default_rows:?}, expected spread's {spread:?}"
+        ));
+    }
     if !std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
         tally
             .failures
