@@ -59,12 +59,128 @@ pub enum CompareError {
     /// An output path that cannot be written, or a failed write.
     #[error(transparent)]
     Output(#[from] OutputError),
-    /// The original model could not be read.
+    /// The original model could not be opened.
+    #[error("{}: {source}", path.display())]
+    OpenModel {
+        /// The model given.
+        path: PathBuf,
+        /// Why.
+        source: ModelError,
+    },
+    /// A tensor or the tokenizer of the opened original model could not be read (the error
+    /// names the tensor).
     #[error(transparent)]
     Model(#[from] ModelError),
     /// The stack file could not be opened.
+    #[error("{}: {source}", path.display())]
+    OpenStack {
+        /// The stack file.
+        path: PathBuf,
+        /// Why (boxed: a load error is large, and this keeps every `Result` small).
+        source: Box<LoadError>,
+    },
+    /// An ablation's stack file (written by this run) could not be opened.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A text (`--text`, `--calib`) could not be read.
+    #[error("cannot read {flag} {}: {source}", path.display())]
+    ReadText {
+        /// The flag that named it.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The output folder could not be created.
+    #[error("cannot create --out-dir {}: {source}", path.display())]
+    CreateOutDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The calibration text is too short for the calibration windows asked for.
+    #[error(
+        "{windows} calibration windows of {seq_len} tokens requested, the text has {tokens} tokens"
+    )]
+    CalibrationTooShort {
+        /// Windows asked for.
+        windows: usize,
+        /// Tokens per window.
+        seq_len: usize,
+        /// Tokens of the text.
+        tokens: usize,
+    },
+    /// Accumulating a layer's calibration statistics failed.
+    #[error("calibration statistics: layer {layer} {kind:?}: {source}")]
+    Statistics {
+        /// The layer.
+        layer: usize,
+        /// The linear whose input was observed.
+        kind: LinearKind,
+        /// Why.
+        source: BaselineError,
+    },
+    /// The stack file does not hold the model given (its resident tensors differ in size).
+    #[error("resident bytes differ: model {model}, stack {stack}")]
+    ResidentMismatch {
+        /// Bytes of the model's resident tensors (f16 embedding, f32 norms).
+        model: u64,
+        /// Bytes the stack file's layout records.
+        stack: u64,
+    },
+    /// A weight of the original model has another shape than its configuration gives.
+    #[error("{tensor} has shape {shape:?}, expected [{rows}, {cols}]")]
+    TensorShape {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Rows the configuration gives.
+        rows: usize,
+        /// Columns the configuration gives.
+        cols: usize,
+    },
+    /// Quantizing one weight with a baseline failed.
+    #[error("{config}: {tensor}: {source}")]
+    Quantize {
+        /// Method and configuration (`GPTQ w3g128`).
+        config: String,
+        /// The weight.
+        tensor: String,
+        /// Why.
+        source: BaselineError,
+    },
+    /// A quantized model holds other bytes than the storage format predicts (an accounting
+    /// bug: the table would compare unequal memories).
+    #[error("{config}: held {held} bytes, the storage format predicts {predicted}")]
+    BytesMismatch {
+        /// Method and configuration.
+        config: String,
+        /// Bytes held.
+        held: u64,
+        /// Bytes predicted.
+        predicted: u64,
+    },
+    /// The runtime held more than the budget it was given (a budget-rule bug).
+    #[error("BitStack holds {held} bytes at prefix {prefix}, over {budget}")]
+    OverBudget {
+        /// Bytes held.
+        held: u64,
+        /// Blocks loaded.
+        prefix: usize,
+        /// The budget.
+        budget: u64,
+    },
+    /// Decomposing a weight for the no-AVD ablation failed.
+    #[error("{tensor}: {source}")]
+    Decompose {
+        /// The weight.
+        tensor: String,
+        /// Why.
+        source: bitstack_linalg::LinalgError,
+    },
     /// Compressing the stack (or an ablation's) failed.
     #[error(transparent)]
     Compress(#[from] CompressError),
@@ -92,21 +208,6 @@ pub enum CompareError {
     /// Serializing the JSON report failed.
     #[error("compare.json: {0}")]
     Json(#[from] serde_json::Error),
-    /// A stage failed; the message names the stage and the file or value involved.
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl From<String> for CompareError {
-    fn from(s: String) -> Self {
-        Self::Failed(s)
-    }
-}
-
-impl From<&str> for CompareError {
-    fn from(s: &str) -> Self {
-        Self::Failed(s.to_owned())
-    }
 }
 
 type Res<T> = Result<T, CompareError>;
@@ -292,15 +393,15 @@ pub fn baseline_model_bytes(
     Ok(total)
 }
 
-/// The largest prefix `p ≥ floor` of a universal order whose bytes `cumulative[p]` do not exceed
-/// `bytes` (`cumulative[p]` = bytes held with `p` blocks; non-decreasing), or `None` when even
-/// the minimum model (`floor` blocks, one per weight) is larger.
-pub fn largest_prefix_within(cumulative: &[u64], floor: usize, bytes: u64) -> Option<usize> {
-    let min = *cumulative.get(floor)?;
-    if min > bytes {
-        return None;
+/// The largest prefix of a universal order whose bytes `cumulative[p]` do not exceed `bytes`
+/// (the runtime's own rule, [`bitstack_core::prefix_within`]), or `None` when even the minimum
+/// model (`floor` blocks, one per weight) is larger.
+fn largest_prefix_within(cumulative: &[u64], floor: usize, bytes: u64) -> Res<Option<usize>> {
+    match bitstack_core::prefix_within(cumulative, floor, MemoryBudget::from_bytes(bytes)) {
+        Ok(p) => Ok(Some(p)),
+        Err(bitstack_core::CoreError::BudgetBelowMinimum { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Some(cumulative.partition_point(|&b| b <= bytes) - 1)
 }
 
 /// The baseline configurations of the table: for each bit width, per-channel then grouped.
@@ -334,7 +435,7 @@ fn stats_slot(kind: LinearKind) -> usize {
 
 struct HessianObserver {
     stats: Vec<Mutex<HessianAccumulator>>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<(usize, LinearKind, BaselineError)>>,
 }
 
 impl ActivationObserver for HessianObserver {
@@ -354,7 +455,7 @@ impl ActivationObserver for HessianObserver {
             self.error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(format!("layer {layer} {kind:?}: {e}"));
+                .get_or_insert((layer, kind, e));
         }
     }
 }
@@ -370,11 +471,11 @@ fn collect_stats(
     let c = source.config();
     let available = tokens.len() / seq_len.max(1);
     if windows == 0 || seq_len < 2 || available < windows {
-        return Err(format!(
-            "{windows} calibration windows of {seq_len} tokens requested, the text has {} tokens",
-            tokens.len()
-        )
-        .into());
+        return Err(CompareError::CalibrationTooShort {
+            windows,
+            seq_len,
+            tokens: tokens.len(),
+        });
     }
     let mut stats = Vec::with_capacity(4 * c.n_layers);
     for _ in 0..c.n_layers {
@@ -399,12 +500,16 @@ fn collect_stats(
         &observer,
         "baseline calibration windows",
     )?;
-    if let Some(e) = observer
+    if let Some((layer, kind, source)) = observer
         .error
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
     {
-        return Err(format!("calibration statistics: {e}").into());
+        return Err(CompareError::Statistics {
+            layer,
+            kind,
+            source,
+        });
     }
     Ok(observer
         .stats
@@ -713,21 +818,14 @@ fn eval_stack_within(
     label: &str,
     cache: &mut BTreeMap<usize, StackPoint>,
 ) -> Res<Option<StackPoint>> {
-    let layout = loaded.elastic.layout();
-    let cumulative: Vec<u64> = (0..=layout.order.len())
-        .map(|p| loaded.elastic.bytes_at_prefix(p).unwrap_or(u64::MAX))
-        .collect();
-    let Some(prefix) = largest_prefix_within(&cumulative, layout.stacks.len(), bytes) else {
-        return Ok(None);
+    let prefix = match loaded
+        .elastic
+        .prefix_for_budget(MemoryBudget::from_bytes(bytes))
+    {
+        Ok(p) => p,
+        Err(bitstack_core::CoreError::BudgetBelowMinimum { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
-    // The runtime's own budget rule must agree.
-    debug_assert_eq!(
-        loaded
-            .elastic
-            .prefix_for_budget(MemoryBudget::from_bytes(bytes))
-            .ok(),
-        Some(prefix)
-    );
     if let Some(p) = cache.get(&prefix) {
         return Ok(Some(p.clone()));
     }
@@ -735,7 +833,11 @@ fn eval_stack_within(
     let linears = loaded.linears();
     let held = linears.0.held_bytes();
     if held > bytes {
-        return Err(format!("BitStack holds {held} bytes at prefix {prefix}, over {bytes}").into());
+        return Err(CompareError::OverBudget {
+            held,
+            prefix,
+            budget: bytes,
+        });
     }
     let model = Llama::new(&loaded.resident, &linears)?;
     let ppl = perplexity(
@@ -750,16 +852,6 @@ fn eval_stack_within(
     let p = StackPoint { prefix, held, ppl };
     cache.insert(prefix, p.clone());
     Ok(Some(p))
-}
-
-/// `e` as an error whose text names `path` (prefixed when it does not already).
-fn named(path: &Path, e: impl std::fmt::Display) -> CompareError {
-    let (m, p) = (e.to_string(), path.display().to_string());
-    CompareError::Failed(if m.contains(&p) {
-        m
-    } else {
-        format!("{p}: {m}")
-    })
 }
 
 /// Validates `args` before any work: the counts, and that OUT_DIR exists (it is created) and
@@ -781,8 +873,10 @@ pub fn check_args(args: &CompareOptions) -> Res<()> {
             "--bits {b}: supported bit widths are {supported:?}"
         )));
     }
-    std::fs::create_dir_all(&args.out_dir)
-        .map_err(|e| format!("cannot create --out-dir {}: {e}", args.out_dir.display()))?;
+    std::fs::create_dir_all(&args.out_dir).map_err(|source| CompareError::CreateOutDir {
+        path: args.out_dir.clone(),
+        source,
+    })?;
     let mut inputs = vec![
         args.model.as_path(),
         args.calib.as_path(),
@@ -807,13 +901,22 @@ pub fn check_args(args: &CompareOptions) -> Res<()> {
 pub fn run(args: &CompareOptions) -> Res<String> {
     let t_all = Instant::now();
     check_args(args)?;
-    let source = open_model(&args.model).map_err(|e| named(&args.model, e))?;
+    let model_err = |source| CompareError::OpenModel {
+        path: args.model.clone(),
+        source,
+    };
+    let source = open_model(&args.model).map_err(model_err)?;
     let c = source.config().clone();
-    let tokenizer = source.tokenizer()?;
-    let text = std::fs::read_to_string(&args.text)
-        .map_err(|e| format!("cannot read {}: {e}", args.text.display()))?;
-    let calib_text = std::fs::read_to_string(&args.calib)
-        .map_err(|e| format!("cannot read {}: {e}", args.calib.display()))?;
+    let tokenizer = source.tokenizer().map_err(model_err)?;
+    let read = |flag, path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| CompareError::ReadText {
+            flag,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let text = read("--text", &args.text)?;
+    let calib_text = read("--calib", &args.calib)?;
     let tokens = tokenizer.encode(&text, false)?;
     let calib_tokens = tokenizer.encode(&calib_text, false)?;
     let params = PerplexityParams {
@@ -844,7 +947,11 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             p
         }
     };
-    let loaded = LoadedStack::open(&stack_path, None).map_err(|e| named(&stack_path, e))?;
+    let loaded =
+        LoadedStack::open(&stack_path, None).map_err(|source| CompareError::OpenStack {
+            path: stack_path.clone(),
+            source: Box::new(source),
+        })?;
     let stack_compression = loaded
         .model
         .file()
@@ -855,11 +962,10 @@ pub fn run(args: &CompareOptions) -> Res<String> {
     let resident = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
     let resident_bytes = resident.held_bytes();
     if resident_bytes != loaded.elastic.layout().resident_bytes {
-        return Err(format!(
-            "resident bytes differ: model {resident_bytes}, stack {}",
-            loaded.elastic.layout().resident_bytes
-        )
-        .into());
+        return Err(CompareError::ResidentMismatch {
+            model: resident_bytes,
+            stack: loaded.elastic.layout().resident_bytes,
+        });
     }
     let n_weights = c.n_layers * LinearKind::ALL.len();
     let shapes: Vec<(usize, usize)> = (0..n_weights)
@@ -951,7 +1057,12 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                 let (shape, data) = source.tensor_f32(&kind.tensor_name(layer))?;
                 let (r, cc) = shapes[w];
                 if shape != [r, cc] {
-                    return Err(format!("{} has shape {shape:?}", kind.tensor_name(layer)).into());
+                    return Err(CompareError::TensorShape {
+                        tensor: kind.tensor_name(layer),
+                        shape,
+                        rows: r,
+                        cols: cc,
+                    });
                 }
                 Ok(data)
             })
@@ -971,9 +1082,13 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                         let (r, cc) = shapes[w];
                         let view = WeightView::new(&weights[w], r, cc)?;
                         let st = stats.as_ref().map(|s| &s[layer * 4 + stats_slot(kind)]);
-                        let q = method
-                            .quantize(view, st, *cfg)
-                            .map_err(|e| format!("{label}: {}: {e}", kind.tensor_name(layer)))?;
+                        let q = method.quantize(view, st, *cfg).map_err(|source| {
+                            CompareError::Quantize {
+                                config: label.clone(),
+                                tensor: kind.tensor_name(layer),
+                                source,
+                            }
+                        })?;
                         let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                         if let Ok(mut p) = progress.lock() {
                             p.update(n);
@@ -993,10 +1108,11 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                 let total = resident_bytes + bytes.total();
                 let predicted = baseline_model_bytes(&shapes, cfg, method, resident_bytes)?;
                 if predicted != total {
-                    return Err(format!(
-                        "{label}: held {total} bytes, the storage format predicts {predicted}"
-                    )
-                    .into());
+                    return Err(CompareError::BytesMismatch {
+                        config: label.clone(),
+                        held: total,
+                        predicted,
+                    });
                 }
                 let mut it = quantized.into_iter();
                 let layers: Vec<[Box<dyn LinearOp>; 7]> = (0..c.n_layers)
@@ -1128,8 +1244,12 @@ fn eval_plain_svd_ablation(
         };
         let scale = scales.as_ref().map(|s| s[w].as_slice());
         decs.push(
-            decompose_plain_slice(&data, rows, cols, scale, &p)
-                .map_err(|e| format!("{tensor}: {e}"))?,
+            decompose_plain_slice(&data, rows, cols, scale, &p).map_err(|source| {
+                CompareError::Decompose {
+                    tensor: tensor.clone(),
+                    source,
+                }
+            })?,
         );
         progress.update(w + 1);
     }
@@ -1164,17 +1284,7 @@ fn eval_plain_svd_ablation(
         | SortMethod::Import => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
         SortMethod::Random => bitstack_sort::sort_random(&levels, base.order_settings.seed)?,
     };
-    let resident = loaded
-        .elastic
-        .bytes_at_prefix(0)
-        .ok_or("the stack has no prefix 0")?
-        - loaded
-            .elastic
-            .layout()
-            .stacks
-            .iter()
-            .map(|m| m.scale_bytes())
-            .sum::<u64>();
+    let resident = loaded.elastic.layout().resident_bytes;
     let fixed = resident
         + scales
             .as_ref()
@@ -1186,7 +1296,7 @@ fn eval_plain_svd_ablation(
     }
     let mut cache: BTreeMap<usize, StackPoint> = BTreeMap::new();
     for (cfg, budget) in budgets {
-        let Some(prefix) = largest_prefix_within(&cumulative, n, *budget) else {
+        let Some(prefix) = largest_prefix_within(&cumulative, n, *budget)? else {
             report.ablations.push(AblationPoint {
                 variant: name.clone(),
                 config: cfg.clone(),
@@ -1505,27 +1615,6 @@ mod tests {
                 "{m:?}"
             );
         }
-    }
-
-    #[test]
-    fn budget_matching_picks_the_largest_fitting_prefix() {
-        // 3 weights (floor 3), then blocks of varying size; cumulative[p] = bytes with p blocks.
-        let cum = [100, 110, 120, 130, 140, 140, 155, 170];
-        assert_eq!(largest_prefix_within(&cum, 3, 129), None);
-        assert_eq!(largest_prefix_within(&cum, 3, 130), Some(3));
-        assert_eq!(largest_prefix_within(&cum, 3, 139), Some(3));
-        // A zero-byte block at the boundary is included (the longest prefix within budget).
-        assert_eq!(largest_prefix_within(&cum, 3, 140), Some(5));
-        assert_eq!(largest_prefix_within(&cum, 3, 154), Some(5));
-        assert_eq!(largest_prefix_within(&cum, 3, 155), Some(6));
-        assert_eq!(largest_prefix_within(&cum, 3, 10_000), Some(7));
-        // Never exceeds the budget, and the next prefix would.
-        for b in 130..200u64 {
-            let p = largest_prefix_within(&cum, 3, b).unwrap();
-            assert!(cum[p] <= b);
-            assert!(p + 1 == cum.len() || cum[p + 1] > b);
-        }
-        assert_eq!(largest_prefix_within(&cum, 9, 10_000), None);
     }
 
     #[test]
