@@ -15,7 +15,7 @@ use bitstack_examples::report::{markdown_table, svg_plot, Series};
 use bitstack_examples::stackmodel::SnapshotLinears;
 use bitstack_examples::{noteln, outln};
 use clap::Args;
-use serde_json::json;
+use serde::Serialize;
 use std::path::PathBuf;
 
 /// `bitstack eval`; `matches` are the subcommand's matches, for the flags given explicitly.
@@ -239,6 +239,56 @@ pub(crate) fn ppl_params(args: &EvalArgs) -> PerplexityParams {
     }
 }
 
+/// `eval --json`: the run's settings and one entry per budget.
+#[derive(Serialize)]
+struct EvalDoc {
+    file: String,
+    text: String,
+    text_tokens: usize,
+    seq_len: usize,
+    max_windows: Option<usize>,
+    window_selection: WindowSelection,
+    minimum_bytes: u64,
+    full_bytes: u64,
+    original_f16_bytes: u64,
+    process_rss_before_load_bytes: Option<u64>,
+    rows: Vec<EvalRowDoc>,
+}
+
+/// One budget of [`EvalDoc`].
+#[derive(Serialize)]
+struct EvalRowDoc {
+    budget_bytes: Option<u64>,
+    held_bytes: u64,
+    blocks: usize,
+    ppl: f64,
+    mean_nll: f64,
+    windows: usize,
+    tokens_scored: usize,
+    seconds: f64,
+    peak_rss_bytes: Option<u64>,
+    resize_ms: f64,
+    bytes_moved: u64,
+}
+
+impl From<&EvalRow> for EvalRowDoc {
+    fn from(r: &EvalRow) -> Self {
+        Self {
+            budget_bytes: r.budget,
+            held_bytes: r.held,
+            blocks: r.blocks,
+            ppl: r.ppl.ppl,
+            mean_nll: r.ppl.mean_nll,
+            windows: r.ppl.windows,
+            tokens_scored: r.ppl.tokens_scored,
+            seconds: r.ppl.seconds,
+            peak_rss_bytes: r.peak_rss,
+            resize_ms: r.resize_ms,
+            bytes_moved: r.bytes_moved,
+        }
+    }
+}
+
 /// One evaluated row.
 #[derive(Clone, Debug)]
 pub(crate) struct EvalRow {
@@ -399,31 +449,19 @@ pub(crate) fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
         )
     )?;
     if let Some(path) = &args.json {
-        let doc = json!({
-            "file": args.file.display().to_string(),
-            "text": args.text.display().to_string(),
-            "text_tokens": tokens.len(),
-            "seq_len": args.seq_len,
-            "max_windows": args.max_windows,
-            "window_selection": args.windows,
-            "minimum_bytes": min,
-            "full_bytes": full,
-            "original_f16_bytes": loaded.original_f16_bytes,
-            "process_rss_before_load_bytes": base_rss.rss,
-            "rows": rows.iter().map(|r| json!({
-                "budget_bytes": r.budget,
-                "held_bytes": r.held,
-                "blocks": r.blocks,
-                "ppl": r.ppl.ppl,
-                "mean_nll": r.ppl.mean_nll,
-                "windows": r.ppl.windows,
-                "tokens_scored": r.ppl.tokens_scored,
-                "seconds": r.ppl.seconds,
-                "peak_rss_bytes": r.peak_rss,
-                "resize_ms": r.resize_ms,
-                "bytes_moved": r.bytes_moved,
-            })).collect::<Vec<_>>(),
-        });
+        let doc = EvalDoc {
+            file: args.file.display().to_string(),
+            text: args.text.display().to_string(),
+            text_tokens: tokens.len(),
+            seq_len: args.seq_len,
+            max_windows: args.max_windows,
+            window_selection: args.windows,
+            minimum_bytes: min,
+            full_bytes: full,
+            original_f16_bytes: loaded.original_f16_bytes,
+            process_rss_before_load_bytes: base_rss.rss,
+            rows: rows.iter().map(EvalRowDoc::from).collect(),
+        };
         bitstack_examples::output::write_atomic(
             path,
             serde_json::to_string_pretty(&doc)?.as_bytes(),
