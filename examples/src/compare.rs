@@ -44,7 +44,8 @@ use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRES
 use crate::tokenizer::TokenizerError;
 use bitstack_core::{LinearOp, MemoryBudget, MB};
 use rayon::prelude::*;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -518,15 +519,121 @@ fn collect_stats(
         .collect())
 }
 
-fn ppl_json(p: &Perplexity) -> Value {
-    json!({
-        "ppl": p.ppl,
-        "mean_nll": p.mean_nll,
-        "windows": p.windows,
-        "windows_available": p.windows_available,
-        "tokens_scored": p.tokens_scored,
-        "seconds": p.seconds,
-    })
+/// A perplexity in compare.json.
+#[derive(Serialize)]
+struct PplDoc {
+    ppl: f64,
+    mean_nll: f64,
+    windows: usize,
+    windows_available: usize,
+    tokens_scored: usize,
+    seconds: f64,
+}
+
+impl From<&Perplexity> for PplDoc {
+    fn from(p: &Perplexity) -> Self {
+        Self {
+            ppl: p.ppl,
+            mean_nll: p.mean_nll,
+            windows: p.windows,
+            windows_available: p.windows_available,
+            tokens_scored: p.tokens_scored,
+            seconds: p.seconds,
+        }
+    }
+}
+
+/// The settings at the top of compare.json (and of compare.md's caption).
+#[derive(Clone, Debug, Serialize)]
+struct Header {
+    model: String,
+    stack: String,
+    /// The stack file's own `bitstack.compression` record, as stored.
+    stack_compression: Value,
+    text: String,
+    text_tokens: usize,
+    seq_len: usize,
+    max_windows: Option<usize>,
+    window_selection: WindowSelection,
+    ablation_windows: Option<usize>,
+    calib: String,
+    calib_windows: usize,
+    calib_seq_len: usize,
+    calibration_note: &'static str,
+    resident_bytes: u64,
+    memory_note: &'static str,
+    original_note: &'static str,
+    bitstack_minimum_bytes: u64,
+    bitstack_full_bytes: u64,
+    original_f16_bytes: u64,
+    /// Wall time per phase, `[name, seconds]`; written once the run is complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phases_seconds: Option<Vec<(String, f64)>>,
+}
+
+/// compare.json.
+#[derive(Serialize)]
+struct ReportDoc<'a> {
+    #[serde(flatten)]
+    header: &'a Header,
+    original: Option<OriginalDoc>,
+    rows: Vec<RowDoc>,
+    ablations: AblationsDoc<'a>,
+}
+
+/// The original model's row.
+#[derive(Serialize)]
+struct OriginalDoc {
+    memory_bytes: u64,
+    perplexity: PplDoc,
+}
+
+/// One baseline row and BitStack at its memory.
+#[derive(Serialize)]
+struct RowDoc {
+    config: String,
+    bits: u8,
+    method: &'static str,
+    memory_bytes: u64,
+    codes_bytes: u64,
+    scales_bytes: u64,
+    zeros_bytes: u64,
+    input_scale_bytes: u64,
+    quantize_seconds: f64,
+    perplexity: PplDoc,
+    bitstack: Option<StackPointDoc>,
+}
+
+/// A BitStack point.
+#[derive(Serialize)]
+struct StackPointDoc {
+    prefix_blocks: usize,
+    memory_bytes: u64,
+    perplexity: PplDoc,
+}
+
+/// The ablations.
+#[derive(Serialize)]
+struct AblationsDoc<'a> {
+    notes: &'a [String],
+    points: Vec<AblationDoc<'a>>,
+}
+
+/// One ablation point (`null` fields where the budget is below the variant's minimum).
+#[derive(Serialize)]
+struct AblationDoc<'a> {
+    variant: &'a str,
+    config: &'a str,
+    budget_bytes: u64,
+    prefix_blocks: Option<usize>,
+    memory_bytes: Option<u64>,
+    perplexity: Option<PplDoc>,
+    note: Option<&'a str>,
+}
+
+/// A count of windows for compare.md: `all` when unbounded.
+fn windows_text(w: Option<usize>) -> String {
+    w.map_or("all".to_owned(), |w| w.to_string())
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -565,7 +672,7 @@ struct AblationPoint {
 }
 
 struct Report {
-    header: Value,
+    header: Header,
     original: Option<(u64, Perplexity)>,
     rows: Vec<Row>,
     extra_stack_points: BTreeMap<usize, StackPoint>,
@@ -574,58 +681,61 @@ struct Report {
 }
 
 impl Report {
-    fn json(&self) -> Value {
-        let mut doc = self.header.clone();
-        doc["original"] = self.original.as_ref().map_or(
-            Value::Null,
-            |(b, p)| json!({"memory_bytes": b, "perplexity": ppl_json(p)}),
-        );
-        doc["rows"] = self
-            .rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "config": r.config.label(),
-                    "bits": r.config.bits,
-                    "method": r.method.name(),
-                    "memory_bytes": r.total,
-                    "codes_bytes": r.bytes.codes,
-                    "scales_bytes": r.bytes.scales,
-                    "zeros_bytes": r.bytes.zeros,
-                    "input_scale_bytes": r.bytes.input_scale,
-                    "quantize_seconds": r.quantize_seconds,
-                    "perplexity": ppl_json(&r.ppl),
-                    "bitstack": r.bitstack.as_ref().map(|s| json!({
-                        "prefix_blocks": s.prefix,
-                        "memory_bytes": s.held,
-                        "perplexity": ppl_json(&s.ppl),
-                    })),
+    fn json(&self) -> ReportDoc<'_> {
+        ReportDoc {
+            header: &self.header,
+            original: self.original.as_ref().map(|(b, p)| OriginalDoc {
+                memory_bytes: *b,
+                perplexity: p.into(),
+            }),
+            rows: self
+                .rows
+                .iter()
+                .map(|r| RowDoc {
+                    config: r.config.label(),
+                    bits: r.config.bits,
+                    method: r.method.name(),
+                    memory_bytes: r.total,
+                    codes_bytes: r.bytes.codes,
+                    scales_bytes: r.bytes.scales,
+                    zeros_bytes: r.bytes.zeros,
+                    input_scale_bytes: r.bytes.input_scale,
+                    quantize_seconds: r.quantize_seconds,
+                    perplexity: (&r.ppl).into(),
+                    bitstack: r.bitstack.as_ref().map(|s| StackPointDoc {
+                        prefix_blocks: s.prefix,
+                        memory_bytes: s.held,
+                        perplexity: (&s.ppl).into(),
+                    }),
                 })
-            })
-            .collect();
-        doc["ablations"] = json!({
-            "notes": self.ablation_notes,
-            "points": self.ablations.iter().map(|a| json!({
-                "variant": a.variant,
-                "config": a.config,
-                "budget_bytes": a.budget,
-                "prefix_blocks": a.point.as_ref().map(|p| p.prefix),
-                "memory_bytes": a.point.as_ref().map(|p| p.held),
-                "perplexity": a.point.as_ref().map(|p| ppl_json(&p.ppl)),
-                "note": a.note,
-            })).collect::<Vec<_>>(),
-        });
-        doc
+                .collect(),
+            ablations: AblationsDoc {
+                notes: &self.ablation_notes,
+                points: self
+                    .ablations
+                    .iter()
+                    .map(|a| AblationDoc {
+                        variant: &a.variant,
+                        config: &a.config,
+                        budget_bytes: a.budget,
+                        prefix_blocks: a.point.as_ref().map(|p| p.prefix),
+                        memory_bytes: a.point.as_ref().map(|p| p.held),
+                        perplexity: a.point.as_ref().map(|p| (&p.ppl).into()),
+                        note: a.note.as_deref(),
+                    })
+                    .collect(),
+            },
+        }
     }
 
     fn markdown(&self) -> String {
         let h = &self.header;
         let mut s = format!(
             "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
-            h["text"].as_str().unwrap_or("?"),
-            h["max_windows"],
-            h["seq_len"],
-            h["window_selection"].as_str().unwrap_or("?"),
+            h.text,
+            windows_text(h.max_windows),
+            h.seq_len,
+            h.window_selection,
             self.rows
                 .first()
                 .map(|r| r.ppl.windows_available)
@@ -635,10 +745,10 @@ impl Report {
                     .iter()
                     .find_map(|a| a.point.as_ref().map(|p| p.ppl.windows_available)))
                 .map_or("?".to_owned(), |n| n.to_string()),
-            h["stack"].as_str().unwrap_or("?"),
-            h["calib_windows"],
-            h["calib_seq_len"],
-            h["calib"].as_str().unwrap_or("?"),
+            h.stack,
+            h.calib_windows,
+            h.calib_seq_len,
+            h.calib,
         );
         let mut rows = Vec::new();
         if let Some((b, p)) = &self.original {
@@ -695,7 +805,7 @@ impl Report {
         if !self.ablations.is_empty() || !self.ablation_notes.is_empty() {
             s.push_str(&format!(
                 "\nBitStack ablations ({} windows):\n\n",
-                h["ablation_windows"]
+                windows_text(h.ablation_windows)
             ));
             let rows: Vec<Vec<String>> = self
                 .ablations
@@ -976,27 +1086,28 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             + resident.param_count() as u64);
 
     let mut report = Report {
-        header: json!({
-            "model": args.model.display().to_string(),
-            "stack": stack_path.display().to_string(),
-            "stack_compression": stack_compression,
-            "text": args.text.display().to_string(),
-            "text_tokens": tokens.len(),
-            "seq_len": args.seq_len,
-            "max_windows": params.max_windows,
-            "window_selection": args.windows,
-            "ablation_windows": ablation_params.max_windows,
-            "calib": args.calib.display().to_string(),
-            "calib_windows": args.calib_windows,
-            "calib_seq_len": args.calib_seq_len,
-            "calibration_note": "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
-            "resident_bytes": resident_bytes,
-            "memory_note": "weights + scales + zeros (+ AWQ input scale) + resident tensors (f16 embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors",
-            "original_note": "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
-            "bitstack_minimum_bytes": loaded.elastic.minimum_bytes(),
-            "bitstack_full_bytes": loaded.elastic.full_bytes(),
-            "original_f16_bytes": original_f16,
-        }),
+        header: Header {
+            model: args.model.display().to_string(),
+            stack: stack_path.display().to_string(),
+            stack_compression: stack_compression.clone(),
+            text: args.text.display().to_string(),
+            text_tokens: tokens.len(),
+            seq_len: args.seq_len,
+            max_windows: params.max_windows,
+            window_selection: args.windows,
+            ablation_windows: ablation_params.max_windows,
+            calib: args.calib.display().to_string(),
+            calib_windows: args.calib_windows,
+            calib_seq_len: args.calib_seq_len,
+            calibration_note: "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
+            resident_bytes,
+            memory_note: "weights + scales + zeros (+ AWQ input scale) + resident tensors (f16 embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors",
+            original_note: "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
+            bitstack_minimum_bytes: loaded.elastic.minimum_bytes(),
+            bitstack_full_bytes: loaded.elastic.full_bytes(),
+            original_f16_bytes: original_f16,
+            phases_seconds: None,
+        },
         original: None,
         rows: Vec::new(),
         extra_stack_points: BTreeMap::new(),
@@ -1190,7 +1301,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         )?;
     }
     phases.push(("total".into(), t_all.elapsed().as_secs_f64()));
-    report.header["phases_seconds"] = phases.iter().map(|(n, s)| json!([n, s])).collect();
+    report.header.phases_seconds = Some(phases);
     report.write(&args.out_dir)?;
     Ok(report.markdown())
 }
