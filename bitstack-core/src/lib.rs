@@ -62,8 +62,8 @@ pub use error::{CoreError, Result};
 pub use linear::{DenseLinear, LinearOp};
 pub use order::{BlockId, UniversalOrder};
 pub use runtime::{
-    BlockSource, ElasticLinear, ElasticModel, InMemorySource, ModelLayout, ModelSnapshot,
-    ResizeReport,
+    prefix_within, BlockSource, ElasticLinear, ElasticModel, InMemorySource, ModelLayout,
+    ModelSnapshot, ResizeReport,
 };
 pub use signs::SignsRef;
 pub use stack::{release_thread_scratch, thread_scratch_bytes, StackMeta, WeightStack};

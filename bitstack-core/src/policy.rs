@@ -132,16 +132,49 @@ impl MemorySource for FileSource {
 #[derive(Debug)]
 pub struct FallbackChain(pub Vec<Box<dyn MemorySource>>);
 
-impl MemorySource for FallbackChain {
-    fn available(&self, held: u64) -> Reading {
-        let mut why = Vec::new();
-        for s in &self.0 {
+/// One poll of a [`FallbackChain`], with which member answered: what a server logs when its
+/// source changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainProbe {
+    /// The index and reading of the first member that answered (`None`: none did).
+    pub answer: Option<(usize, u64)>,
+    /// Why each member tried before it (all of them, when none answered) failed, as
+    /// `(index, reason)`.
+    pub failures: Vec<(usize, String)>,
+}
+
+impl FallbackChain {
+    /// Polls the members in order until one answers.
+    pub fn probe(&self, held: u64) -> ChainProbe {
+        let mut failures = Vec::new();
+        for (i, s) in self.0.iter().enumerate() {
             match s.available(held) {
-                Ok(v) => return Ok(v),
-                Err(e) => why.push(e),
+                Ok(v) => {
+                    return ChainProbe {
+                        answer: Some((i, v)),
+                        failures,
+                    }
+                }
+                Err(e) => failures.push((i, e)),
             }
         }
-        Err(format!("no memory source answered: {}", why.join("; ")))
+        ChainProbe {
+            answer: None,
+            failures,
+        }
+    }
+}
+
+impl MemorySource for FallbackChain {
+    fn available(&self, held: u64) -> Reading {
+        let p = self.probe(held);
+        match p.answer {
+            Some((_, v)) => Ok(v),
+            None => {
+                let why: Vec<String> = p.failures.into_iter().map(|(_, e)| e).collect();
+                Err(format!("no memory source answered: {}", why.join("; ")))
+            }
+        }
     }
 }
 
@@ -292,6 +325,19 @@ mod tests {
             Box::new(FixedSource(MemoryBudget::from_bytes(7))),
         ]);
         assert_eq!(chain.available(0), Ok(7));
+        let p = chain.probe(0);
+        assert_eq!(p.answer, Some((1, 7)));
+        assert_eq!(p.failures.len(), 1);
+        assert_eq!(p.failures[0].0, 0);
+        assert!(p.failures[0].1.contains("nope"), "{:?}", p.failures);
+        let none = FallbackChain(vec![Box::new(MemInfoSource {
+            path: dir.join("nope"),
+        })]);
+        assert_eq!(none.probe(0).answer, None);
+        assert!(none
+            .available(0)
+            .unwrap_err()
+            .starts_with("no memory source answered"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

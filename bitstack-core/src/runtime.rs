@@ -86,12 +86,26 @@ impl ModelLayout {
     /// Longest prefix whose bytes fit `budget`; an error naming the minimum if none does.
     pub fn prefix_for_budget(&self, budget: MemoryBudget) -> Result<usize> {
         let cum = self.cumulative_bytes();
-        prefix_in(&cum, self.stacks.len(), budget)
+        prefix_within(&cum, self.stacks.len(), budget)
     }
 }
 
-fn prefix_in(cum: &[u64], floor: usize, budget: MemoryBudget) -> Result<usize> {
-    let minimum = cum[floor];
+/// The longest prefix of a universal order that fits `budget`: `cumulative[p]` is the bytes
+/// held with `p` blocks loaded (non-decreasing, as [`ModelLayout::cumulative_bytes`]), and
+/// `floor` the smallest loadable prefix (one block per weight). This is the rule
+/// [`ElasticModel::resize`] applies, for a caller that sizes a model it has not built (e.g.
+/// a variant being compared at equal memory). Errors when even `floor` blocks exceed the
+/// budget, or when `floor` is past the end of `cumulative`.
+pub fn prefix_within(cumulative: &[u64], floor: usize, budget: MemoryBudget) -> Result<usize> {
+    let minimum = *cumulative
+        .get(floor)
+        .ok_or_else(|| CoreError::InvalidParameter {
+            name: "floor",
+            reason: format!(
+                "{floor} blocks, but the order has {} prefixes",
+                cumulative.len()
+            ),
+        })?;
     if budget.bytes() < minimum {
         return Err(CoreError::BudgetBelowMinimum {
             budget: budget.bytes(),
@@ -100,8 +114,8 @@ fn prefix_in(cum: &[u64], floor: usize, budget: MemoryBudget) -> Result<usize> {
             minimum_mib: minimum as f64 / crate::budget::MIB,
         });
     }
-    // cum is non-decreasing: the number of entries <= budget, minus the empty prefix.
-    Ok(cum.partition_point(|&b| b <= budget.bytes()) - 1)
+    // cumulative is non-decreasing: the number of entries <= budget, minus the empty prefix.
+    Ok(cumulative.partition_point(|&b| b <= budget.bytes()) - 1)
 }
 
 /// An immutable view of the loaded model: what one forward pass computes with.
@@ -178,7 +192,7 @@ impl<S: BlockSource> ElasticModel<S> {
     pub fn new(source: S, layout: ModelLayout, budget: MemoryBudget) -> Result<Self> {
         layout.validate()?;
         let cumulative = layout.cumulative_bytes();
-        let prefix = prefix_in(&cumulative, layout.stacks.len(), budget)?;
+        let prefix = prefix_within(&cumulative, layout.stacks.len(), budget)?;
         let empty = ModelSnapshot {
             prefix: 0,
             held_bytes: cumulative[0],
@@ -243,7 +257,7 @@ impl<S: BlockSource> ElasticModel<S> {
     }
     /// Longest prefix fitting `budget`.
     pub fn prefix_for_budget(&self, budget: MemoryBudget) -> Result<usize> {
-        prefix_in(&self.cumulative, self.layout.stacks.len(), budget)
+        prefix_within(&self.cumulative, self.layout.stacks.len(), budget)
     }
     /// Grows or shrinks to the longest prefix that fits `budget`.
     pub fn resize(&self, budget: MemoryBudget) -> Result<ResizeReport> {
@@ -455,6 +469,34 @@ pub fn trim_allocator() {
 mod tests {
     use super::*;
     use crate::testutil::random_block;
+
+    #[test]
+    fn prefix_within_picks_the_largest_fitting_prefix() {
+        // 3 weights (floor 3), then blocks of varying size; cumulative[p] = bytes with p blocks.
+        let cum = [100, 110, 120, 130, 140, 140, 155, 170];
+        let at = |floor: usize, b: u64| prefix_within(&cum, floor, MemoryBudget::from_bytes(b));
+        assert!(matches!(
+            at(3, 129),
+            Err(CoreError::BudgetBelowMinimum { minimum: 130, .. })
+        ));
+        assert_eq!(at(3, 130).unwrap(), 3);
+        assert_eq!(at(3, 139).unwrap(), 3);
+        // A zero-byte block at the boundary is included (the longest prefix within budget).
+        assert_eq!(at(3, 140).unwrap(), 5);
+        assert_eq!(at(3, 154).unwrap(), 5);
+        assert_eq!(at(3, 155).unwrap(), 6);
+        assert_eq!(at(3, 10_000).unwrap(), 7);
+        // Never exceeds the budget, and the next prefix would.
+        for b in 130..200u64 {
+            let p = at(3, b).unwrap();
+            assert!(cum[p] <= b);
+            assert!(p + 1 == cum.len() || cum[p + 1] > b);
+        }
+        assert!(matches!(
+            at(9, 10_000),
+            Err(CoreError::InvalidParameter { name: "floor", .. })
+        ));
+    }
 
     fn model(levels: u16) -> (InMemorySource, ModelLayout) {
         let shapes = [(16usize, 64usize), (32, 64), (64, 128)];

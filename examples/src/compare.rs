@@ -37,14 +37,15 @@ use crate::llama::{
 };
 use crate::output::{OutputError, UsageError};
 use crate::perplexity::PerplexityError;
-use crate::perplexity::{perplexity, Perplexity, PerplexityParams};
+use crate::perplexity::{perplexity, Perplexity, PerplexityParams, WindowSelection};
 use crate::report::{markdown_table, svg_plot, Progress, Series};
 use crate::stackmodel::LoadError;
 use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRESSION};
 use crate::tokenizer::TokenizerError;
 use bitstack_core::{LinearOp, MemoryBudget, MB};
 use rayon::prelude::*;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -59,12 +60,128 @@ pub enum CompareError {
     /// An output path that cannot be written, or a failed write.
     #[error(transparent)]
     Output(#[from] OutputError),
-    /// The original model could not be read.
+    /// The original model could not be opened.
+    #[error("{}: {source}", path.display())]
+    OpenModel {
+        /// The model given.
+        path: PathBuf,
+        /// Why.
+        source: ModelError,
+    },
+    /// A tensor or the tokenizer of the opened original model could not be read (the error
+    /// names the tensor).
     #[error(transparent)]
     Model(#[from] ModelError),
     /// The stack file could not be opened.
+    #[error("{}: {source}", path.display())]
+    OpenStack {
+        /// The stack file.
+        path: PathBuf,
+        /// Why (boxed: a load error is large, and this keeps every `Result` small).
+        source: Box<LoadError>,
+    },
+    /// An ablation's stack file (written by this run) could not be opened.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A text (`--text`, `--calib`) could not be read.
+    #[error("cannot read {flag} {}: {source}", path.display())]
+    ReadText {
+        /// The flag that named it.
+        flag: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The output folder could not be created.
+    #[error("cannot create --out-dir {}: {source}", path.display())]
+    CreateOutDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The calibration text is too short for the calibration windows asked for.
+    #[error(
+        "{windows} calibration windows of {seq_len} tokens requested, the text has {tokens} tokens"
+    )]
+    CalibrationTooShort {
+        /// Windows asked for.
+        windows: usize,
+        /// Tokens per window.
+        seq_len: usize,
+        /// Tokens of the text.
+        tokens: usize,
+    },
+    /// Accumulating a layer's calibration statistics failed.
+    #[error("calibration statistics: layer {layer} {kind:?}: {source}")]
+    Statistics {
+        /// The layer.
+        layer: usize,
+        /// The linear whose input was observed.
+        kind: LinearKind,
+        /// Why.
+        source: BaselineError,
+    },
+    /// The stack file does not hold the model given (its resident tensors differ in size).
+    #[error("resident bytes differ: model {model}, stack {stack}")]
+    ResidentMismatch {
+        /// Bytes of the model's resident tensors (f16 embedding, f32 norms).
+        model: u64,
+        /// Bytes the stack file's layout records.
+        stack: u64,
+    },
+    /// A weight of the original model has another shape than its configuration gives.
+    #[error("{tensor} has shape {shape:?}, expected [{rows}, {cols}]")]
+    TensorShape {
+        /// The tensor.
+        tensor: String,
+        /// Its shape.
+        shape: Vec<usize>,
+        /// Rows the configuration gives.
+        rows: usize,
+        /// Columns the configuration gives.
+        cols: usize,
+    },
+    /// Quantizing one weight with a baseline failed.
+    #[error("{config}: {tensor}: {source}")]
+    Quantize {
+        /// Method and configuration (`GPTQ w3g128`).
+        config: String,
+        /// The weight.
+        tensor: String,
+        /// Why.
+        source: BaselineError,
+    },
+    /// A quantized model holds other bytes than the storage format predicts (an accounting
+    /// bug: the table would compare unequal memories).
+    #[error("{config}: held {held} bytes, the storage format predicts {predicted}")]
+    BytesMismatch {
+        /// Method and configuration.
+        config: String,
+        /// Bytes held.
+        held: u64,
+        /// Bytes predicted.
+        predicted: u64,
+    },
+    /// The runtime held more than the budget it was given (a budget-rule bug).
+    #[error("BitStack holds {held} bytes at prefix {prefix}, over {budget}")]
+    OverBudget {
+        /// Bytes held.
+        held: u64,
+        /// Blocks loaded.
+        prefix: usize,
+        /// The budget.
+        budget: u64,
+    },
+    /// Decomposing a weight for the no-AVD ablation failed.
+    #[error("{tensor}: {source}")]
+    Decompose {
+        /// The weight.
+        tensor: String,
+        /// Why.
+        source: bitstack_linalg::LinalgError,
+    },
     /// Compressing the stack (or an ablation's) failed.
     #[error(transparent)]
     Compress(#[from] CompressError),
@@ -92,21 +209,6 @@ pub enum CompareError {
     /// Serializing the JSON report failed.
     #[error("compare.json: {0}")]
     Json(#[from] serde_json::Error),
-    /// A stage failed; the message names the stage and the file or value involved.
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl From<String> for CompareError {
-    fn from(s: String) -> Self {
-        Self::Failed(s)
-    }
-}
-
-impl From<&str> for CompareError {
-    fn from(s: &str) -> Self {
-        Self::Failed(s.to_owned())
-    }
 }
 
 type Res<T> = Result<T, CompareError>;
@@ -131,8 +233,10 @@ pub struct CompareOptions {
     pub stack: Option<PathBuf>,
     /// Folder for compare.json, compare.md and compare.svg.
     pub out_dir: PathBuf,
-    /// Evaluation windows of seq-len tokens, evenly spaced over the text (0: all).
+    /// Evaluation windows of seq-len tokens (0: all).
     pub max_windows: usize,
+    /// Which windows `max_windows` picks (spread evenly over the text, or the first ones).
+    pub windows: WindowSelection,
     /// Evaluation window length.
     pub seq_len: usize,
     /// Calibration windows for GPTQ / AWQ.
@@ -173,6 +277,7 @@ impl Default for CompareOptions {
             stack: None,
             out_dir: PathBuf::from(".cache/compare"),
             max_windows: 8,
+            windows: WindowSelection::EvenlySpaced,
             seq_len: 2048,
             calib_windows: 32,
             calib_seq_len: 512,
@@ -289,15 +394,15 @@ pub fn baseline_model_bytes(
     Ok(total)
 }
 
-/// The largest prefix `p ≥ floor` of a universal order whose bytes `cumulative[p]` do not exceed
-/// `bytes` (`cumulative[p]` = bytes held with `p` blocks; non-decreasing), or `None` when even
-/// the minimum model (`floor` blocks, one per weight) is larger.
-pub fn largest_prefix_within(cumulative: &[u64], floor: usize, bytes: u64) -> Option<usize> {
-    let min = *cumulative.get(floor)?;
-    if min > bytes {
-        return None;
+/// The largest prefix of a universal order whose bytes `cumulative[p]` do not exceed `bytes`
+/// (the runtime's own rule, [`bitstack_core::prefix_within`]), or `None` when even the minimum
+/// model (`floor` blocks, one per weight) is larger.
+fn largest_prefix_within(cumulative: &[u64], floor: usize, bytes: u64) -> Res<Option<usize>> {
+    match bitstack_core::prefix_within(cumulative, floor, MemoryBudget::from_bytes(bytes)) {
+        Ok(p) => Ok(Some(p)),
+        Err(bitstack_core::CoreError::BudgetBelowMinimum { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Some(cumulative.partition_point(|&b| b <= bytes) - 1)
 }
 
 /// The baseline configurations of the table: for each bit width, per-channel then grouped.
@@ -331,7 +436,7 @@ fn stats_slot(kind: LinearKind) -> usize {
 
 struct HessianObserver {
     stats: Vec<Mutex<HessianAccumulator>>,
-    error: Mutex<Option<String>>,
+    error: Mutex<Option<(usize, LinearKind, BaselineError)>>,
 }
 
 impl ActivationObserver for HessianObserver {
@@ -351,7 +456,7 @@ impl ActivationObserver for HessianObserver {
             self.error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(format!("layer {layer} {kind:?}: {e}"));
+                .get_or_insert((layer, kind, e));
         }
     }
 }
@@ -367,11 +472,11 @@ fn collect_stats(
     let c = source.config();
     let available = tokens.len() / seq_len.max(1);
     if windows == 0 || seq_len < 2 || available < windows {
-        return Err(format!(
-            "{windows} calibration windows of {seq_len} tokens requested, the text has {} tokens",
-            tokens.len()
-        )
-        .into());
+        return Err(CompareError::CalibrationTooShort {
+            windows,
+            seq_len,
+            tokens: tokens.len(),
+        });
     }
     let mut stats = Vec::with_capacity(4 * c.n_layers);
     for _ in 0..c.n_layers {
@@ -396,12 +501,16 @@ fn collect_stats(
         &observer,
         "baseline calibration windows",
     )?;
-    if let Some(e) = observer
+    if let Some((layer, kind, source)) = observer
         .error
         .into_inner()
         .unwrap_or_else(|p| p.into_inner())
     {
-        return Err(format!("calibration statistics: {e}").into());
+        return Err(CompareError::Statistics {
+            layer,
+            kind,
+            source,
+        });
     }
     Ok(observer
         .stats
@@ -410,15 +519,121 @@ fn collect_stats(
         .collect())
 }
 
-fn ppl_json(p: &Perplexity) -> Value {
-    json!({
-        "ppl": p.ppl,
-        "mean_nll": p.mean_nll,
-        "windows": p.windows,
-        "windows_available": p.windows_available,
-        "tokens_scored": p.tokens_scored,
-        "seconds": p.seconds,
-    })
+/// A perplexity in compare.json.
+#[derive(Serialize)]
+struct PplDoc {
+    ppl: f64,
+    mean_nll: f64,
+    windows: usize,
+    windows_available: usize,
+    tokens_scored: usize,
+    seconds: f64,
+}
+
+impl From<&Perplexity> for PplDoc {
+    fn from(p: &Perplexity) -> Self {
+        Self {
+            ppl: p.ppl,
+            mean_nll: p.mean_nll,
+            windows: p.windows,
+            windows_available: p.windows_available,
+            tokens_scored: p.tokens_scored,
+            seconds: p.seconds,
+        }
+    }
+}
+
+/// The settings at the top of compare.json (and of compare.md's caption).
+#[derive(Clone, Debug, Serialize)]
+struct Header {
+    model: String,
+    stack: String,
+    /// The stack file's own `bitstack.compression` record, as stored.
+    stack_compression: Value,
+    text: String,
+    text_tokens: usize,
+    seq_len: usize,
+    max_windows: Option<usize>,
+    window_selection: WindowSelection,
+    ablation_windows: Option<usize>,
+    calib: String,
+    calib_windows: usize,
+    calib_seq_len: usize,
+    calibration_note: &'static str,
+    resident_bytes: u64,
+    memory_note: &'static str,
+    original_note: &'static str,
+    bitstack_minimum_bytes: u64,
+    bitstack_full_bytes: u64,
+    original_f16_bytes: u64,
+    /// Wall time per phase, `[name, seconds]`; written once the run is complete.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phases_seconds: Option<Vec<(String, f64)>>,
+}
+
+/// compare.json.
+#[derive(Serialize)]
+struct ReportDoc<'a> {
+    #[serde(flatten)]
+    header: &'a Header,
+    original: Option<OriginalDoc>,
+    rows: Vec<RowDoc>,
+    ablations: AblationsDoc<'a>,
+}
+
+/// The original model's row.
+#[derive(Serialize)]
+struct OriginalDoc {
+    memory_bytes: u64,
+    perplexity: PplDoc,
+}
+
+/// One baseline row and BitStack at its memory.
+#[derive(Serialize)]
+struct RowDoc {
+    config: String,
+    bits: u8,
+    method: &'static str,
+    memory_bytes: u64,
+    codes_bytes: u64,
+    scales_bytes: u64,
+    zeros_bytes: u64,
+    input_scale_bytes: u64,
+    quantize_seconds: f64,
+    perplexity: PplDoc,
+    bitstack: Option<StackPointDoc>,
+}
+
+/// A BitStack point.
+#[derive(Serialize)]
+struct StackPointDoc {
+    prefix_blocks: usize,
+    memory_bytes: u64,
+    perplexity: PplDoc,
+}
+
+/// The ablations.
+#[derive(Serialize)]
+struct AblationsDoc<'a> {
+    notes: &'a [String],
+    points: Vec<AblationDoc<'a>>,
+}
+
+/// One ablation point (`null` fields where the budget is below the variant's minimum).
+#[derive(Serialize)]
+struct AblationDoc<'a> {
+    variant: &'a str,
+    config: &'a str,
+    budget_bytes: u64,
+    prefix_blocks: Option<usize>,
+    memory_bytes: Option<u64>,
+    perplexity: Option<PplDoc>,
+    note: Option<&'a str>,
+}
+
+/// A count of windows for compare.md: `all` when unbounded.
+fn windows_text(w: Option<usize>) -> String {
+    w.map_or("all".to_owned(), |w| w.to_string())
 }
 
 fn mb(bytes: u64) -> f64 {
@@ -457,7 +672,7 @@ struct AblationPoint {
 }
 
 struct Report {
-    header: Value,
+    header: Header,
     original: Option<(u64, Perplexity)>,
     rows: Vec<Row>,
     extra_stack_points: BTreeMap<usize, StackPoint>,
@@ -466,57 +681,61 @@ struct Report {
 }
 
 impl Report {
-    fn json(&self) -> Value {
-        let mut doc = self.header.clone();
-        doc["original"] = self.original.as_ref().map_or(
-            Value::Null,
-            |(b, p)| json!({"memory_bytes": b, "perplexity": ppl_json(p)}),
-        );
-        doc["rows"] = self
-            .rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "config": r.config.label(),
-                    "bits": r.config.bits,
-                    "method": r.method.name(),
-                    "memory_bytes": r.total,
-                    "codes_bytes": r.bytes.codes,
-                    "scales_bytes": r.bytes.scales,
-                    "zeros_bytes": r.bytes.zeros,
-                    "input_scale_bytes": r.bytes.input_scale,
-                    "quantize_seconds": r.quantize_seconds,
-                    "perplexity": ppl_json(&r.ppl),
-                    "bitstack": r.bitstack.as_ref().map(|s| json!({
-                        "prefix_blocks": s.prefix,
-                        "memory_bytes": s.held,
-                        "perplexity": ppl_json(&s.ppl),
-                    })),
+    fn json(&self) -> ReportDoc<'_> {
+        ReportDoc {
+            header: &self.header,
+            original: self.original.as_ref().map(|(b, p)| OriginalDoc {
+                memory_bytes: *b,
+                perplexity: p.into(),
+            }),
+            rows: self
+                .rows
+                .iter()
+                .map(|r| RowDoc {
+                    config: r.config.label(),
+                    bits: r.config.bits,
+                    method: r.method.name(),
+                    memory_bytes: r.total,
+                    codes_bytes: r.bytes.codes,
+                    scales_bytes: r.bytes.scales,
+                    zeros_bytes: r.bytes.zeros,
+                    input_scale_bytes: r.bytes.input_scale,
+                    quantize_seconds: r.quantize_seconds,
+                    perplexity: (&r.ppl).into(),
+                    bitstack: r.bitstack.as_ref().map(|s| StackPointDoc {
+                        prefix_blocks: s.prefix,
+                        memory_bytes: s.held,
+                        perplexity: (&s.ppl).into(),
+                    }),
                 })
-            })
-            .collect();
-        doc["ablations"] = json!({
-            "notes": self.ablation_notes,
-            "points": self.ablations.iter().map(|a| json!({
-                "variant": a.variant,
-                "config": a.config,
-                "budget_bytes": a.budget,
-                "prefix_blocks": a.point.as_ref().map(|p| p.prefix),
-                "memory_bytes": a.point.as_ref().map(|p| p.held),
-                "perplexity": a.point.as_ref().map(|p| ppl_json(&p.ppl)),
-                "note": a.note,
-            })).collect::<Vec<_>>(),
-        });
-        doc
+                .collect(),
+            ablations: AblationsDoc {
+                notes: &self.ablation_notes,
+                points: self
+                    .ablations
+                    .iter()
+                    .map(|a| AblationDoc {
+                        variant: &a.variant,
+                        config: &a.config,
+                        budget_bytes: a.budget,
+                        prefix_blocks: a.point.as_ref().map(|p| p.prefix),
+                        memory_bytes: a.point.as_ref().map(|p| p.held),
+                        perplexity: a.point.as_ref().map(|p| (&p.ppl).into()),
+                        note: a.note.as_deref(),
+                    })
+                    .collect(),
+            },
+        }
     }
 
     fn markdown(&self) -> String {
         let h = &self.header;
         let mut s = format!(
-            "Perplexity on {} ({} windows of {} tokens, evenly spaced, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
-            h["text"].as_str().unwrap_or("?"),
-            h["max_windows"],
-            h["seq_len"],
+            "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
+            h.text,
+            windows_text(h.max_windows),
+            h.seq_len,
+            h.window_selection,
             self.rows
                 .first()
                 .map(|r| r.ppl.windows_available)
@@ -526,10 +745,10 @@ impl Report {
                     .iter()
                     .find_map(|a| a.point.as_ref().map(|p| p.ppl.windows_available)))
                 .map_or("?".to_owned(), |n| n.to_string()),
-            h["stack"].as_str().unwrap_or("?"),
-            h["calib_windows"],
-            h["calib_seq_len"],
-            h["calib"].as_str().unwrap_or("?"),
+            h.stack,
+            h.calib_windows,
+            h.calib_seq_len,
+            h.calib,
         );
         let mut rows = Vec::new();
         if let Some((b, p)) = &self.original {
@@ -586,7 +805,7 @@ impl Report {
         if !self.ablations.is_empty() || !self.ablation_notes.is_empty() {
             s.push_str(&format!(
                 "\nBitStack ablations ({} windows):\n\n",
-                h["ablation_windows"]
+                windows_text(h.ablation_windows)
             ));
             let rows: Vec<Vec<String>> = self
                 .ablations
@@ -709,21 +928,14 @@ fn eval_stack_within(
     label: &str,
     cache: &mut BTreeMap<usize, StackPoint>,
 ) -> Res<Option<StackPoint>> {
-    let layout = loaded.elastic.layout();
-    let cumulative: Vec<u64> = (0..=layout.order.len())
-        .map(|p| loaded.elastic.bytes_at_prefix(p).unwrap_or(u64::MAX))
-        .collect();
-    let Some(prefix) = largest_prefix_within(&cumulative, layout.stacks.len(), bytes) else {
-        return Ok(None);
+    let prefix = match loaded
+        .elastic
+        .prefix_for_budget(MemoryBudget::from_bytes(bytes))
+    {
+        Ok(p) => p,
+        Err(bitstack_core::CoreError::BudgetBelowMinimum { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
-    // The runtime's own budget rule must agree.
-    debug_assert_eq!(
-        loaded
-            .elastic
-            .prefix_for_budget(MemoryBudget::from_bytes(bytes))
-            .ok(),
-        Some(prefix)
-    );
     if let Some(p) = cache.get(&prefix) {
         return Ok(Some(p.clone()));
     }
@@ -731,7 +943,11 @@ fn eval_stack_within(
     let linears = loaded.linears();
     let held = linears.0.held_bytes();
     if held > bytes {
-        return Err(format!("BitStack holds {held} bytes at prefix {prefix}, over {bytes}").into());
+        return Err(CompareError::OverBudget {
+            held,
+            prefix,
+            budget: bytes,
+        });
     }
     let model = Llama::new(&loaded.resident, &linears)?;
     let ppl = perplexity(
@@ -746,16 +962,6 @@ fn eval_stack_within(
     let p = StackPoint { prefix, held, ppl };
     cache.insert(prefix, p.clone());
     Ok(Some(p))
-}
-
-/// `e` as an error whose text names `path` (prefixed when it does not already).
-fn named(path: &Path, e: impl std::fmt::Display) -> CompareError {
-    let (m, p) = (e.to_string(), path.display().to_string());
-    CompareError::Failed(if m.contains(&p) {
-        m
-    } else {
-        format!("{p}: {m}")
-    })
 }
 
 /// Validates `args` before any work: the counts, and that OUT_DIR exists (it is created) and
@@ -777,8 +983,10 @@ pub fn check_args(args: &CompareOptions) -> Res<()> {
             "--bits {b}: supported bit widths are {supported:?}"
         )));
     }
-    std::fs::create_dir_all(&args.out_dir)
-        .map_err(|e| format!("cannot create --out-dir {}: {e}", args.out_dir.display()))?;
+    std::fs::create_dir_all(&args.out_dir).map_err(|source| CompareError::CreateOutDir {
+        path: args.out_dir.clone(),
+        source,
+    })?;
     let mut inputs = vec![
         args.model.as_path(),
         args.calib.as_path(),
@@ -803,18 +1011,28 @@ pub fn check_args(args: &CompareOptions) -> Res<()> {
 pub fn run(args: &CompareOptions) -> Res<String> {
     let t_all = Instant::now();
     check_args(args)?;
-    let source = open_model(&args.model).map_err(|e| named(&args.model, e))?;
+    let model_err = |source| CompareError::OpenModel {
+        path: args.model.clone(),
+        source,
+    };
+    let source = open_model(&args.model).map_err(model_err)?;
     let c = source.config().clone();
-    let tokenizer = source.tokenizer()?;
-    let text = std::fs::read_to_string(&args.text)
-        .map_err(|e| format!("cannot read {}: {e}", args.text.display()))?;
-    let calib_text = std::fs::read_to_string(&args.calib)
-        .map_err(|e| format!("cannot read {}: {e}", args.calib.display()))?;
+    let tokenizer = source.tokenizer().map_err(model_err)?;
+    let read = |flag, path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| CompareError::ReadText {
+            flag,
+            path: path.to_owned(),
+            source,
+        })
+    };
+    let text = read("--text", &args.text)?;
+    let calib_text = read("--calib", &args.calib)?;
     let tokens = tokenizer.encode(&text, false)?;
     let calib_tokens = tokenizer.encode(&calib_text, false)?;
     let params = PerplexityParams {
         seq_len: args.seq_len,
         max_windows: (args.max_windows > 0).then_some(args.max_windows),
+        selection: args.windows,
         ..Default::default()
     };
     let ablation_params = PerplexityParams {
@@ -839,7 +1057,11 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             p
         }
     };
-    let loaded = LoadedStack::open(&stack_path, None).map_err(|e| named(&stack_path, e))?;
+    let loaded =
+        LoadedStack::open(&stack_path, None).map_err(|source| CompareError::OpenStack {
+            path: stack_path.clone(),
+            source: Box::new(source),
+        })?;
     let stack_compression = loaded
         .model
         .file()
@@ -850,11 +1072,10 @@ pub fn run(args: &CompareOptions) -> Res<String> {
     let resident = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
     let resident_bytes = resident.held_bytes();
     if resident_bytes != loaded.elastic.layout().resident_bytes {
-        return Err(format!(
-            "resident bytes differ: model {resident_bytes}, stack {}",
-            loaded.elastic.layout().resident_bytes
-        )
-        .into());
+        return Err(CompareError::ResidentMismatch {
+            model: resident_bytes,
+            stack: loaded.elastic.layout().resident_bytes,
+        });
     }
     let n_weights = c.n_layers * LinearKind::ALL.len();
     let shapes: Vec<(usize, usize)> = (0..n_weights)
@@ -865,27 +1086,28 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             + resident.param_count() as u64);
 
     let mut report = Report {
-        header: json!({
-            "model": args.model.display().to_string(),
-            "stack": stack_path.display().to_string(),
-            "stack_compression": stack_compression,
-            "text": args.text.display().to_string(),
-            "text_tokens": tokens.len(),
-            "seq_len": args.seq_len,
-            "max_windows": params.max_windows,
-            "window_selection": "evenly spaced",
-            "ablation_windows": ablation_params.max_windows,
-            "calib": args.calib.display().to_string(),
-            "calib_windows": args.calib_windows,
-            "calib_seq_len": args.calib_seq_len,
-            "calibration_note": "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
-            "resident_bytes": resident_bytes,
-            "memory_note": "weights + scales + zeros (+ AWQ input scale) + resident tensors (f16 embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors",
-            "original_note": "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
-            "bitstack_minimum_bytes": loaded.elastic.minimum_bytes(),
-            "bitstack_full_bytes": loaded.elastic.full_bytes(),
-            "original_f16_bytes": original_f16,
-        }),
+        header: Header {
+            model: args.model.display().to_string(),
+            stack: stack_path.display().to_string(),
+            stack_compression: stack_compression.clone(),
+            text: args.text.display().to_string(),
+            text_tokens: tokens.len(),
+            seq_len: args.seq_len,
+            max_windows: params.max_windows,
+            window_selection: args.windows,
+            ablation_windows: ablation_params.max_windows,
+            calib: args.calib.display().to_string(),
+            calib_windows: args.calib_windows,
+            calib_seq_len: args.calib_seq_len,
+            calibration_note: "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
+            resident_bytes,
+            memory_note: "weights + scales + zeros (+ AWQ input scale) + resident tensors (f16 embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors",
+            original_note: "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
+            bitstack_minimum_bytes: loaded.elastic.minimum_bytes(),
+            bitstack_full_bytes: loaded.elastic.full_bytes(),
+            original_f16_bytes: original_f16,
+            phases_seconds: None,
+        },
         original: None,
         rows: Vec::new(),
         extra_stack_points: BTreeMap::new(),
@@ -946,7 +1168,12 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                 let (shape, data) = source.tensor_f32(&kind.tensor_name(layer))?;
                 let (r, cc) = shapes[w];
                 if shape != [r, cc] {
-                    return Err(format!("{} has shape {shape:?}", kind.tensor_name(layer)).into());
+                    return Err(CompareError::TensorShape {
+                        tensor: kind.tensor_name(layer),
+                        shape,
+                        rows: r,
+                        cols: cc,
+                    });
                 }
                 Ok(data)
             })
@@ -966,9 +1193,13 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                         let (r, cc) = shapes[w];
                         let view = WeightView::new(&weights[w], r, cc)?;
                         let st = stats.as_ref().map(|s| &s[layer * 4 + stats_slot(kind)]);
-                        let q = method
-                            .quantize(view, st, *cfg)
-                            .map_err(|e| format!("{label}: {}: {e}", kind.tensor_name(layer)))?;
+                        let q = method.quantize(view, st, *cfg).map_err(|source| {
+                            CompareError::Quantize {
+                                config: label.clone(),
+                                tensor: kind.tensor_name(layer),
+                                source,
+                            }
+                        })?;
                         let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                         if let Ok(mut p) = progress.lock() {
                             p.update(n);
@@ -988,10 +1219,11 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                 let total = resident_bytes + bytes.total();
                 let predicted = baseline_model_bytes(&shapes, cfg, method, resident_bytes)?;
                 if predicted != total {
-                    return Err(format!(
-                        "{label}: held {total} bytes, the storage format predicts {predicted}"
-                    )
-                    .into());
+                    return Err(CompareError::BytesMismatch {
+                        config: label.clone(),
+                        held: total,
+                        predicted,
+                    });
                 }
                 let mut it = quantized.into_iter();
                 let layers: Vec<[Box<dyn LinearOp>; 7]> = (0..c.n_layers)
@@ -1069,7 +1301,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         )?;
     }
     phases.push(("total".into(), t_all.elapsed().as_secs_f64()));
-    report.header["phases_seconds"] = phases.iter().map(|(n, s)| json!([n, s])).collect();
+    report.header.phases_seconds = Some(phases);
     report.write(&args.out_dir)?;
     Ok(report.markdown())
 }
@@ -1123,8 +1355,12 @@ fn eval_plain_svd_ablation(
         };
         let scale = scales.as_ref().map(|s| s[w].as_slice());
         decs.push(
-            decompose_plain_slice(&data, rows, cols, scale, &p)
-                .map_err(|e| format!("{tensor}: {e}"))?,
+            decompose_plain_slice(&data, rows, cols, scale, &p).map_err(|source| {
+                CompareError::Decompose {
+                    tensor: tensor.clone(),
+                    source,
+                }
+            })?,
         );
         progress.update(w + 1);
     }
@@ -1159,17 +1395,7 @@ fn eval_plain_svd_ablation(
         | SortMethod::Import => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
         SortMethod::Random => bitstack_sort::sort_random(&levels, base.order_settings.seed)?,
     };
-    let resident = loaded
-        .elastic
-        .bytes_at_prefix(0)
-        .ok_or("the stack has no prefix 0")?
-        - loaded
-            .elastic
-            .layout()
-            .stacks
-            .iter()
-            .map(|m| m.scale_bytes())
-            .sum::<u64>();
+    let resident = loaded.elastic.layout().resident_bytes;
     let fixed = resident
         + scales
             .as_ref()
@@ -1181,7 +1407,7 @@ fn eval_plain_svd_ablation(
     }
     let mut cache: BTreeMap<usize, StackPoint> = BTreeMap::new();
     for (cfg, budget) in budgets {
-        let Some(prefix) = largest_prefix_within(&cumulative, n, *budget) else {
+        let Some(prefix) = largest_prefix_within(&cumulative, n, *budget)? else {
             report.ablations.push(AblationPoint {
                 variant: name.clone(),
                 config: cfg.clone(),
@@ -1500,27 +1726,6 @@ mod tests {
                 "{m:?}"
             );
         }
-    }
-
-    #[test]
-    fn budget_matching_picks_the_largest_fitting_prefix() {
-        // 3 weights (floor 3), then blocks of varying size; cumulative[p] = bytes with p blocks.
-        let cum = [100, 110, 120, 130, 140, 140, 155, 170];
-        assert_eq!(largest_prefix_within(&cum, 3, 129), None);
-        assert_eq!(largest_prefix_within(&cum, 3, 130), Some(3));
-        assert_eq!(largest_prefix_within(&cum, 3, 139), Some(3));
-        // A zero-byte block at the boundary is included (the longest prefix within budget).
-        assert_eq!(largest_prefix_within(&cum, 3, 140), Some(5));
-        assert_eq!(largest_prefix_within(&cum, 3, 154), Some(5));
-        assert_eq!(largest_prefix_within(&cum, 3, 155), Some(6));
-        assert_eq!(largest_prefix_within(&cum, 3, 10_000), Some(7));
-        // Never exceeds the budget, and the next prefix would.
-        for b in 130..200u64 {
-            let p = largest_prefix_within(&cum, 3, b).unwrap();
-            assert!(cum[p] <= b);
-            assert!(p + 1 == cum.len() || cum[p + 1] > b);
-        }
-        assert_eq!(largest_prefix_within(&cum, 9, 10_000), None);
     }
 
     #[test]

@@ -32,7 +32,6 @@ use bitstack_format::{FormatError, ResidentTensor, StackFileContents};
 use bitstack_linalg::{ActivationNorms, IavdParams, LinalgError, ScaleParams};
 use bitstack_sort::{ActivationStats, ProxyConfig, ProxyWeight, SortError, SortMethod};
 use half::f16;
-use serde_json::json;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -75,6 +74,9 @@ pub enum CompressError {
         /// Why.
         reason: String,
     },
+    /// Serializing the compression record (`bitstack.compression`) failed.
+    #[error("bitstack.compression record: {0}")]
+    Record(#[from] serde_json::Error),
 }
 
 /// The settings of the universal order [`compress`] computes ([`CompressParams::order`] names
@@ -606,21 +608,21 @@ pub fn compress(
     residents.push(ResidentTensor::blob(TOKENIZER_TENSOR, tokenizer.to_json()?));
 
     let mut metadata = ModelContract::metadata(&contract_config, QkLayout::RotateHalf)?;
-    let compression = json!({
-        "levels": params.iavd.levels,
-        "rank": match params.rank {
-            RankRule::Fixed(k) => json!(k),
-            RankRule::Adaptive { .. } => json!(params.rank.to_string()),
+    let compression = CompressionRecord {
+        activation_scaling: params.scale.is_some(),
+        calib_seq_len: params.calib_seq_len,
+        calib_windows: params.calib_windows,
+        levels: params.iavd.levels,
+        order: params.order_settings.describe(params.order),
+        rank: match params.rank {
+            RankRule::Fixed(k) => RankRecord::Fixed(k),
+            RankRule::Adaptive { .. } => RankRecord::Adaptive(params.rank.to_string()),
         },
-        "activation_scaling": params.scale.is_some(),
-        "calib_windows": params.calib_windows,
-        "calib_seq_len": params.calib_seq_len,
-        "order": params.order_settings.describe(params.order),
-        "tool": concat!("bitstack-rs ", env!("CARGO_PKG_VERSION")),
-    });
+        tool: concat!("bitstack-rs ", env!("CARGO_PKG_VERSION")),
+    };
     metadata.insert(
         META_COMPRESSION.to_owned(),
-        compression.to_string().into_bytes(),
+        serde_json::to_vec(&compression)?,
     );
 
     Ok(Compressed {
@@ -635,6 +637,29 @@ pub fn compress(
         phases,
         calib_tokens: params.calib_windows * params.calib_seq_len,
     })
+}
+
+/// The [`META_COMPRESSION`] record of a file: the settings it was made with. The fields are
+/// in alphabetical order, the order the record had when it was a `serde_json::Value`, so
+/// files keep their bytes.
+#[derive(serde::Serialize)]
+struct CompressionRecord {
+    activation_scaling: bool,
+    calib_seq_len: usize,
+    calib_windows: usize,
+    levels: usize,
+    order: String,
+    rank: RankRecord,
+    tool: &'static str,
+}
+
+/// The rank of a [`CompressionRecord`]: a number for a fixed rank, the rule's text for an
+/// adaptive one.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum RankRecord {
+    Fixed(usize),
+    Adaptive(String),
 }
 
 /// What an order that evaluates the model scores with: the freshly decomposed stacks and
@@ -684,6 +709,41 @@ pub fn write_compressed(compressed: &Compressed, path: &Path) -> Result<f64, Com
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compression_record_keeps_the_bytes_of_the_json_value_it_replaced() {
+        // The record was a serde_json::Value (keys sorted); a file's bytes must not change.
+        for (rank, want_rank) in [
+            (RankRecord::Fixed(16), serde_json::json!(16)),
+            (
+                RankRecord::Adaptive("auto".into()),
+                serde_json::json!("auto"),
+            ),
+        ] {
+            let record = CompressionRecord {
+                activation_scaling: true,
+                calib_seq_len: 512,
+                calib_windows: 32,
+                levels: 16,
+                order: "first-order".into(),
+                rank,
+                tool: "bitstack-rs test",
+            };
+            let old = serde_json::json!({
+                "levels": 16,
+                "rank": want_rank,
+                "activation_scaling": true,
+                "calib_windows": 32,
+                "calib_seq_len": 512,
+                "order": "first-order",
+                "tool": "bitstack-rs test",
+            });
+            assert_eq!(
+                serde_json::to_vec(&record).unwrap(),
+                old.to_string().into_bytes()
+            );
+        }
+    }
 
     #[test]
     fn rank_rules() {

@@ -67,15 +67,64 @@ pub enum PerplexityError {
     },
 }
 
-/// Which windows a run with [`PerplexityParams::max_windows`] evaluates.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which windows a run with [`PerplexityParams::max_windows`] evaluates. Its names (for a
+/// command line's `--windows` and for JSON reports) are `spread` and `first`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum WindowSelection {
     /// `max_windows` windows spread evenly over the text (window `⌊i · total / n⌋` for
     /// `i < n`), so a short run samples the whole text rather than its beginning.
     #[default]
+    #[serde(rename = "spread")]
     EvenlySpaced,
-    /// The first `max_windows` windows.
+    /// The first `max_windows` windows: what the paper, GPTQ / AWQ and llama.cpp's
+    /// `llama-perplexity --chunks N` report for a bounded run.
+    #[serde(rename = "first")]
     First,
+}
+
+impl WindowSelection {
+    /// Every selection, in the order a help text lists them.
+    pub const ALL: [Self; 2] = [Self::EvenlySpaced, Self::First];
+
+    /// The selection's name: `spread` or `first`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::EvenlySpaced => "spread",
+            Self::First => "first",
+        }
+    }
+
+    /// One line saying which windows the name picks (for a help text).
+    pub fn help(self) -> &'static str {
+        match self {
+            Self::EvenlySpaced => "windows spread evenly over the text",
+            Self::First => "the first windows of the text (as the paper and llama.cpp)",
+        }
+    }
+
+    /// How a report describes `n` windows picked this way (`"4 evenly spaced"`, `"the first 4"`).
+    pub fn describe(self, n: usize) -> String {
+        match self {
+            Self::EvenlySpaced => format!("{n} evenly spaced"),
+            Self::First => format!("the first {n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for WindowSelection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|w| w.name() == s)
+            .ok_or_else(|| format!("{s:?}: expected spread or first"))
+    }
+}
+
+impl std::fmt::Display for WindowSelection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Parameters of [`perplexity`].
@@ -316,6 +365,53 @@ mod tests {
             ..Default::default()
         };
         assert!(select_windows(100, &short).is_err());
+    }
+
+    #[test]
+    fn first_takes_the_leading_windows_and_spread_samples_the_whole_text() {
+        // 1000 tokens in windows of 10: 100 windows, 5 of them asked for.
+        let p = |selection| PerplexityParams {
+            seq_len: 10,
+            max_windows: Some(5),
+            selection,
+            ..Default::default()
+        };
+        assert_eq!(
+            select_windows(1000, &p(WindowSelection::First)).unwrap(),
+            vec![0, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            select_windows(1000, &p(WindowSelection::EvenlySpaced)).unwrap(),
+            vec![0, 20, 40, 60, 80]
+        );
+        // With every window asked for, both are all windows in order.
+        let all = |selection| PerplexityParams {
+            max_windows: None,
+            ..p(selection)
+        };
+        assert_eq!(
+            select_windows(1000, &all(WindowSelection::First)).unwrap(),
+            select_windows(1000, &all(WindowSelection::EvenlySpaced)).unwrap()
+        );
+    }
+
+    #[test]
+    fn window_selection_names_round_trip_and_bad_names_are_refused() {
+        for w in WindowSelection::ALL {
+            assert_eq!(w.name().parse::<WindowSelection>().unwrap(), w);
+            assert_eq!(w.to_string(), w.name());
+            assert_eq!(
+                serde_json::to_value(w).unwrap(),
+                serde_json::Value::String(w.name().into())
+            );
+        }
+        assert_eq!(WindowSelection::default(), WindowSelection::EvenlySpaced);
+        let e = "last".parse::<WindowSelection>().unwrap_err();
+        assert!(
+            e.contains("\"last\"") && e.contains("spread") && e.contains("first"),
+            "{e}"
+        );
+        assert!("First".parse::<WindowSelection>().is_err());
     }
 
     #[test]

@@ -29,6 +29,7 @@
 
 use crate::llama::{sample, KvCache, Llama, Sampling, SplitMix64};
 use crate::memstat;
+use crate::output::UsageError;
 use crate::stackmodel::{LoadedStack, SnapshotLinears};
 use bitstack_core::policy::{
     CgroupSource, Decision, FallbackChain, FileSource, FixedSource, MemInfoSource, MemoryPolicy,
@@ -43,9 +44,72 @@ use std::time::{Duration, Instant};
 /// Errors of [`serve`], [`serve_loop`] and [`pressure_demo`].
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// The stack file could not be opened.
+    /// An option value that cannot work (exit status 2 on the command line); the message
+    /// names the flag.
     #[error(transparent)]
-    Load(#[from] crate::stackmodel::LoadError),
+    Usage(#[from] UsageError),
+    /// The stack file could not be opened.
+    #[error("{}: {source}", path.display())]
+    Load {
+        /// The stack file.
+        path: PathBuf,
+        /// Why (boxed: a load error is large, and this keeps every `Result` small).
+        source: Box<crate::stackmodel::LoadError>,
+    },
+    /// The `--memory file:` file gave no reading at start-up.
+    #[error("--memory file:{}: {reason}", path.display())]
+    MemoryFile {
+        /// The file.
+        path: PathBuf,
+        /// The source's reason (a read or parse failure).
+        reason: String,
+    },
+    /// The prompt file could not be opened.
+    #[error("cannot open prompt file {}: {source}", path.display())]
+    PromptFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading a prompt failed.
+    #[error("reading prompts (line {line}): {source}")]
+    ReadPrompts {
+        /// The line being read (from 1).
+        line: usize,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Writing an answer failed (the caller is gone).
+    #[error("writing the answer: {0}")]
+    WriteAnswer(std::io::Error),
+    /// A prompt leaves no room for an answer in the model's context.
+    #[error("the prompt is {tokens} tokens; the model's context is {context} (it must leave room for an answer)")]
+    PromptTooLong {
+        /// Tokens of the prompt (with the chat template).
+        tokens: usize,
+        /// The model's context.
+        context: usize,
+    },
+    /// The pressure demo's prompt and phases need more tokens than the model's context.
+    #[error("{tokens} tokens (prompt + phases x --tokens-per-phase + 1) exceed the model's context {context}")]
+    ScheduleTooLong {
+        /// Tokens the demo would run.
+        tokens: usize,
+        /// The model's context.
+        context: usize,
+    },
+    /// Opening the file again at a budget loaded another prefix than resizing did (the two
+    /// paths' budget rules disagree).
+    #[error("reopened at {budget} bytes the model holds prefix {reopened}, resized {resized}")]
+    ReopenMismatch {
+        /// The budget.
+        budget: u64,
+        /// Prefix of the reopened model.
+        reopened: usize,
+        /// Prefix of the resized one.
+        resized: usize,
+    },
     /// The forward pass or sampling failed.
     #[error(transparent)]
     Llama(#[from] crate::llama::LlamaError),
@@ -61,25 +125,23 @@ pub enum ServeError {
     /// A scratch folder could not be made.
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    /// An option value, a prompt or an input that cannot work; the message names it.
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl From<String> for ServeError {
-    fn from(s: String) -> Self {
-        Self::Failed(s)
-    }
-}
-
-impl From<&str> for ServeError {
-    fn from(s: &str) -> Self {
-        Self::Failed(s.to_owned())
-    }
 }
 
 /// Results of this module.
 pub type Res<T> = Result<T, ServeError>;
+
+/// A usage error: an option value that cannot work.
+fn usage(msg: impl Into<String>) -> ServeError {
+    ServeError::Usage(UsageError(msg.into()))
+}
+
+/// Opens the stack file, naming it on failure.
+fn open_stack(path: &Path, budget: Option<MemoryBudget>) -> Res<LoadedStack> {
+    LoadedStack::open(path, budget).map_err(|source| ServeError::Load {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
 
 fn mb(bytes: u64) -> f64 {
     bytes as f64 / MB
@@ -145,8 +207,9 @@ pub fn unclamped_target(available: u64, params: &PolicyParams) -> u64 {
     available.saturating_sub(keep)
 }
 
-/// A [`FallbackChain`] whose members have names, and which remembers which member answered so
-/// that a change (and the reasons the earlier members failed) can be logged.
+/// bitstack-core's [`FallbackChain`] with a name per member, so that the member that answered
+/// (and why the earlier ones failed, or could not even be built) can be logged when it
+/// changes. The polling is the core chain's; this adds only the names.
 #[derive(Debug)]
 pub struct NamedChain {
     names: Vec<String>,
@@ -156,25 +219,31 @@ pub struct NamedChain {
 }
 
 impl NamedChain {
-    /// Tries each member in order, like [`FallbackChain`]; returns the reading and a note
-    /// naming the member that answered and why the ones before it did not.
+    /// Polls the chain ([`FallbackChain::probe`]); returns the reading and a note naming the
+    /// member that answered and why the ones before it did not.
     pub fn probe(&self, held: u64) -> (Reading, String) {
-        let mut why: Vec<String> = self.skipped.clone();
-        for (name, s) in self.names.iter().zip(&self.chain.0) {
-            match s.available(held) {
-                Ok(v) => {
-                    let note = if why.is_empty() {
-                        format!("source {name}")
-                    } else {
-                        format!("source {name} (fell back: {})", why.join("; "))
-                    };
-                    return (Ok(v), note);
-                }
-                Err(e) => why.push(format!("{name}: {e}")),
+        let p = self.chain.probe(held);
+        let name = |i: usize| self.names.get(i).map_or("?", String::as_str);
+        let why: Vec<String> = self
+            .skipped
+            .iter()
+            .cloned()
+            .chain(p.failures.iter().map(|(i, e)| format!("{}: {e}", name(*i))))
+            .collect();
+        match p.answer {
+            Some((i, v)) => {
+                let note = if why.is_empty() {
+                    format!("source {}", name(i))
+                } else {
+                    format!("source {} (fell back: {})", name(i), why.join("; "))
+                };
+                (Ok(v), note)
+            }
+            None => {
+                let e = format!("no memory source answered: {}", why.join("; "));
+                (Err(e.clone()), e)
             }
         }
-        let e = format!("no memory source answered: {}", why.join("; "));
-        (Err(e.clone()), e)
     }
 }
 
@@ -548,10 +617,13 @@ impl PolicyOptions {
     /// poll interval of 0.
     pub fn params(&self) -> Res<PolicyParams> {
         if !(0.0..1.0).contains(&self.headroom) {
-            return Err(format!("--headroom {} is not in [0, 1)", self.headroom).into());
+            return Err(usage(format!(
+                "--headroom {} is not in [0, 1)",
+                self.headroom
+            )));
         }
         if self.poll_every == 0 {
-            return Err("--poll-every 0: poll at least every 1 token".into());
+            return Err(usage("--poll-every 0: poll at least every 1 token"));
         }
         Ok(PolicyParams {
             headroom_fraction: self.headroom,
@@ -577,14 +649,16 @@ impl SamplingOptions {
     /// finite, or a nucleus mass outside (0, 1].
     pub fn sampling(&self) -> Res<Sampling> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!(
+            return Err(usage(format!(
                 "--temperature {}: expected a finite number >= 0 (0 is greedy)",
                 self.temperature
-            )
-            .into());
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("--top-p {}: expected a number in (0, 1]", self.top_p).into());
+            return Err(usage(format!(
+                "--top-p {}: expected a number in (0, 1]",
+                self.top_p
+            )));
         }
         Ok(if self.temperature > 0.0 {
             Sampling::TopP {
@@ -712,25 +786,29 @@ pub fn serve(args: &ServeConfig) -> Res<()> {
     let params = args.policy.params()?;
     let sampling = args.sampling.sampling()?;
     if args.max_tokens == 0 {
-        return Err("--max-tokens 0: generate at least 1 token".into());
+        return Err(usage("--max-tokens 0: generate at least 1 token"));
     }
     // A memory file must answer before anything is loaded: a typo would otherwise serve at
     // the minimum for ever.
     if let MemorySpec::File(p) = &args.memory {
         FileSource { path: p.clone() }
             .available(0)
-            .map_err(|e| format!("--memory file:{}: {e}", p.display()))?;
+            .map_err(|reason| ServeError::MemoryFile {
+                path: p.clone(),
+                reason,
+            })?;
     }
     let input: Box<dyn BufRead> = match &args.prompt_file {
-        Some(p) => Box::new(std::io::BufReader::new(
-            std::fs::File::open(p)
-                .map_err(|e| format!("cannot open prompt file {}: {e}", p.display()))?,
-        )),
+        Some(p) => Box::new(std::io::BufReader::new(std::fs::File::open(p).map_err(
+            |source| ServeError::PromptFile {
+                path: p.clone(),
+                source,
+            },
+        )?)),
         None => Box::new(std::io::stdin().lock()),
     };
     let t = Instant::now();
-    let loaded =
-        LoadedStack::open(&args.file, None).map_err(|e| format!("{}: {e}", args.file.display()))?;
+    let loaded = open_stack(&args.file, None)?;
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     crate::noteln!(
         "[serve] opened {} at the minimum ({:.1} MB; full {:.1} MB) in {:.2} s; memory {}, headroom {:.0} % + {:.1} MB, hysteresis {:.1} MB, poll every {} tokens",
@@ -798,7 +876,10 @@ pub fn serve_loop(
         buf.clear();
         let read = input
             .read_until(b'\n', &mut buf)
-            .map_err(|e| format!("reading prompts (line {}): {e}", n + 1))?;
+            .map_err(|source| ServeError::ReadPrompts {
+                line: n + 1,
+                source,
+            })?;
         if read == 0 {
             break;
         }
@@ -824,13 +905,13 @@ pub fn serve_loop(
                 stats.answered += 1;
                 stats.context_capped += usize::from(capped);
             }
-            Err(PromptError::Output(e)) => return Err(format!("writing the answer: {e}").into()),
+            Err(PromptError::Output(e)) => return Err(ServeError::WriteAnswer(e)),
             Err(PromptError::Prompt(e)) => {
                 stats.failed += 1;
                 log(&format!("[serve] prompt {} not answered: {e}", n + 1));
                 writeln!(out)
                     .and_then(|()| out.flush())
-                    .map_err(|e| format!("writing the answer: {e}"))?;
+                    .map_err(ServeError::WriteAnswer)?;
             }
         }
     }
@@ -852,11 +933,10 @@ fn answer(
     let ids = loaded.prompt_ids(prompt, !opts.raw)?;
     let room = config.max_seq.saturating_sub(ids.len());
     if ids.is_empty() || room == 0 {
-        return Err(format!(
-            "the prompt is {} tokens; the model's context is {} (it must leave room for an answer)",
-            ids.len(),
-            config.max_seq
-        )
+        return Err(ServeError::PromptTooLong {
+            tokens: ids.len(),
+            context: config.max_seq,
+        }
         .into());
     }
     let max_new = opts.max_tokens.clamp(1, room);
@@ -952,16 +1032,16 @@ pub fn parse_schedule(s: &str) -> Res<Vec<u64>> {
             if x.chars().all(|c| c.is_ascii_digit() || c == '.') {
                 x.parse::<f64>()
                     .map(|v| (v * MB).round() as u64)
-                    .map_err(|e| format!("schedule entry {x:?}: {e}").into())
+                    .map_err(|e| usage(format!("--schedule entry {x:?}: {e}")))
             } else {
                 x.parse::<MemoryBudget>()
                     .map(|b| b.bytes())
-                    .map_err(|e| format!("schedule entry {x:?}: {e}").into())
+                    .map_err(|e| usage(format!("--schedule entry {x:?}: {e}")))
             }
         })
         .collect::<Res<Vec<u64>>>()?;
     if v.is_empty() {
-        return Err("empty schedule".into());
+        return Err(usage("--schedule: empty schedule"));
     }
     Ok(v)
 }
@@ -1027,7 +1107,7 @@ fn pressure_inner(
 ) -> Res<()> {
     let rss0 = memstat::read().rss;
     let t = Instant::now();
-    let loaded = LoadedStack::open(&args.file, None)?;
+    let loaded = open_stack(&args.file, None)?;
     let open_s = t.elapsed().as_secs_f64();
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     println!(
@@ -1077,11 +1157,10 @@ fn pressure_inner(
     let total_tokens = ids.len() + schedule.len() * args.tokens_per_phase + 1;
     let config = loaded.resident.config().clone();
     if total_tokens > config.max_seq {
-        return Err(format!(
-            "{total_tokens} tokens exceed the model's context {}",
-            config.max_seq
-        )
-        .into());
+        return Err(ServeError::ScheduleTooLong {
+            tokens: total_tokens,
+            context: config.max_seq,
+        });
     }
     // One cache and one token stream for the whole demo: resizes never restart generation.
     let mut cache = KvCache::new(&config, total_tokens);
@@ -1161,10 +1240,15 @@ fn pressure_inner(
             None
         } else {
             let t = Instant::now();
-            let other = LoadedStack::open(&args.file, Some(MemoryBudget::from_bytes(budget)))?;
+            let other = open_stack(&args.file, Some(MemoryBudget::from_bytes(budget)))?;
             let ms = t.elapsed().as_secs_f64() * 1e3;
-            if other.elastic.snapshot().prefix() != snap.prefix() {
-                return Err("reopened model holds a different prefix".into());
+            let reopened = other.elastic.snapshot().prefix();
+            if reopened != snap.prefix() {
+                return Err(ServeError::ReopenMismatch {
+                    budget,
+                    reopened,
+                    resized: snap.prefix(),
+                });
             }
             drop(other);
             trim_allocator();
@@ -1345,8 +1429,7 @@ fn print_summary(rows: &[PhaseRow], rss0: Option<u64>) {
 mod tests {
     use super::*;
     use crate::compress::{compress, write_compressed, CompressParams, RankRule};
-    use crate::gguf::{GgmlType, GgufBuilder, GgufModel, GgufValue, GgufValueType};
-    use crate::llama::LinearKind;
+    use crate::gguf::{GgufModel, SyntheticGguf};
     use bitstack_sort::SortMethod;
     use std::cell::RefCell;
 
@@ -1372,128 +1455,17 @@ mod tests {
         }
     }
 
-    /// GPT-2's byte-to-character table: every byte is one token of the test vocabulary.
-    fn byte_tokens() -> Vec<String> {
-        let mut bs: Vec<u32> = (u32::from('!')..=u32::from('~'))
-            .chain(0xA1..=0xAC)
-            .chain(0xAE..=0xFF)
-            .collect();
-        let mut cs = bs.clone();
-        let mut n = 0;
-        for b in 0..256u32 {
-            if !bs.contains(&b) {
-                bs.push(b);
-                cs.push(256 + n);
-                n += 1;
-            }
-        }
-        let mut table = vec![String::new(); 256];
-        for (b, c) in bs.iter().zip(&cs) {
-            table[*b as usize] = char::from_u32(*c).unwrap().to_string();
-        }
-        table
-    }
-
     /// A tiny random Llama (2 layers, hidden 32, byte-level vocabulary, context 48) as a GGUF
     /// file, compressed into a 4-level stack file with a round-robin order. Returns its path.
     fn tiny_stack_file(dir: &Path) -> PathBuf {
-        let (layers, hidden, ffn, heads, kv, head_dim, ctx) =
-            (2usize, 32usize, 48usize, 4usize, 2usize, 8usize, 48u32);
-        let tokens = byte_tokens();
-        let vocab = tokens.len();
-        let mut b = GgufBuilder::new();
-        let u = |v: usize| GgufValue::U32(v as u32);
-        b.metadata("general.architecture", GgufValue::String("llama".into()))
-            .metadata("llama.block_count", u(layers))
-            .metadata("llama.embedding_length", u(hidden))
-            .metadata("llama.feed_forward_length", u(ffn))
-            .metadata("llama.attention.head_count", u(heads))
-            .metadata("llama.attention.head_count_kv", u(kv))
-            .metadata(
-                "llama.attention.layer_norm_rms_epsilon",
-                GgufValue::F32(1e-5),
-            )
-            .metadata("llama.context_length", GgufValue::U32(ctx))
-            .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
-            .metadata("tokenizer.ggml.pre", GgufValue::String("gpt2".into()))
-            .metadata(
-                "tokenizer.ggml.tokens",
-                GgufValue::Array {
-                    elem_type: GgufValueType::String,
-                    values: tokens.into_iter().map(GgufValue::String).collect(),
-                },
-            )
-            .metadata(
-                "tokenizer.ggml.merges",
-                GgufValue::Array {
-                    elem_type: GgufValueType::String,
-                    values: vec![],
-                },
-            );
-        let mut rng = SplitMix64::new(11);
-        let mut f32s = |n: usize, amp: f32| -> Vec<u8> {
-            (0..n)
-                .flat_map(|_| (amp * rng.next_signed()).to_le_bytes())
-                .collect()
+        let tiny = SyntheticGguf {
+            context: 48,
+            seed: 11,
+            embedding_scale: 0.5,
+            ..Default::default()
         };
-        // GGUF dims are [columns, rows].
-        b.tensor(
-            "token_embd.weight",
-            GgmlType::F32,
-            &[hidden as u64, vocab as u64],
-            f32s(hidden * vocab, 0.5),
-        );
-        let ones: Vec<u8> = (0..hidden).flat_map(|_| 1f32.to_le_bytes()).collect();
-        b.tensor(
-            "output_norm.weight",
-            GgmlType::F32,
-            &[hidden as u64],
-            ones.clone(),
-        );
-        let config = crate::gguf::LlamaConfig {
-            arch: "llama".into(),
-            n_layers: layers,
-            hidden,
-            ffn,
-            n_heads: heads,
-            n_kv_heads: kv,
-            head_dim,
-            vocab,
-            rope_theta: 10_000.0,
-            rope_freq_factors: None,
-            rms_eps: 1e-5,
-            tied_embeddings: true,
-            attn_bias: false,
-            max_seq: ctx as usize,
-            bos_id: None,
-            eos_id: None,
-        };
-        for l in 0..layers {
-            b.tensor(
-                &format!("blk.{l}.attn_norm.weight"),
-                GgmlType::F32,
-                &[hidden as u64],
-                ones.clone(),
-            );
-            b.tensor(
-                &format!("blk.{l}.ffn_norm.weight"),
-                GgmlType::F32,
-                &[hidden as u64],
-                ones.clone(),
-            );
-            for kind in LinearKind::ALL {
-                let (rows, cols) = kind.shape(&config);
-                let amp = (3.0 / cols as f32).sqrt();
-                b.tensor(
-                    &kind.tensor_name(l),
-                    GgmlType::F32,
-                    &[cols as u64, rows as u64],
-                    f32s(rows * cols, amp),
-                );
-            }
-        }
         let gguf = dir.join("tiny.gguf");
-        std::fs::write(&gguf, b.build()).unwrap();
+        tiny.write(&gguf).unwrap();
         let model = GgufModel::open(&gguf).unwrap();
         let mut params = CompressParams {
             scale: None,

@@ -97,6 +97,20 @@ pub enum TokenizerError {
     },
 }
 
+/// The document [`Tokenizer::to_json`] writes into a stack file. The fields are in
+/// alphabetical order, the order the document had when it was a `serde_json::Value`, so
+/// files keep their bytes.
+#[derive(serde::Serialize)]
+struct TokenizerDoc<'a> {
+    add_bos: bool,
+    bos_id: Option<u32>,
+    chat_template: Option<&'a str>,
+    eos_id: Option<u32>,
+    format: &'static str,
+    /// The `tokenizers` library's own JSON, as one string.
+    tokenizer: &'a str,
+}
+
 fn lib_err(e: impl std::fmt::Display) -> TokenizerError {
     TokenizerError::Library(e.to_string())
 }
@@ -455,15 +469,15 @@ impl Tokenizer {
     /// [`Tokenizer::from_json`].
     pub fn to_json(&self) -> Result<Vec<u8>, TokenizerError> {
         let inner = self.inner.to_string(false).map_err(lib_err)?;
-        let doc = serde_json::json!({
-            "format": "bitstack-tokenizer-1",
-            "tokenizer": inner,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-            "add_bos": self.add_bos,
-            "chat_template": self.chat_template,
-        });
-        Ok(doc.to_string().into_bytes())
+        let doc = TokenizerDoc {
+            add_bos: self.add_bos,
+            bos_id: self.bos_id,
+            chat_template: self.chat_template.as_deref(),
+            eos_id: self.eos_id,
+            format: "bitstack-tokenizer-1",
+            tokenizer: &inner,
+        };
+        serde_json::to_vec(&doc).map_err(lib_err)
     }
 
     /// Reads a tokenizer written by [`Tokenizer::to_json`].
@@ -532,6 +546,33 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper, TokenizerError> {
 mod tests {
     use std::path::PathBuf;
     use std::time::Instant;
+
+    #[test]
+    fn tokenizer_doc_keeps_the_bytes_of_the_json_value_it_replaced() {
+        // The document was a serde_json::Value (keys sorted); a file's bytes must not change.
+        for (bos, template) in [(Some(1u32), Some("{{ \"x\" }}\n")), (None, None)] {
+            let doc = super::TokenizerDoc {
+                add_bos: bos.is_some(),
+                bos_id: bos,
+                chat_template: template,
+                eos_id: Some(2),
+                format: "bitstack-tokenizer-1",
+                tokenizer: "{\"model\": {}}",
+            };
+            let old = serde_json::json!({
+                "format": "bitstack-tokenizer-1",
+                "tokenizer": "{\"model\": {}}",
+                "bos_id": bos,
+                "eos_id": Some(2),
+                "add_bos": bos.is_some(),
+                "chat_template": template,
+            });
+            assert_eq!(
+                serde_json::to_vec(&doc).unwrap(),
+                old.to_string().into_bytes()
+            );
+        }
+    }
 
     use super::*;
 

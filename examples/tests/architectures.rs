@@ -9,7 +9,7 @@
 //!   RoPE θ = 500,000.
 //! * Llama / SmolLM2 and Mistral (a Llama GGUF in llama.cpp's layout): tied head, no biases.
 
-use bitstack_examples::gguf::{GgmlType, GgufBuilder, GgufValue, GgufValueType};
+use bitstack_examples::gguf::{SyntheticGguf, SyntheticVocab};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,13 +67,7 @@ const ARCHS: &[Arch] = &[
     },
 ];
 
-/// A GPT-2 style byte-level vocabulary of single letters and a few merges.
-const VOCAB: &[&str] = &[
-    "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s",
-    "t", "u", "v", "w", "x", "y", "z", "Ġ", "Ċ", ".", ",", "Ġt", "he",
-];
-
-/// A deterministic xorshift generator.
+/// A deterministic xorshift generator (the texts).
 struct Rng(u64);
 
 impl Rng {
@@ -83,89 +77,33 @@ impl Rng {
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn signed(&mut self) -> f32 {
-        (self.next() % 2001) as f32 / 1000.0 - 1.0
-    }
 }
 
+/// The synthetic model of `a`, with the letters vocabulary (GPT-2 style byte-level BPE);
+/// weights ~ U(-1, 1)/sqrt(cols) keep activations tame.
 fn gguf(a: &Arch) -> Vec<u8> {
-    let hidden = u64::from(a.heads * a.head_dim);
-    let kv = u64::from(a.kv_heads * a.head_dim);
-    let (ffn, vocab) = (u64::from(a.ffn), VOCAB.len() as u64);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let mut b = GgufBuilder::new();
-    let strings = |v: &[&str]| GgufValue::Array {
-        elem_type: GgufValueType::String,
-        values: v.iter().map(|s| GgufValue::String((*s).into())).collect(),
-    };
-    let k = |s: &str| format!("{}.{s}", a.gguf_arch);
-    b.metadata(
-        "general.architecture",
-        GgufValue::String(a.gguf_arch.into()),
-    )
-    .metadata(&k("block_count"), GgufValue::U32(a.layers))
-    .metadata(&k("embedding_length"), GgufValue::U32(hidden as u32))
-    .metadata(&k("feed_forward_length"), GgufValue::U32(a.ffn))
-    .metadata(&k("attention.head_count"), GgufValue::U32(a.heads))
-    .metadata(&k("attention.head_count_kv"), GgufValue::U32(a.kv_heads))
-    .metadata(&k("context_length"), GgufValue::U32(1024))
-    .metadata(&k("rope.freq_base"), GgufValue::F32(a.rope_theta))
-    .metadata(&k("attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-6))
-    .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
-    .metadata("tokenizer.ggml.pre", GgufValue::String("llama-bpe".into()))
-    .metadata("tokenizer.ggml.tokens", strings(VOCAB))
-    .metadata("tokenizer.ggml.merges", strings(&["Ġ t", "h e"]))
-    .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(28));
-    // GGUF dims are (columns, rows); weights ~ U(-1, 1)/sqrt(cols) keep activations tame.
-    let mut tensor = |b: &mut GgufBuilder, name: &str, dims: &[u64], base: f32, amp: f32| {
-        let n: u64 = dims.iter().product();
-        let data: Vec<u8> = (0..n)
-            .flat_map(|_| (base + amp * rng.signed()).to_le_bytes())
-            .collect();
-        b.tensor(name, GgmlType::F32, dims, data);
-    };
-    let w = |cols: u64| 1.0 / (cols as f32).sqrt();
-    tensor(&mut b, "token_embd.weight", &[hidden, vocab], 0.0, 1.0);
-    tensor(&mut b, "output_norm.weight", &[hidden], 1.0, 0.1);
-    if !a.tied {
-        tensor(&mut b, "output.weight", &[hidden, vocab], 0.0, w(hidden));
+    let hidden = (a.heads * a.head_dim) as usize;
+    SyntheticGguf {
+        arch: a.gguf_arch.into(),
+        n_layers: a.layers as usize,
+        hidden,
+        ffn: a.ffn as usize,
+        n_heads: a.heads as usize,
+        n_kv_heads: a.kv_heads as usize,
+        context: 1024,
+        rope_theta: a.rope_theta,
+        rms_eps: 1e-6,
+        tied: a.tied,
+        attn_bias: a.bias,
+        vocab: SyntheticVocab::Letters,
+        seed: 0x9E37_79B9_7F4A_7C15,
+        embedding_scale: 1.0,
+        head_scale: (1.0 / hidden as f32).sqrt(),
+        norm_jitter: 0.1,
+        bias_scale: 0.3,
+        linear_variance: 1.0,
     }
-    for l in 0..a.layers {
-        let t = |s: &str| format!("blk.{l}.{s}");
-        tensor(&mut b, &t("attn_norm.weight"), &[hidden], 1.0, 0.1);
-        tensor(&mut b, &t("ffn_norm.weight"), &[hidden], 1.0, 0.1);
-        tensor(
-            &mut b,
-            &t("attn_q.weight"),
-            &[hidden, hidden],
-            0.0,
-            w(hidden),
-        );
-        tensor(&mut b, &t("attn_k.weight"), &[hidden, kv], 0.0, w(hidden));
-        tensor(&mut b, &t("attn_v.weight"), &[hidden, kv], 0.0, w(hidden));
-        if a.bias {
-            tensor(&mut b, &t("attn_q.bias"), &[hidden], 0.0, 0.3);
-            tensor(&mut b, &t("attn_k.bias"), &[kv], 0.0, 0.3);
-            tensor(&mut b, &t("attn_v.bias"), &[kv], 0.0, 0.3);
-        }
-        tensor(
-            &mut b,
-            &t("attn_output.weight"),
-            &[hidden, hidden],
-            0.0,
-            w(hidden),
-        );
-        tensor(
-            &mut b,
-            &t("ffn_gate.weight"),
-            &[hidden, ffn],
-            0.0,
-            w(hidden),
-        );
-        tensor(&mut b, &t("ffn_up.weight"), &[hidden, ffn], 0.0, w(hidden));
-        tensor(&mut b, &t("ffn_down.weight"), &[ffn, hidden], 0.0, w(ffn));
-    }
-    b.build()
+    .build()
 }
 
 /// A text of the vocabulary's letters, long enough for 32 windows of 512 tokens.

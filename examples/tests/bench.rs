@@ -4,128 +4,23 @@
 //! report is checked field by field, and bad flags must be usage errors (exit 2).
 
 use bitstack_examples::compress::{compress, write_compressed, CompressParams, RankRule};
-use bitstack_examples::gguf::{open_model, GgmlType, GgufBuilder, GgufValue, GgufValueType};
-use bitstack_examples::llama::{LinearKind, LlamaConfig, SplitMix64};
+use bitstack_examples::gguf::{open_model, SyntheticGguf};
+use bitstack_examples::llama::LinearKind;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
-const CONTEXT: u32 = 96;
-
-fn config() -> LlamaConfig {
-    LlamaConfig {
-        arch: "llama".into(),
-        n_layers: 2,
-        hidden: 32,
-        ffn: 48,
-        n_heads: 4,
-        n_kv_heads: 2,
-        head_dim: 8,
-        vocab: 256,
-        rope_theta: 10_000.0,
-        rope_freq_factors: None,
-        rms_eps: 1e-5,
-        tied_embeddings: true,
-        attn_bias: false,
-        max_seq: CONTEXT as usize,
-        bos_id: None,
-        eos_id: None,
-    }
-}
-
-/// GPT-2's byte-to-character map: every byte is one token, so any text encodes.
-fn byte_vocab() -> Vec<String> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    let mut extra = 0;
-    (0u32..256)
-        .map(|b| {
-            if printable(b) {
-                char::from_u32(b).unwrap().to_string()
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap().to_string()
-            }
-        })
-        .collect()
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn write_tiny_gguf(path: &Path) {
-    let c = config();
-    let mut rng = SplitMix64::new(7);
-    let mut random = |n: usize, amp: f32| -> Vec<u8> {
-        f32_bytes(&(0..n).map(|_| amp * rng.next_signed()).collect::<Vec<_>>())
-    };
-    let strings = |v: Vec<String>| GgufValue::Array {
-        elem_type: GgufValueType::String,
-        values: v.into_iter().map(GgufValue::String).collect(),
-    };
-    let mut b = GgufBuilder::new();
-    b.metadata("general.architecture", GgufValue::String("llama".into()))
-        .metadata("llama.block_count", GgufValue::U32(c.n_layers as u32))
-        .metadata("llama.embedding_length", GgufValue::U32(c.hidden as u32))
-        .metadata("llama.feed_forward_length", GgufValue::U32(c.ffn as u32))
-        .metadata(
-            "llama.attention.head_count",
-            GgufValue::U32(c.n_heads as u32),
-        )
-        .metadata(
-            "llama.attention.head_count_kv",
-            GgufValue::U32(c.n_kv_heads as u32),
-        )
-        .metadata(
-            "llama.attention.layer_norm_rms_epsilon",
-            GgufValue::F32(1e-5),
-        )
-        .metadata("llama.context_length", GgufValue::U32(CONTEXT))
-        .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
-        .metadata("tokenizer.ggml.pre", GgufValue::String("gpt2".into()))
-        .metadata("tokenizer.ggml.tokens", strings(byte_vocab()))
-        .metadata("tokenizer.ggml.merges", strings(vec![]));
-    let h = c.hidden as u64;
-    b.tensor(
-        "token_embd.weight",
-        GgmlType::F32,
-        &[h, c.vocab as u64],
-        random(c.hidden * c.vocab, 1.0),
-    );
-    b.tensor(
-        "output_norm.weight",
-        GgmlType::F32,
-        &[h],
-        f32_bytes(&vec![1.0; c.hidden]),
-    );
-    for l in 0..c.n_layers {
-        for norm in ["attn_norm", "ffn_norm"] {
-            b.tensor(
-                &format!("blk.{l}.{norm}.weight"),
-                GgmlType::F32,
-                &[h],
-                f32_bytes(&vec![1.0; c.hidden]),
-            );
-        }
-        for kind in LinearKind::ALL {
-            let (rows, cols) = kind.shape(&c);
-            let amp = (3.0 / cols as f32).sqrt();
-            b.tensor(
-                &kind.tensor_name(l),
-                GgmlType::F32,
-                &[cols as u64, rows as u64],
-                random(rows * cols, amp),
-            );
-        }
-    }
-    std::fs::write(path, b.build()).unwrap();
+/// The tiny model: the library's default synthetic GGUF (a random two-layer GQA Llama with
+/// GPT-2's byte vocabulary, so any text encodes).
+fn tiny() -> SyntheticGguf {
+    SyntheticGguf::default()
 }
 
 fn tiny_files() -> (PathBuf, PathBuf, PathBuf) {
     let dir = std::env::temp_dir().join(format!("bitstack-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let gguf = dir.join("tiny.gguf");
-    write_tiny_gguf(&gguf);
+    tiny().write(&gguf).unwrap();
     let source = open_model(&gguf).unwrap();
     let mut params = CompressParams {
         calib_windows: 2,
@@ -301,7 +196,7 @@ fn bench_reports_every_budget_and_rejects_bad_flags() {
     let linear_params: usize = LinearKind::ALL
         .iter()
         .map(|k| {
-            let (r, c) = k.shape(&config());
+            let (r, c) = k.shape(&tiny().config());
             r * c * 2
         })
         .sum();

@@ -9,7 +9,7 @@
 //! status where the case has one, and the file's name in the error text of file errors. The
 //! counts are printed at the end (`cargo test -p examples --test cli_robustness -- --nocapture`).
 
-use bitstack_examples::gguf::{GgmlType, GgufBuilder, GgufValue, GgufValueType};
+use bitstack_examples::gguf::{GgufValue, SyntheticGguf, SyntheticVocab};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -60,68 +60,28 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
-    fn f32(&mut self) -> f32 {
-        (self.below(2001) as f32 - 1000.0) / 4000.0
-    }
 }
 
-const VOCAB: &[&str] = &[
-    "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s",
-    "t", "u", "v", "w", "x", "y", "z", "Ġ", "Ċ", ".", ",", "Ġt", "he",
-];
-
-/// A one-layer Llama GGUF (hidden 16, 2 heads of 8, 1 KV head, FFN 32, vocab 32, context 64,
-/// F32 tensors) with a GPT-2 style byte-level vocabulary of single letters.
+/// A one-layer Llama GGUF (hidden 16, 2 heads of 8, 1 KV head, FFN 32, context 64, F32
+/// tensors) with a GPT-2 style byte-level vocabulary of single letters; `heads` other than 2
+/// gives metadata inconsistent with the tensors.
 fn tiny_gguf(heads: u32) -> Vec<u8> {
-    let (hidden, ffn, vocab, kv) = (16u64, 32u64, VOCAB.len() as u64, 8u64);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let mut b = GgufBuilder::new();
-    let strings = |v: &[&str]| GgufValue::Array {
-        elem_type: GgufValueType::String,
-        values: v.iter().map(|s| GgufValue::String((*s).into())).collect(),
+    let tiny = SyntheticGguf {
+        n_layers: 1,
+        hidden: 16,
+        ffn: 32,
+        n_heads: 2,
+        n_kv_heads: 1,
+        context: 64,
+        vocab: SyntheticVocab::Letters,
+        seed: 0x9E37_79B9_7F4A_7C15,
+        embedding_scale: 0.25,
+        norm_jitter: 0.0625,
+        ..Default::default()
     };
-    b.metadata("general.architecture", GgufValue::String("llama".into()))
-        .metadata("llama.block_count", GgufValue::U32(1))
-        .metadata("llama.embedding_length", GgufValue::U32(hidden as u32))
-        .metadata("llama.feed_forward_length", GgufValue::U32(ffn as u32))
-        .metadata("llama.attention.head_count", GgufValue::U32(heads))
-        .metadata("llama.attention.head_count_kv", GgufValue::U32(1))
-        .metadata("llama.context_length", GgufValue::U32(64))
-        .metadata(
-            "llama.attention.layer_norm_rms_epsilon",
-            GgufValue::F32(1e-5),
-        )
-        .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
-        .metadata("tokenizer.ggml.pre", GgufValue::String("llama-bpe".into()))
-        .metadata("tokenizer.ggml.tokens", strings(VOCAB))
-        .metadata("tokenizer.ggml.merges", strings(&["Ġ t", "h e"]))
-        .metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(28));
-    let mut tensor = |b: &mut GgufBuilder, name: &str, dims: &[u64], ones: bool| {
-        let n: u64 = dims.iter().product();
-        let data: Vec<u8> = (0..n)
-            .flat_map(|_| {
-                let v = if ones {
-                    1.0 + rng.f32() / 4.0
-                } else {
-                    rng.f32()
-                };
-                v.to_le_bytes()
-            })
-            .collect();
-        b.tensor(name, GgmlType::F32, dims, data);
-    };
-    tensor(&mut b, "token_embd.weight", &[hidden, vocab], false);
-    tensor(&mut b, "output_norm.weight", &[hidden], true);
-    tensor(&mut b, "blk.0.attn_norm.weight", &[hidden], true);
-    tensor(&mut b, "blk.0.ffn_norm.weight", &[hidden], true);
-    tensor(&mut b, "blk.0.attn_q.weight", &[hidden, hidden], false);
-    tensor(&mut b, "blk.0.attn_k.weight", &[hidden, kv], false);
-    tensor(&mut b, "blk.0.attn_v.weight", &[hidden, kv], false);
-    tensor(&mut b, "blk.0.attn_output.weight", &[hidden, hidden], false);
-    tensor(&mut b, "blk.0.ffn_gate.weight", &[hidden, ffn], false);
-    tensor(&mut b, "blk.0.ffn_up.weight", &[hidden, ffn], false);
-    tensor(&mut b, "blk.0.ffn_down.weight", &[ffn, hidden], false);
-    b.build()
+    tiny.builder()
+        .set_metadata("llama.attention.head_count", GgufValue::U32(heads))
+        .build()
 }
 
 /// A text of the tiny vocabulary's letters.
@@ -982,6 +942,121 @@ fn cli_survives_bad_input_and_corrupt_files() {
     );
     if !plot_out.is_file() {
         tally.failures.push("plot wrote nothing".into());
+    }
+
+    // --- `--windows`: a bad value names the flag and the choices; `first` and `spread`
+    // reach the evaluation (recorded in the JSON, and two windows of a long text differ).
+    for (name, args) in [
+        (
+            "eval --windows last",
+            os(&[
+                &"eval",
+                &stack,
+                &"--text",
+                &text,
+                &"--max-windows",
+                &"2",
+                &"--windows",
+                &"last",
+            ]),
+        ),
+        (
+            "compare --windows (empty)",
+            os(&[
+                &"compare",
+                &gguf,
+                &"--calib",
+                &calib,
+                &"--text",
+                &text,
+                &"--windows",
+                &"",
+            ]),
+        ),
+    ] {
+        let a: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|x| x as _).collect();
+        run(
+            &Case::new(name, &a, usage.clone())
+                .inputs(&[&stack, &text, &gguf, &calib])
+                .stderr_has("--windows")
+                .stderr_has("spread")
+                .stderr_has("first")
+                .never("text: "),
+            &mut tally,
+        );
+    }
+    let mut picked: Vec<(String, Option<serde_json::Value>)> = Vec::new();
+    for selection in ["first", "spread"] {
+        let out = dir.join(&format!("windows-{selection}.json"));
+        let mut a = eval_base.clone();
+        a.extend_from_slice(&[&"--windows", &selection, &"--json", &out]);
+        let r = run(
+            &Case::new(
+                &format!("eval --windows {selection}"),
+                &a,
+                Expect::Status(0),
+            )
+            .inputs(&[&stack, &text]),
+            &mut tally,
+        );
+        if !r.stdout.contains(&format!("(--windows {selection})")) {
+            tally.failures.push(format!(
+                "eval --windows {selection}: the table does not say which windows"
+            ));
+        }
+        let doc = std::fs::read_to_string(&out)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let recorded = doc.as_ref().map(|d| d["window_selection"].clone());
+        if recorded != Some(serde_json::Value::String(selection.into())) {
+            tally.failures.push(format!(
+                "eval --windows {selection}: --json window_selection is {recorded:?}"
+            ));
+        }
+        picked.push((selection.to_owned(), doc));
+    }
+    // Both runs score 2 windows of 16 tokens at the same budgets; `first` takes windows 0
+    // and 1, `spread` windows 0 and total/2, so their perplexities differ.
+    let rows = |d: &Option<serde_json::Value>| -> Vec<(u64, f64)> {
+        d.as_ref()
+            .and_then(|d| d["rows"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .map(|r| {
+                (
+                    r["windows"].as_u64().unwrap_or(0),
+                    r["ppl"].as_f64().unwrap_or(f64::NAN),
+                )
+            })
+            .collect()
+    };
+    // Equal up to the rounding of a parallel sum.
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs();
+    let (first, spread) = (rows(&picked[0].1), rows(&picked[1].1));
+    if first.len() != 2
+        || spread.len() != 2
+        || first.iter().chain(&spread).any(|r| r.0 != 2)
+        || first.iter().zip(&spread).any(|(f, s)| same(f.1, s.1))
+    {
+        tally.failures.push(format!(
+            "eval --windows first / spread: rows (windows, ppl) {first:?} / {spread:?}, expected 2 rows of 2 windows each, with different perplexities"
+        ));
+    }
+    let default_doc = std::fs::read_to_string(&json)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    let default_rows = rows(&default_doc);
+    if default_doc.as_ref().map(|d| d["window_selection"].clone())
+        != Some(serde_json::Value::String("spread".into()))
+        || default_rows.len() != spread.len()
+        || default_rows
+            .iter()
+            .zip(&spread)
+            .any(|(d, s)| d.0 != s.0 || !same(d.1, s.1))
+    {
+        tally.failures.push(format!(
+            "eval without --windows: rows {default_rows:?}, expected spread's {spread:?}"
+        ));
     }
     if !std::fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
         tally

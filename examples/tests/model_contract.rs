@@ -8,8 +8,8 @@
 //! the committed fixture must not be replaced by it, since the point is an old file.
 
 use bitstack_examples::compress::{compress, write_compressed, CompressParams, RankRule};
-use bitstack_examples::gguf::{open_model, GgmlType, GgufBuilder, GgufValue, GgufValueType};
-use bitstack_examples::llama::{LinearKind, SplitMix64};
+use bitstack_examples::gguf::{open_model, SyntheticGguf};
+use bitstack_examples::llama::LinearKind;
 use std::path::{Path, PathBuf};
 
 const LAYERS: usize = 2;
@@ -18,122 +18,35 @@ const FFN: usize = 24;
 const HEADS: usize = 2;
 const KV_HEADS: usize = 1;
 const HEAD_DIM: usize = 8;
-const CONTEXT: u32 = 64;
+const CONTEXT: usize = 64;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stack-v1.0-synthetic.bitstack")
 }
 
-/// GPT-2's byte-to-character map: every byte is one token, so any text encodes.
-fn byte_vocab() -> Vec<String> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
-    let mut extra = 0;
-    (0u32..256)
-        .map(|b| {
-            if printable(b) {
-                char::from_u32(b).unwrap().to_string()
-            } else {
-                extra += 1;
-                char::from_u32(255 + extra).unwrap().to_string()
-            }
-        })
-        .collect()
-}
-
-fn f32_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// The tiny Qwen2-style model as GGUF bytes (f32 tensors, GGUF's reversed dims).
-fn tiny_qwen2_gguf() -> Vec<u8> {
-    let mut rng = SplitMix64::new(14);
-    let mut random = |n: usize, amp: f32| -> Vec<u8> {
-        f32_bytes(&(0..n).map(|_| amp * rng.next_signed()).collect::<Vec<_>>())
-    };
-    let strings = |v: Vec<String>| GgufValue::Array {
-        elem_type: GgufValueType::String,
-        values: v.into_iter().map(GgufValue::String).collect(),
-    };
-    let u = |v: usize| GgufValue::U32(v as u32);
-    let vocab = 256;
-    let mut b = GgufBuilder::new();
-    b.metadata("general.architecture", GgufValue::String("qwen2".into()))
-        .metadata("qwen2.block_count", u(LAYERS))
-        .metadata("qwen2.embedding_length", u(HIDDEN))
-        .metadata("qwen2.feed_forward_length", u(FFN))
-        .metadata("qwen2.attention.head_count", u(HEADS))
-        .metadata("qwen2.attention.head_count_kv", u(KV_HEADS))
-        .metadata(
-            "qwen2.attention.layer_norm_rms_epsilon",
-            GgufValue::F32(1e-6),
-        )
-        .metadata("qwen2.rope.freq_base", GgufValue::F32(1_000_000.0))
-        .metadata("qwen2.context_length", GgufValue::U32(CONTEXT))
-        .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
-        .metadata("tokenizer.ggml.pre", GgufValue::String("gpt2".into()))
-        .metadata("tokenizer.ggml.tokens", strings(byte_vocab()))
-        .metadata("tokenizer.ggml.merges", strings(vec![]));
-    let h = HIDDEN as u64;
-    b.tensor(
-        "token_embd.weight",
-        GgmlType::F32,
-        &[h, vocab],
-        random(HIDDEN * vocab as usize, 1.0),
-    );
-    b.tensor(
-        "output.weight",
-        GgmlType::F32,
-        &[h, vocab],
-        random(HIDDEN * vocab as usize, 0.5),
-    );
-    b.tensor(
-        "output_norm.weight",
-        GgmlType::F32,
-        &[h],
-        f32_bytes(&[1.0; HIDDEN]),
-    );
-    let (q, kv) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
-    for l in 0..LAYERS {
-        for norm in ["attn_norm", "ffn_norm"] {
-            b.tensor(
-                &format!("blk.{l}.{norm}.weight"),
-                GgmlType::F32,
-                &[h],
-                f32_bytes(&[1.0; HIDDEN]),
-            );
-        }
-        for (p, n) in [("q", q), ("k", kv), ("v", kv)] {
-            b.tensor(
-                &format!("blk.{l}.attn_{p}.bias"),
-                GgmlType::F32,
-                &[n as u64],
-                random(n, 0.1),
-            );
-        }
-        for kind in LinearKind::ALL {
-            let (rows, cols) = match kind {
-                LinearKind::Q => (q, HIDDEN),
-                LinearKind::K | LinearKind::V => (kv, HIDDEN),
-                LinearKind::O => (HIDDEN, q),
-                LinearKind::Gate | LinearKind::Up => (FFN, HIDDEN),
-                LinearKind::Down => (HIDDEN, FFN),
-            };
-            let amp = (3.0 / cols as f32).sqrt();
-            b.tensor(
-                &kind.tensor_name(l),
-                GgmlType::F32,
-                &[cols as u64, rows as u64],
-                random(rows * cols, amp),
-            );
-        }
+/// The tiny Qwen2-style model (biases, untied head, byte-level vocabulary; f32 tensors).
+fn tiny_qwen2() -> SyntheticGguf {
+    SyntheticGguf {
+        arch: "qwen2".into(),
+        n_layers: LAYERS,
+        hidden: HIDDEN,
+        ffn: FFN,
+        n_heads: HEADS,
+        n_kv_heads: KV_HEADS,
+        context: CONTEXT,
+        rope_theta: 1_000_000.0,
+        rms_eps: 1e-6,
+        tied: false,
+        attn_bias: true,
+        seed: 14,
+        ..Default::default()
     }
-    b.build()
 }
 
 /// Compresses the tiny model (3 levels of rank 2, round-robin order) into `out`.
 fn write_tiny_stack(dir: &Path, out: &Path) {
     let gguf = dir.join("tiny-qwen2.gguf");
-    std::fs::write(&gguf, tiny_qwen2_gguf()).unwrap();
+    tiny_qwen2().write(&gguf).unwrap();
     let source = open_model(&gguf).unwrap();
     let mut params = CompressParams {
         calib_windows: 2,

@@ -28,12 +28,13 @@ struct Args {
     /// Window length in tokens.
     #[arg(long, default_value_t = 2048)]
     seq_len: usize,
-    /// Evaluate at most this many windows (evenly spaced unless --first).
+    /// Evaluate at most this many windows (which ones: --windows).
     #[arg(long)]
     max_windows: Option<usize>,
-    /// With --max-windows, take the first windows instead of evenly spaced ones.
-    #[arg(long)]
-    first: bool,
+    /// Which windows --max-windows picks: spread (evenly over the text) or first (as
+    /// `bitstack eval --windows`).
+    #[arg(long, default_value_t = WindowSelection::EvenlySpaced)]
+    windows: WindowSelection,
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -64,11 +65,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let params = PerplexityParams {
         seq_len: args.seq_len,
         max_windows: args.max_windows,
-        selection: if args.first {
-            WindowSelection::First
-        } else {
-            WindowSelection::EvenlySpaced
-        },
+        selection: args.windows,
         ..Default::default()
     };
     let r = perplexity(&model, &tokens, &params, &mut |p| {

@@ -25,6 +25,16 @@ impl GgufBuilder {
         self
     }
 
+    /// Sets a metadata entry: replaces the value of `key` where present (keeping its
+    /// position), else adds it. For a test that changes one key of a prepared model.
+    pub fn set_metadata(&mut self, key: &str, value: GgufValue) -> &mut Self {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => self.metadata.push((key.to_owned(), value)),
+        }
+        self
+    }
+
     /// Adds a tensor; `dims` are in GGUF order (ne0 first).
     pub fn tensor(&mut self, name: &str, ty: GgmlType, dims: &[u64], data: Vec<u8>) -> &mut Self {
         self.tensors

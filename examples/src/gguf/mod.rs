@@ -39,6 +39,7 @@ mod hf_config;
 mod reader;
 mod safetensors;
 mod source;
+mod synthetic;
 
 pub use builder::GgufBuilder;
 pub use dequant::{dequantize, GgmlType};
@@ -48,6 +49,7 @@ pub use source::{
     hf_config, hf_tensor_name, open_model, unpermute_qk_rows, GgufModel, HfModel, LlamaConfig,
     ModelError, ModelSource, MAX_LAYERS,
 };
+pub use synthetic::{gpt2_byte_tokens, SyntheticGguf, SyntheticVocab};
 
 #[cfg(test)]
 mod testdata;

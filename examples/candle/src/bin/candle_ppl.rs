@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use bitstack_candle::{candle_perplexity, CandleLlama};
 use bitstack_core::{MemoryBudget, MB, MIB};
 use bitstack_examples::llama::Llama;
-use bitstack_examples::perplexity::{perplexity, PerplexityParams};
+use bitstack_examples::perplexity::{perplexity, PerplexityParams, WindowSelection};
 use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears};
 use clap::Parser;
 
@@ -30,9 +30,12 @@ struct Args {
     /// Window length in tokens (as `bitstack eval --seq-len`).
     #[arg(long, default_value_t = 2048)]
     seq_len: usize,
-    /// Evaluate at most this many windows, evenly spaced over the text (as `bitstack eval`).
+    /// Evaluate at most this many windows (which ones: --windows, as `bitstack eval`).
     #[arg(long)]
     max_windows: Option<usize>,
+    /// Which windows --max-windows picks: spread (evenly over the text) or first.
+    #[arg(long, default_value_t = WindowSelection::EvenlySpaced)]
+    windows: WindowSelection,
     /// Windows candle runs side by side in one batch.
     #[arg(long, default_value_t = 8)]
     batch_windows: usize,
@@ -80,6 +83,7 @@ fn run(args: &Args) -> Res<()> {
     let params = PerplexityParams {
         seq_len: args.seq_len,
         max_windows: args.max_windows,
+        selection: args.windows,
         ..Default::default()
     };
     println!(
@@ -126,8 +130,8 @@ fn run(args: &Args) -> Res<()> {
         rows.push((budget, snap.held_bytes(), c, b));
     }
     println!(
-        "windows: {} x {} tokens ({} tokens scored per model)",
-        rows[0].2.windows, args.seq_len, rows[0].2.tokens_scored
+        "windows: {} x {} tokens, --windows {} ({} tokens scored per model)",
+        rows[0].2.windows, args.seq_len, args.windows, rows[0].2.tokens_scored
     );
     println!("| budget (MB) | held (MB) | candle ppl | bitstack ppl | relative difference |");
     println!("|---:|---:|---:|---:|---:|");

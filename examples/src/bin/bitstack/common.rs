@@ -6,6 +6,7 @@ use bitstack_examples::gguf::{open_model, ModelSource};
 use bitstack_examples::llama::EmbeddingPrecision;
 use bitstack_examples::outln;
 use bitstack_examples::output::UsageError;
+use bitstack_examples::perplexity::WindowSelection;
 use bitstack_examples::report::markdown_table;
 use bitstack_examples::stackmodel::LoadedStack;
 use std::path::Path;
@@ -16,6 +17,16 @@ pub(crate) type Res<T> = Result<T, Box<dyn std::error::Error>>;
 /// A usage error (exit status 2): a flag value or combination that cannot work.
 pub(crate) fn usage(msg: impl Into<String>) -> Box<dyn std::error::Error> {
     Box::new(UsageError(msg.into()))
+}
+
+/// `--windows`' parser: the selections' names, each with its help line (so a bad value's
+/// error lists them).
+pub(crate) fn window_selections() -> impl clap::builder::TypedValueParser<Value = WindowSelection> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(
+        WindowSelection::ALL.map(|w| PossibleValue::new(w.name()).help(w.help())),
+    )
+    .try_map(|s| s.parse::<WindowSelection>())
 }
 
 /// `e` as a message that names `path` (prefixed when the message does not already).

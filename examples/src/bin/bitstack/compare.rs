@@ -1,11 +1,12 @@
 //! `bitstack compare`: the paper's Table 1 (RTN / GPTQ / AWQ against BitStack at equal memory);
 //! the flags of [`bitstack_examples::compare::run`].
 
-use crate::common::Res;
+use crate::common::{window_selections, Res};
 use bitstack_core::MemoryBudget;
 use bitstack_examples::baselines::Baseline;
 use bitstack_examples::compare::{parse_baseline, AblationKind, CompareError, CompareOptions};
 use bitstack_examples::outln;
+use bitstack_examples::perplexity::WindowSelection;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
 use std::path::PathBuf;
@@ -28,9 +29,13 @@ pub(crate) struct CompareArgs {
     /// Folder for compare.json, compare.md and compare.svg.
     #[arg(long, default_value = ".cache/compare")]
     out_dir: PathBuf,
-    /// Evaluation windows of --seq-len tokens, evenly spaced over the text (0: all).
+    /// Evaluation windows of --seq-len tokens (0: all; which ones: --windows).
     #[arg(long, default_value_t = 8)]
     max_windows: usize,
+    /// Which windows --max-windows picks: spread evenly over the text (the default, which
+    /// the README's numbers use) or the first ones (what the paper and llama.cpp report).
+    #[arg(long, default_value_t = WindowSelection::EvenlySpaced, value_parser = window_selections())]
+    windows: WindowSelection,
     /// Evaluation window length.
     #[arg(long, default_value_t = 2048)]
     seq_len: usize,
@@ -92,6 +97,7 @@ impl CompareArgs {
             stack: self.stack.clone(),
             out_dir: self.out_dir.clone(),
             max_windows: self.max_windows,
+            windows: self.windows,
             seq_len: self.seq_len,
             calib_windows: self.calib_windows,
             calib_seq_len: self.calib_seq_len,

@@ -8,6 +8,7 @@ use crate::generate::generate_text;
 use crate::inspect::inspect;
 use bitstack_core::MemoryBudget;
 use bitstack_examples::llama::{EmbeddingPrecision, GenerateParams};
+use bitstack_examples::perplexity::WindowSelection;
 use bitstack_examples::stackmodel::LoadedStack;
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -244,6 +245,7 @@ pub(crate) fn run(args: &DemoArgs) -> Res<()> {
         points: 0,
         seq_len: 2048,
         max_windows: Some(args.max_windows),
+        windows: WindowSelection::EvenlySpaced,
         json: None,
         plot: None,
         original_ppl: None,
@@ -257,6 +259,7 @@ pub(crate) fn run(args: &DemoArgs) -> Res<()> {
         points: 6,
         seq_len: 2048,
         max_windows: Some(args.max_windows),
+        windows: WindowSelection::EvenlySpaced,
         json: Some(args.dir.join("demo-eval.json")),
         plot: Some(args.dir.join("demo-eval.svg")),
         original_ppl: Some(original),

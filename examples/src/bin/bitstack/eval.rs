@@ -2,19 +2,20 @@
 //! original model.
 
 use crate::common::{
-    is_stack_file, mb, mib, named, open_loaded, open_source, read_text, usage, Res,
+    is_stack_file, mb, mib, named, open_loaded, open_source, read_text, usage, window_selections,
+    Res,
 };
 use bitstack_core::runtime::trim_allocator;
 use bitstack_core::MemoryBudget;
 use bitstack_examples::llama::{EmbeddingPrecision, LinearTable, Llama, LlamaResident};
 use bitstack_examples::memstat::{self, fmt_bytes};
 use bitstack_examples::output::check_output;
-use bitstack_examples::perplexity::{perplexity, Perplexity, PerplexityParams};
+use bitstack_examples::perplexity::{perplexity, Perplexity, PerplexityParams, WindowSelection};
 use bitstack_examples::report::{markdown_table, svg_plot, Series};
 use bitstack_examples::stackmodel::SnapshotLinears;
 use bitstack_examples::{noteln, outln};
 use clap::Args;
-use serde_json::json;
+use serde::Serialize;
 use std::path::PathBuf;
 
 /// `bitstack eval`; `matches` are the subcommand's matches, for the flags given explicitly.
@@ -59,9 +60,13 @@ pub(crate) struct EvalArgs {
     /// Window length in tokens.
     #[arg(long, default_value_t = 2048)]
     pub(crate) seq_len: usize,
-    /// Evaluate at most this many windows (evenly spaced over the text).
+    /// Evaluate at most this many windows (which ones: --windows).
     #[arg(long)]
     pub(crate) max_windows: Option<usize>,
+    /// Which windows --max-windows picks: spread evenly over the text (the default, which
+    /// the README's numbers use) or the first ones (what the paper and llama.cpp report).
+    #[arg(long, default_value_t = WindowSelection::EvenlySpaced, value_parser = window_selections())]
+    pub(crate) windows: WindowSelection,
     /// Write the results as JSON here.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,
@@ -225,11 +230,63 @@ fn check_text_fills_window(args: &EvalArgs, tokens: usize) -> Res<()> {
     Ok(())
 }
 
-pub(crate) fn ppl_params(seq_len: usize, max_windows: Option<usize>) -> PerplexityParams {
+/// The perplexity parameters of `eval`'s flags.
+pub(crate) fn ppl_params(args: &EvalArgs) -> PerplexityParams {
     PerplexityParams {
-        seq_len,
-        max_windows,
+        seq_len: args.seq_len,
+        max_windows: args.max_windows,
+        selection: args.windows,
         ..Default::default()
+    }
+}
+
+/// `eval --json`: the run's settings and one entry per budget.
+#[derive(Serialize)]
+struct EvalDoc {
+    file: String,
+    text: String,
+    text_tokens: usize,
+    seq_len: usize,
+    max_windows: Option<usize>,
+    window_selection: WindowSelection,
+    minimum_bytes: u64,
+    full_bytes: u64,
+    original_f16_bytes: u64,
+    process_rss_before_load_bytes: Option<u64>,
+    rows: Vec<EvalRowDoc>,
+}
+
+/// One budget of [`EvalDoc`].
+#[derive(Serialize)]
+struct EvalRowDoc {
+    budget_bytes: Option<u64>,
+    held_bytes: u64,
+    blocks: usize,
+    ppl: f64,
+    mean_nll: f64,
+    windows: usize,
+    tokens_scored: usize,
+    seconds: f64,
+    peak_rss_bytes: Option<u64>,
+    resize_ms: f64,
+    bytes_moved: u64,
+}
+
+impl From<&EvalRow> for EvalRowDoc {
+    fn from(r: &EvalRow) -> Self {
+        Self {
+            budget_bytes: r.budget,
+            held_bytes: r.held,
+            blocks: r.blocks,
+            ppl: r.ppl.ppl,
+            mean_nll: r.ppl.mean_nll,
+            windows: r.ppl.windows,
+            tokens_scored: r.ppl.tokens_scored,
+            seconds: r.ppl.seconds,
+            peak_rss_bytes: r.peak_rss,
+            resize_ms: r.resize_ms,
+            bytes_moved: r.bytes_moved,
+        }
     }
 }
 
@@ -258,7 +315,7 @@ pub(crate) fn eval_original(args: &EvalArgs) -> Res<f64> {
         .encode(&text, false)?;
     check_text_fills_window(args, tokens.len())?;
     outln!("text: {} tokens", tokens.len())?;
-    let params = ppl_params(args.seq_len, args.max_windows);
+    let params = ppl_params(args);
     let r = perplexity(
         &model,
         &tokens,
@@ -282,7 +339,10 @@ pub(crate) fn eval_original(args: &EvalArgs) -> Res<f64> {
                 "original".into(),
                 format!("{:.1} MB", mb(2 * params_total)),
                 format!("{:.4}", r.ppl),
-                format!("{} of {} x {}", r.windows, r.windows_available, r.seq_len),
+                format!(
+                    "{} of {} x {} ({})",
+                    r.windows, r.windows_available, r.seq_len, args.windows
+                ),
                 format!("{:.0}", r.seconds),
             ]]
         )
@@ -309,7 +369,7 @@ pub(crate) fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
         mb(loaded.original_f16_bytes),
         fmt_bytes(base_rss.rss)
     )?;
-    let params = ppl_params(args.seq_len, args.max_windows);
+    let params = ppl_params(args);
     let mut rows = Vec::new();
     let mut failed: Vec<String> = Vec::new();
     let n_budgets = budgets.len();
@@ -369,12 +429,13 @@ pub(crate) fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
         })
         .collect();
     outln!(
-        "windows: {} of {} x {} tokens per budget\n{}",
+        "windows: {} of {} x {} tokens per budget (--windows {})\n{}",
         params
             .max_windows
             .map_or("all".to_owned(), |w| w.to_string()),
         rows.first().map_or(0, |r| r.ppl.windows_available),
         args.seq_len,
+        args.windows,
         markdown_table(
             &[
                 "budget MB",
@@ -389,30 +450,19 @@ pub(crate) fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
         )
     )?;
     if let Some(path) = &args.json {
-        let doc = json!({
-            "file": args.file.display().to_string(),
-            "text": args.text.display().to_string(),
-            "text_tokens": tokens.len(),
-            "seq_len": args.seq_len,
-            "max_windows": args.max_windows,
-            "minimum_bytes": min,
-            "full_bytes": full,
-            "original_f16_bytes": loaded.original_f16_bytes,
-            "process_rss_before_load_bytes": base_rss.rss,
-            "rows": rows.iter().map(|r| json!({
-                "budget_bytes": r.budget,
-                "held_bytes": r.held,
-                "blocks": r.blocks,
-                "ppl": r.ppl.ppl,
-                "mean_nll": r.ppl.mean_nll,
-                "windows": r.ppl.windows,
-                "tokens_scored": r.ppl.tokens_scored,
-                "seconds": r.ppl.seconds,
-                "peak_rss_bytes": r.peak_rss,
-                "resize_ms": r.resize_ms,
-                "bytes_moved": r.bytes_moved,
-            })).collect::<Vec<_>>(),
-        });
+        let doc = EvalDoc {
+            file: args.file.display().to_string(),
+            text: args.text.display().to_string(),
+            text_tokens: tokens.len(),
+            seq_len: args.seq_len,
+            max_windows: args.max_windows,
+            window_selection: args.windows,
+            minimum_bytes: min,
+            full_bytes: full,
+            original_f16_bytes: loaded.original_f16_bytes,
+            process_rss_before_load_bytes: base_rss.rss,
+            rows: rows.iter().map(EvalRowDoc::from).collect(),
+        };
         bitstack_examples::output::write_atomic(
             path,
             serde_json::to_string_pretty(&doc)?.as_bytes(),

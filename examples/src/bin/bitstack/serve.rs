@@ -91,10 +91,11 @@ pub(crate) struct ServeArgs {
     pub(crate) sampling: SamplingArgs,
 }
 
-/// A library error as the command reports it: an output-path error keeps its type (its exit
-/// status depends on it), the rest is reported as it reads.
+/// A library error as the command reports it: usage and output-path errors keep their types
+/// (the exit status depends on them), the rest is reported as it reads.
 pub(crate) fn boxed(e: ServeError) -> Box<dyn std::error::Error> {
     match e {
+        ServeError::Usage(u) => Box::new(u),
         ServeError::Output(o) => Box::new(o),
         e => Box::new(e),
     }

@@ -297,12 +297,18 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
             let out = bitstack_sort::sort_first_order(&mut ev, &config, &mut observer)?;
             noteln!();
             if let Some(path) = &args.dump_scores {
-                let doc = serde_json::json!({
-                    "bases": config.bases,
-                    "weights": file.stacks().iter().zip(&out.scores).map(|(m, f)| serde_json::json!({
-                        "name": m.name, "first_order": f,
-                    })).collect::<Vec<_>>(),
-                });
+                let doc = FirstOrderDump {
+                    bases: &config.bases,
+                    weights: file
+                        .stacks()
+                        .iter()
+                        .zip(&out.scores)
+                        .map(|(m, f)| FirstOrderWeight {
+                            name: &m.name,
+                            first_order: f,
+                        })
+                        .collect(),
+                };
                 bitstack_examples::output::write_atomic(
                     path,
                     serde_json::to_string_pretty(&doc)?.as_bytes(),
@@ -414,6 +420,44 @@ pub(crate) fn run(args: &SortArgs) -> Res<()> {
     Ok(())
 }
 
+/// `--dump-scores` of the first-order method: the gradient bases and each weight's scores.
+#[derive(serde::Serialize)]
+struct FirstOrderDump<'a> {
+    bases: &'a [u16],
+    weights: Vec<FirstOrderWeight<'a>>,
+}
+
+/// One weight of [`FirstOrderDump`].
+#[derive(serde::Serialize)]
+struct FirstOrderWeight<'a> {
+    name: &'a str,
+    first_order: &'a [Option<f64>],
+}
+
+/// `--dump-scores` of a proxy method: the sensitivity probe's base loss (when one ran) and
+/// each weight's numbers.
+#[derive(serde::Serialize)]
+struct ProxyDump<'a> {
+    base_loss: Option<f64>,
+    weights: Vec<ProxyWeightDump<'a>>,
+}
+
+/// One weight of [`ProxyDump`]; the probe's fields only when a sensitivity probe ran.
+#[derive(serde::Serialize)]
+struct ProxyWeightDump<'a> {
+    name: &'a str,
+    rows: usize,
+    cols: usize,
+    errors: &'a [f64],
+    scores: &'a [Option<f64>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    base_blocks: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probe_blocks: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probe_loss: Option<f64>,
+}
+
 /// `--dump-scores`: the per-weight numbers a proxy order was computed from, as JSON.
 fn dump_scores(
     path: &Path,
@@ -421,30 +465,25 @@ fn dump_scores(
     out: &bitstack_sort::ProxyOutcome,
     sens: Option<&bitstack_sort::Sensitivity>,
 ) -> Res<()> {
-    let weights: Vec<serde_json::Value> = file
+    let weights: Vec<ProxyWeightDump<'_>> = file
         .stacks()
         .iter()
         .enumerate()
-        .map(|(w, m)| {
-            let mut v = serde_json::json!({
-                "name": m.name,
-                "rows": m.rows,
-                "cols": m.cols,
-                "errors": out.errors[w],
-                "scores": out.gains[w],
-            });
-            if let Some(s) = sens {
-                v["base_blocks"] = s.base_blocks[w].into();
-                v["probe_blocks"] = s.probe_blocks[w].into();
-                v["probe_loss"] = s.losses[w].into();
-            }
-            v
+        .map(|(w, m)| ProxyWeightDump {
+            name: &m.name,
+            rows: m.rows,
+            cols: m.cols,
+            errors: &out.errors[w],
+            scores: &out.gains[w],
+            base_blocks: sens.map(|s| s.base_blocks[w]),
+            probe_blocks: sens.map(|s| s.probe_blocks[w]),
+            probe_loss: sens.map(|s| s.losses[w]),
         })
         .collect();
-    let doc = serde_json::json!({
-        "base_loss": sens.map(|s| s.base_loss),
-        "weights": weights,
-    });
+    let doc = ProxyDump {
+        base_loss: sens.map(|s| s.base_loss),
+        weights,
+    };
     Ok(bitstack_examples::output::write_atomic(
         path,
         serde_json::to_string_pretty(&doc)?.as_bytes(),
