@@ -38,7 +38,7 @@ use crate::llama::{
 use crate::output::{OutputError, UsageError};
 use crate::perplexity::PerplexityError;
 use crate::perplexity::{perplexity, Perplexity, PerplexityParams, WindowSelection};
-use crate::report::{markdown_table, svg_plot, Progress, Series};
+use crate::report::{markdown_table, svg_plot, PlotError, Progress, Series};
 use crate::stackmodel::LoadError;
 use crate::stackmodel::{weight_index, weight_of_index, LoadedStack, META_COMPRESSION};
 use crate::tokenizer::TokenizerError;
@@ -60,6 +60,9 @@ pub enum CompareError {
     /// An output path that cannot be written, or a failed write.
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// compare.svg could not be drawn.
+    #[error("compare.svg: {0}")]
+    Plot(#[from] PlotError),
     /// The original model could not be opened.
     #[error("{}: {source}", path.display())]
     OpenModel {
@@ -837,7 +840,7 @@ impl Report {
         s
     }
 
-    fn svg(&self) -> String {
+    fn svg(&self) -> Result<String, PlotError> {
         let mut series: Vec<Series> = Vec::new();
         let mut methods: Vec<Baseline> = Vec::new();
         for r in &self.rows {
@@ -914,7 +917,7 @@ impl Report {
             serde_json::to_string_pretty(&self.json())?.as_bytes(),
         )?;
         write_atomic(&out_dir.join("compare.md"), self.markdown().as_bytes())?;
-        write_atomic(&out_dir.join("compare.svg"), self.svg().as_bytes())?;
+        write_atomic(&out_dir.join("compare.svg"), self.svg()?.as_bytes())?;
         Ok(())
     }
 }

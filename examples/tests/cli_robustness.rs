@@ -940,8 +940,27 @@ fn cli_survives_bad_input_and_corrupt_files() {
         .inputs(&[&json]),
         &mut tally,
     );
-    if !plot_out.is_file() {
-        tally.failures.push("plot wrote nothing".into());
+    // Both SVGs are whole documents with the series in the legend and the axis titles.
+    for (what, path, series) in [("eval --plot", &svg, "BitStack"), ("plot", &plot_out, "a")] {
+        match std::fs::read_to_string(path) {
+            Ok(t) => {
+                let line = |want: &str| t.lines().any(|l| l.trim() == want);
+                if !(t.starts_with("<svg")
+                    && t.trim_end().ends_with("</svg>")
+                    && line(series)
+                    && line("perplexity (log scale)")
+                    && t.contains("(MB"))
+                {
+                    tally.failures.push(format!(
+                        "{what}: {} is not a complete plot with legend {series:?}",
+                        path.display()
+                    ));
+                }
+            }
+            Err(e) => tally
+                .failures
+                .push(format!("{what} wrote nothing ({}: {e})", path.display())),
+        }
     }
 
     // --- `--windows`: a bad value names the flag and the choices; `first` and `spread`

@@ -481,10 +481,10 @@ pub(crate) fn eval_stack(args: &EvalArgs) -> Res<Vec<EvalRow>> {
         let svg = svg_plot(
             "Perplexity against memory",
             "memory held (MB = 10^6 bytes)",
-            "perplexity",
+            "perplexity (log scale)",
             &series,
             &hlines,
-        );
+        )?;
         bitstack_examples::output::write_atomic(path, svg.as_bytes())?;
         outln!("wrote {}", path.display())?;
     }

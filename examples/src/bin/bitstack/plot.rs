@@ -74,7 +74,7 @@ pub(crate) fn run(args: &PlotArgs) -> Res<()> {
         "perplexity (log scale)",
         &series,
         &hlines,
-    );
+    )?;
     bitstack_examples::output::write_atomic(&args.output, svg.as_bytes())?;
     outln!("wrote {}", args.output.display())?;
     Ok(())
