@@ -284,6 +284,24 @@ fn gemm_xwt_q4(x: &[f32], w: &Q4Matrix, y: &mut [f32]) {
     });
 }
 
+/// `x` must be whole rows of `cols` and `y` the same number of rows of `rows`.
+fn check_linear_io(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    y: &[f32],
+    what: &'static str,
+) -> bitstack_core::Result<()> {
+    if cols == 0 || !x.len().is_multiple_of(cols) || y.len() != x.len() / cols * rows {
+        return Err(bitstack_core::CoreError::ShapeMismatch {
+            what,
+            expected: cols,
+            actual: x.len(),
+        });
+    }
+    Ok(())
+}
+
 /// An untied head (or any dense weight) held as a [`Q4Matrix`].
 #[derive(Clone, Debug)]
 pub struct Q4Linear(pub Q4Matrix);
@@ -296,14 +314,7 @@ impl LinearOp for Q4Linear {
         self.0.rows()
     }
     fn forward(&self, x: &[f32], y: &mut [f32]) -> bitstack_core::Result<()> {
-        let cols = self.0.cols();
-        if cols == 0 || !x.len().is_multiple_of(cols) || y.len() != x.len() / cols * self.0.rows() {
-            return Err(bitstack_core::CoreError::ShapeMismatch {
-                what: "q4 linear input/output",
-                expected: cols,
-                actual: x.len(),
-            });
-        }
+        check_linear_io(self.0.rows(), self.0.cols(), x, y, "q4 linear input/output")?;
         gemm_xwt_q4(x, &self.0, y);
         Ok(())
     }
@@ -324,14 +335,7 @@ impl LinearOp for Q8Linear {
         self.0.rows()
     }
     fn forward(&self, x: &[f32], y: &mut [f32]) -> bitstack_core::Result<()> {
-        let cols = self.0.cols();
-        if cols == 0 || !x.len().is_multiple_of(cols) || y.len() != x.len() / cols * self.0.rows() {
-            return Err(bitstack_core::CoreError::ShapeMismatch {
-                what: "q8 linear input/output",
-                expected: cols,
-                actual: x.len(),
-            });
-        }
+        check_linear_io(self.0.rows(), self.0.cols(), x, y, "q8 linear input/output")?;
         gemm_xwt_q8(x, &self.0, y);
         Ok(())
     }
