@@ -92,7 +92,9 @@ pub(super) const SIGN: [[f32; 16]; 4] = {
 
 /// Builds the int8 tables and scales of one (item, level): `b` is the block's `cols × rank`
 /// factor, `xs` the scaled input row, `t` scratch of `rank · words · 64` floats, `bf` of
-/// `cols · rank`, `tables` `words · rank · 256` bytes and `scales` `words · rank` floats.
+/// `cols · rank`, `tables` `words · rank · 256 · halves` bytes and `scales` `words · rank`
+/// floats. With split tables (`halves == 2`) only ranks `0..split_ranks` get their low
+/// halves written: the kernels read nothing else (see [`TileInput::split_ranks`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn build_tables(
     b: &[half::f16],
@@ -103,14 +105,17 @@ pub(super) fn build_tables(
     tables: &mut [i8],
     scales: &mut [f32],
     halves: usize,
+    split_ranks: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::x86::avx512_available() {
         // SAFETY: the CPU supports the features `build_tables_avx512` is compiled for.
-        unsafe { super::x86::build_tables_avx512(b, rank, xs, t, bf, tables, scales, halves) };
+        unsafe {
+            super::x86::build_tables_avx512(b, rank, xs, t, bf, tables, scales, halves, split_ranks)
+        };
         return;
     }
-    build_tables_generic(b, rank, xs, t, bf, tables, scales, halves)
+    build_tables_generic(b, rank, xs, t, bf, tables, scales, halves, split_ranks)
 }
 
 /// [`build_tables`] in plain Rust; x86 compiles the same body for AVX-512 so the
@@ -126,6 +131,7 @@ pub(super) fn build_tables_generic(
     tables: &mut [i8],
     scales: &mut [f32],
     halves: usize,
+    split_ranks: usize,
 ) {
     let cols = xs.len();
     let words = words_per_row(cols);
@@ -177,7 +183,7 @@ pub(super) fn build_tables_generic(
                     for (hv, ev) in h.iter_mut().zip(&e) {
                         *hv = round_to_i8(*ev);
                     }
-                    if halves == 2 {
+                    if halves == 2 && r < split_ranks {
                         let l = &mut lo[gi * 16..gi * 16 + 16];
                         for ((lv, ev), hv) in l.iter_mut().zip(&e).zip(h.iter()) {
                             *lv = round_to_i8((*ev - f32::from(*hv)) * SPLIT_WEIGHT as f32);

@@ -556,6 +556,7 @@ fn fused_int8(
 ) {
     let levels = blocks.len();
     let halves = params.halves();
+    let split_ranks = params.split_ranks(rank);
     let lay = int8::Int8Layout::new(rows, cols, rank, levels, batch, halves);
     let (xs, rest) = scratch.split_at_mut(lay.xs);
     let (t, rest) = rest.split_at_mut(lay.t);
@@ -600,7 +601,7 @@ fn fused_int8(
                 let sc = std::slice::from_raw_parts_mut(sc_ptr.get().add(i * per), per);
                 let t = std::slice::from_raw_parts_mut(t_ptr.get().add(slot * t_per), t_per);
                 let bf = std::slice::from_raw_parts_mut(bf_ptr.get().add(slot * bf_per), bf_per);
-                int8::build_tables(blocks[l].b, rank, xr, t, bf, tab, sc, halves);
+                int8::build_tables(blocks[l].b, rank, xr, t, bf, tab, sc, halves, split_ranks);
             }
         });
     }
@@ -613,7 +614,7 @@ fn fused_int8(
         tables,
         scales,
         halves,
-        split_ranks: params.split_ranks(rank),
+        split_ranks,
     };
     let isa = params.isa.resolve();
     let task_rows = if rows >= INT8_WIDE_MIN_ROWS {

@@ -286,6 +286,7 @@ pub(super) unsafe fn build_tables_avx512(
     tables: &mut [i8],
     scales: &mut [f32],
     halves: usize,
+    split_ranks: usize,
 ) {
     let cols = xs.len();
     let words = crate::signs::words_per_row(cols);
@@ -357,6 +358,7 @@ pub(super) unsafe fn build_tables_avx512(
                 (0.0, 0.0)
             };
             let invv = _mm512_set1_ps(inv);
+            let low = halves == 2 && r < split_ranks;
             for w in w0..w1 {
                 let idx = super::int8::slot(w, r, rank, words);
                 *scales.get_unchecked_mut(idx) = scale;
@@ -376,14 +378,14 @@ pub(super) unsafe fn build_tables_avx512(
                         e = _mm512_mul_ps(e, invv);
                         let clamped = _mm512_min_ps(_mm512_max_ps(e, lo_lim), hi_lim);
                         *hi = _mm512_cvt_roundps_epi32::<NEAREST>(clamped);
-                        if halves == 2 {
+                        if low {
                             let l = _mm512_mul_ps(_mm512_sub_ps(e, _mm512_cvtepi32_ps(*hi)), split);
                             let l = _mm512_min_ps(_mm512_max_ps(l, lo_lim), hi_lim);
                             *lo = _mm512_cvt_roundps_epi32::<NEAREST>(l);
                         }
                     }
                     _mm512_storeu_si512(out.add(64 * gq).cast(), pack4_epi8(his, order));
-                    if halves == 2 {
+                    if low {
                         _mm512_storeu_si512(
                             out.add(TABLE_BYTES + 64 * gq).cast(),
                             pack4_epi8(los, order),
@@ -447,7 +449,14 @@ mod tests {
     use half::f16;
     use proptest::prelude::*;
 
-    fn build(simd: bool, b: &[f16], rank: usize, xs: &[f32], halves: usize) -> (Vec<i8>, Vec<f32>) {
+    fn build(
+        simd: bool,
+        b: &[f16],
+        rank: usize,
+        xs: &[f32],
+        halves: usize,
+        split_ranks: usize,
+    ) -> (Vec<i8>, Vec<f32>) {
         let words = words_per_row(xs.len());
         let mut t = vec![f32::NAN; rank * words * 64];
         let mut bf = vec![0.0; xs.len() * rank];
@@ -465,6 +474,7 @@ mod tests {
                     &mut tables,
                     &mut scales,
                     halves,
+                    split_ranks,
                 )
             };
         } else {
@@ -477,6 +487,7 @@ mod tests {
                 &mut tables,
                 &mut scales,
                 halves,
+                split_ranks,
             );
         }
         (tables, scales)
@@ -486,12 +497,13 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         /// The AVX-512 build writes exactly the generic build's bytes and scales, for every
         /// rank (one and several 16-rank slabs), widths that are not multiples of 4/16/64,
-        /// both table kinds, and inputs with zeros (a zero scale).
+        /// both table kinds, any number of ranks with low halves, and inputs with zeros (a zero scale).
         #[test]
         fn avx512_tables_equal_generic(
             rank in 1usize..=64,
             cols in 1usize..=300,
             halves in 1usize..=2,
+            split_sel in 0usize..=64,
             seed in 0u64..1000,
             zero_x in proptest::bool::ANY,
         ) {
@@ -510,8 +522,9 @@ mod tests {
             let xs: Vec<f32> = (0..cols)
                 .map(|j| if zero_x && j % 3 != 1 { 0.0 } else { 3.0 * next() })
                 .collect();
-            let want = build(false, &b, rank, &xs, halves);
-            let got = build(true, &b, rank, &xs, halves);
+            let split_ranks = split_sel.min(rank);
+            let want = build(false, &b, rank, &xs, halves, split_ranks);
+            let got = build(true, &b, rank, &xs, halves, split_ranks);
             prop_assert_eq!(&got.0, &want.0);
             prop_assert_eq!(
                 got.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
