@@ -1012,8 +1012,10 @@ pub struct PressureConfig {
     pub schedule: String,
     /// Tokens generated per phase.
     pub tokens_per_phase: usize,
-    /// The prompt (wrapped in the chat template).
+    /// The prompt (wrapped in the chat template unless `raw`).
     pub prompt: String,
+    /// Feed the prompt as plain text, without the chat template.
+    pub raw: bool,
     /// Skip timing the reopen-at-the-new-budget alternative.
     pub no_reopen: bool,
     /// Memory policy options.
@@ -1096,19 +1098,109 @@ pub fn pressure_demo(args: &PressureConfig) -> Res<()> {
     let avail_file = dir.join("available");
     let result = pressure_inner(args, &schedule, params, &avail_file);
     let _ = std::fs::remove_dir_all(&dir);
-    result
+    result.map(|_rows| ())
 }
 
+/// The pressure demo with the schedule parsed (bytes per phase) and the file the available
+/// memory is written to; returns the phases' rows after printing them.
 fn pressure_inner(
     args: &PressureConfig,
     schedule: &[u64],
     params: PolicyParams,
     avail_file: &Path,
-) -> Res<()> {
+) -> Res<Vec<PhaseRow>> {
     let rss0 = memstat::read().rss;
     let t = Instant::now();
     let loaded = open_stack(&args.file, None)?;
-    let open_s = t.elapsed().as_secs_f64();
+    print_pressure_plan(
+        args,
+        schedule,
+        &params,
+        &loaded,
+        t.elapsed().as_secs_f64(),
+        rss0,
+    );
+    println!(
+        "available memory is written to {} and read back by a FileSource on every poll",
+        avail_file.display()
+    );
+    crate::output::write_atomic(avail_file, schedule[0].to_string().as_bytes())?;
+    let full = loaded.elastic.full_bytes();
+    let source = build_source(&MemorySpec::File(avail_file.to_owned()), full, &params);
+    let mut follower = Follower::new(
+        &loaded,
+        source,
+        params,
+        Box::new(|s: &str| println!("  {s}")),
+    );
+    let ids = loaded.prompt_ids(&args.prompt, !args.raw)?;
+    let total_tokens = ids.len() + schedule.len() * args.tokens_per_phase + 1;
+    let config = loaded.resident.config().clone();
+    if total_tokens > config.max_seq {
+        return Err(ServeError::ScheduleTooLong {
+            tokens: total_tokens,
+            context: config.max_seq,
+        });
+    }
+    println!(
+        "prompt: {:?} ({} tokens, {})",
+        args.prompt,
+        ids.len(),
+        if args.raw {
+            "plain text"
+        } else {
+            "chat template"
+        }
+    );
+    // One cache and one token stream for the whole demo: resizes never restart generation.
+    let mut stream = PressureStream {
+        prompt: ids,
+        cache: KvCache::new(&config, total_tokens),
+        rng: SplitMix64::new(args.sampling.seed),
+        sampling: args.sampling.sampling()?,
+        // The stream must not end: stop tokens are masked out of the logits.
+        stops: stop_ids(&loaded),
+        linears: loaded.linears(),
+        logits: None,
+        tokens: Vec::new(),
+    };
+    let mut rows: Vec<PhaseRow> = Vec::new();
+    for (phase, &available) in schedule.iter().enumerate() {
+        let row = run_pressure_phase(
+            args,
+            &loaded,
+            &mut follower,
+            &mut stream,
+            phase,
+            available,
+            avail_file,
+        )?;
+        print_phase(&row);
+        rows.push(row);
+    }
+    let stream_tokens = std::mem::take(&mut stream.tokens);
+    drop(stream);
+    print_summary(&rows, rss0);
+    let full_text = loaded.tokenizer.decode(&stream_tokens)?;
+    println!(
+        "the whole stream ({} tokens, one KV cache across {} phases):\n{}",
+        stream_tokens.len(),
+        rows.len(),
+        full_text.trim()
+    );
+    Ok(rows)
+}
+
+/// The pressure demo's opening lines: the model's range, the schedule, the policy, and a note
+/// for every phase whose memory the policy must clamp to the minimum.
+fn print_pressure_plan(
+    args: &PressureConfig,
+    schedule: &[u64],
+    params: &PolicyParams,
+    loaded: &LoadedStack,
+    open_s: f64,
+    rss0: Option<u64>,
+) {
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     println!(
         "== pressure demo on {} ==\nmodel minimum {:.1} MB, full {:.1} MB (MB = 10^6 B); opened at the minimum in {:.2} s; process RSS before open {}",
@@ -1132,8 +1224,8 @@ fn pressure_inner(
         args.tokens_per_phase
     );
     for &a in schedule {
-        let target = MemoryPolicy::new(params, min, full).target(a);
-        if unclamped_target(a, &params) < min {
+        let target = MemoryPolicy::new(*params, min, full).target(a);
+        if unclamped_target(a, params) < min {
             println!(
                 "note: {:.1} MB available is below the minimum after headroom; the policy clamps it to {:.1} MB",
                 mb(a),
@@ -1141,146 +1233,165 @@ fn pressure_inner(
             );
         }
     }
-    println!(
-        "available memory is written to {} and read back by a FileSource on every poll",
-        avail_file.display()
-    );
-    crate::output::write_atomic(avail_file, schedule[0].to_string().as_bytes())?;
-    let source = build_source(&MemorySpec::File(avail_file.to_owned()), full, &params);
-    let mut follower = Follower::new(
-        &loaded,
-        source,
-        params,
-        Box::new(|s: &str| println!("  {s}")),
-    );
-    let ids = loaded.prompt_ids(&args.prompt, true)?;
-    let total_tokens = ids.len() + schedule.len() * args.tokens_per_phase + 1;
-    let config = loaded.resident.config().clone();
-    if total_tokens > config.max_seq {
-        return Err(ServeError::ScheduleTooLong {
-            tokens: total_tokens,
-            context: config.max_seq,
-        });
-    }
-    // One cache and one token stream for the whole demo: resizes never restart generation.
-    let mut cache = KvCache::new(&config, total_tokens);
-    let mut rng = SplitMix64::new(args.sampling.seed);
-    let sampling = args.sampling.sampling()?;
-    // The stream must not end: stop tokens are masked out of the logits.
-    let stops = stop_ids(&loaded);
-    let poll_every = args.policy.poll_every.max(1);
-    println!(
-        "prompt: {:?} ({} tokens, chat template)",
-        args.prompt,
-        ids.len()
-    );
+}
 
-    let mut rows: Vec<PhaseRow> = Vec::new();
-    let mut linears = loaded.linears();
-    let mut logits: Option<Vec<f32>> = None;
-    let mut stream_tokens: Vec<u32> = Vec::new();
-    for (phase, &available) in schedule.iter().enumerate() {
-        println!(
-            "-- phase {}: available memory set to {:.1} MB",
-            phase + 1,
-            mb(available)
-        );
-        crate::output::write_atomic(avail_file, available.to_string().as_bytes())?;
-        let event = follower.poll(&format!("phase {} start", phase + 1));
-        let mut free_ms = 0.0;
-        if event.is_some() {
+/// The pressure demo's one token stream, kept across phases and resizes.
+struct PressureStream {
+    /// The prompt, prefilled as the first step of the first phase.
+    prompt: Vec<u32>,
+    cache: KvCache,
+    rng: SplitMix64,
+    sampling: Sampling,
+    /// Tokens masked out of the logits so the stream never ends.
+    stops: Vec<u32>,
+    /// The snapshot the forward steps use; replaced after every resize.
+    linears: SnapshotLinears,
+    /// The logits of the last step (none before the prompt's prefill).
+    logits: Option<Vec<f32>>,
+    /// Every generated token.
+    tokens: Vec<u32>,
+}
+
+/// Timings of one phase's tokens.
+struct PhaseTiming {
+    /// Seconds of sampling and decode steps (the prompt's prefill excluded).
+    compute_s: f64,
+    /// Seconds of the prompt's prefill, in the phase that ran it.
+    prefill_s: Option<f64>,
+    /// Milliseconds spent replacing the snapshot (freeing the dropped blocks).
+    free_ms: f64,
+    /// The first resize of the phase.
+    resize: Option<ResizeReport>,
+}
+
+/// One phase of the pressure demo: sets the available memory, follows it, generates
+/// `tokens_per_phase` tokens (polling the policy every `poll_every`), measures RSS and, unless
+/// `--no-reopen`, the time to open the file afresh at the phase's budget.
+fn run_pressure_phase(
+    args: &PressureConfig,
+    loaded: &LoadedStack,
+    follower: &mut Follower<'_>,
+    stream: &mut PressureStream,
+    phase: usize,
+    available: u64,
+    avail_file: &Path,
+) -> Res<PhaseRow> {
+    println!(
+        "-- phase {}: available memory set to {:.1} MB",
+        phase + 1,
+        mb(available)
+    );
+    crate::output::write_atomic(avail_file, available.to_string().as_bytes())?;
+    let start_len = stream.tokens.len();
+    let timing = generate_phase_tokens(args, loaded, follower, stream, phase)?;
+    let text = loaded.tokenizer.decode(&stream.tokens[start_len..])?;
+    trim_allocator();
+    loaded.model.file().release_pages();
+    let rss = memstat::read().rss;
+    let snap = loaded.elastic.snapshot();
+    let budget = follower.budget().unwrap_or(snap.held_bytes());
+    let reopen_ms = if args.no_reopen {
+        None
+    } else {
+        Some(time_reopen(args, loaded, budget, snap.prefix())?)
+    };
+    Ok(PhaseRow {
+        available,
+        budget,
+        held: snap.held_bytes(),
+        blocks: snap.prefix(),
+        rss,
+        tokens_per_s: args.tokens_per_phase as f64 / timing.compute_s.max(1e-9),
+        prefill_s: timing.prefill_s,
+        resize: timing.resize,
+        free_ms: timing.free_ms,
+        reopen_ms,
+        sample: one_line(&text, 100),
+    })
+}
+
+/// The tokens of one phase: a poll at its start and every `poll_every` tokens (a resize
+/// replaces the snapshot; the KV cache of earlier tokens is kept), then sampling and decode.
+fn generate_phase_tokens(
+    args: &PressureConfig,
+    loaded: &LoadedStack,
+    follower: &mut Follower<'_>,
+    stream: &mut PressureStream,
+    phase: usize,
+) -> Res<PhaseTiming> {
+    let poll_every = args.policy.poll_every.max(1);
+    let mut timing = PhaseTiming {
+        compute_s: 0.0,
+        prefill_s: None,
+        free_ms: 0.0,
+        resize: None,
+    };
+    let mut follow = |when: String, stream: &mut PressureStream, timing: &mut PhaseTiming| {
+        if let Some(e) = follower.poll(&when) {
             let t = Instant::now();
             // Later tokens use the new snapshot; the KV cache of earlier tokens is kept.
-            linears = loaded.linears();
-            free_ms += t.elapsed().as_secs_f64() * 1e3;
+            stream.linears = loaded.linears();
+            timing.free_ms += t.elapsed().as_secs_f64() * 1e3;
+            timing.resize.get_or_insert(e.report);
         }
-        let mut phase_resize = event.map(|e| e.report);
-        let mut compute_s = 0.0;
-        let mut prefill_s = None;
-        let start_len = stream_tokens.len();
-        for i in 0..args.tokens_per_phase {
-            if i > 0 && i % poll_every == 0 {
-                if let Some(e) = follower.poll(&format!("phase {}, token {}", phase + 1, i)) {
-                    let t = Instant::now();
-                    linears = loaded.linears();
-                    free_ms += t.elapsed().as_secs_f64() * 1e3;
-                    phase_resize.get_or_insert(e.report);
-                }
-            }
-            let mut l = match logits.take() {
-                // The prompt's prefill is the first step of the stream (timed apart).
-                None => {
-                    let t = Instant::now();
-                    let l = step(&loaded, &linears, &ids, &mut cache)?;
-                    prefill_s = Some(t.elapsed().as_secs_f64());
-                    l
-                }
-                Some(l) => l,
-            };
-            let t = Instant::now();
-            for &s in &stops {
-                if let Some(v) = l.get_mut(s as usize) {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-            let tok = sample(&l, sampling, &mut rng)?;
-            stream_tokens.push(tok);
-            logits = Some(step(&loaded, &linears, &[tok], &mut cache)?);
-            compute_s += t.elapsed().as_secs_f64();
+    };
+    follow(format!("phase {} start", phase + 1), stream, &mut timing);
+    for i in 0..args.tokens_per_phase {
+        if i > 0 && i % poll_every == 0 {
+            follow(
+                format!("phase {}, token {}", phase + 1, i),
+                stream,
+                &mut timing,
+            );
         }
-        let text = loaded.tokenizer.decode(&stream_tokens[start_len..])?;
-        trim_allocator();
-        loaded.model.file().release_pages();
-        let rss = memstat::read().rss;
-        let snap = loaded.elastic.snapshot();
-        let budget = follower.budget().unwrap_or(snap.held_bytes());
-        // The alternative a user has today: open the file again at the new budget. Timed after
-        // the phase's RSS reading, and dropped before the next phase.
-        let reopen_ms = if args.no_reopen {
-            None
-        } else {
-            let t = Instant::now();
-            let other = open_stack(&args.file, Some(MemoryBudget::from_bytes(budget)))?;
-            let ms = t.elapsed().as_secs_f64() * 1e3;
-            let reopened = other.elastic.snapshot().prefix();
-            if reopened != snap.prefix() {
-                return Err(ServeError::ReopenMismatch {
-                    budget,
-                    reopened,
-                    resized: snap.prefix(),
-                });
+        let mut l = match stream.logits.take() {
+            // The prompt's prefill is the first step of the stream (timed apart).
+            None => {
+                let t = Instant::now();
+                let l = step(loaded, &stream.linears, &stream.prompt, &mut stream.cache)?;
+                timing.prefill_s = Some(t.elapsed().as_secs_f64());
+                l
             }
-            drop(other);
-            trim_allocator();
-            loaded.model.file().release_pages();
-            Some(ms)
+            Some(l) => l,
         };
-        let row = PhaseRow {
-            available,
-            budget,
-            held: snap.held_bytes(),
-            blocks: snap.prefix(),
-            rss,
-            tokens_per_s: args.tokens_per_phase as f64 / compute_s.max(1e-9),
-            prefill_s,
-            resize: phase_resize,
-            free_ms,
-            reopen_ms,
-            sample: one_line(&text, 100),
-        };
-        print_phase(&row);
-        rows.push(row);
+        let t = Instant::now();
+        for &s in &stream.stops {
+            if let Some(v) = l.get_mut(s as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        let tok = sample(&l, stream.sampling, &mut stream.rng)?;
+        stream.tokens.push(tok);
+        stream.logits = Some(step(loaded, &stream.linears, &[tok], &mut stream.cache)?);
+        timing.compute_s += t.elapsed().as_secs_f64();
     }
-    drop(linears);
-    print_summary(&rows, rss0);
-    let full_text = loaded.tokenizer.decode(&stream_tokens)?;
-    println!(
-        "the whole stream ({} tokens, one KV cache across {} phases):\n{}",
-        stream_tokens.len(),
-        rows.len(),
-        full_text.trim()
-    );
-    Ok(())
+    Ok(timing)
+}
+
+/// The alternative a user has today: open the file again at `budget`. Timed after the phase's
+/// RSS reading and dropped before the next phase; the reopened prefix must equal the resized
+/// one.
+fn time_reopen(
+    args: &PressureConfig,
+    loaded: &LoadedStack,
+    budget: u64,
+    resized: usize,
+) -> Res<f64> {
+    let t = Instant::now();
+    let other = open_stack(&args.file, Some(MemoryBudget::from_bytes(budget)))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let reopened = other.elastic.snapshot().prefix();
+    if reopened != resized {
+        return Err(ServeError::ReopenMismatch {
+            budget,
+            reopened,
+            resized,
+        });
+    }
+    drop(other);
+    trim_allocator();
+    loaded.model.file().release_pages();
+    Ok(ms)
 }
 
 /// Switching time (resize + freeing the dropped blocks), MB moved (loaded + dropped), and the
@@ -1688,6 +1799,63 @@ mod tests {
             log.iter().any(|l| l.contains("at most 38 new tokens")),
             "{log:?}"
         );
+    }
+
+    #[test]
+    fn pressure_demo_shrinks_and_grows_one_stream() {
+        let dir = TempDir::new("pressure");
+        let path = tiny_stack_file(&dir.0);
+        let loaded = open_stack(&path, None).unwrap();
+        let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
+        drop(loaded);
+        assert!(min < full, "{min} {full}");
+        let config = PressureConfig {
+            file: path.clone(),
+            schedule: String::new(),
+            tokens_per_phase: 3,
+            prompt: "hi".into(),
+            raw: true,
+            no_reopen: false,
+            policy: PolicyOptions {
+                headroom: 0.0,
+                headroom_bytes: MemoryBudget::from_bytes(0),
+                hysteresis: MemoryBudget::from_bytes(0),
+                poll_every: 1,
+            },
+            sampling: SamplingOptions {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+            },
+        };
+        let params = config.policy.params().unwrap();
+        let middle = min + (full - min) / 2;
+        let schedule = [full, min, middle, full];
+        let rows = pressure_inner(&config, &schedule, params, &dir.0.join("available")).unwrap();
+        assert_eq!(rows.len(), 4);
+        for (row, &available) in rows.iter().zip(&schedule) {
+            assert_eq!(row.available, available);
+            assert!(
+                row.held <= row.budget.max(min),
+                "{} > {}",
+                row.held,
+                row.budget
+            );
+            // The reopen at the phase's budget ran and picked the same prefix.
+            assert!(row.reopen_ms.is_some());
+        }
+        assert!(
+            rows[1].blocks < rows[0].blocks,
+            "shrink: {} -> {}",
+            rows[0].blocks,
+            rows[1].blocks
+        );
+        assert!(rows[2].blocks > rows[1].blocks && rows[2].blocks < rows[0].blocks);
+        assert_eq!(
+            rows[3].blocks, rows[0].blocks,
+            "grows back to the full stack"
+        );
+        assert!(rows[1].resize.is_some() && rows[3].resize.is_some());
     }
 
     #[test]

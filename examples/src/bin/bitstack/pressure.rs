@@ -18,12 +18,15 @@ pub(crate) struct PressureArgs {
     /// Tokens generated per phase.
     #[arg(long, default_value_t = 48)]
     pub(crate) tokens_per_phase: usize,
-    /// The prompt (wrapped in the chat template).
+    /// The prompt (wrapped in the chat template unless --raw).
     #[arg(
         long,
         default_value = "Tell me a long story about a lighthouse keeper and the sea."
     )]
     pub(crate) prompt: String,
+    /// Feed the prompt as plain text, without the chat template (base models have none).
+    #[arg(long)]
+    pub(crate) raw: bool,
     /// Skip timing the reopen-at-the-new-budget alternative.
     #[arg(long)]
     pub(crate) no_reopen: bool,
@@ -42,6 +45,7 @@ pub(crate) fn run(a: &PressureArgs) -> Res<()> {
         schedule: a.schedule.clone(),
         tokens_per_phase: a.tokens_per_phase,
         prompt: a.prompt.clone(),
+        raw: a.raw,
         no_reopen: a.no_reopen,
         policy: a.policy.options(),
         sampling: a.sampling.options(),

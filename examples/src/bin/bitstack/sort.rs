@@ -1,12 +1,17 @@
 //! `bitstack sort`: reorder a stack file's universal stack.
 
 use crate::common::{named, read_text, usage, Res};
+use bitstack_core::{BlockId, ResidualBlock, UniversalOrder};
 use bitstack_examples::gguf::{open_model, ModelSource};
 use bitstack_examples::llama::LlamaResident;
 use bitstack_examples::output::check_output;
 use bitstack_examples::stackmodel::StackModel;
 use bitstack_examples::{note, noteln, outln};
-use bitstack_sort::SortMethod;
+use bitstack_format::StackFile;
+use bitstack_sort::{
+    sort_average, sort_greedy, splice_orders, LevelCap, ProxyConfig, SortConfig, SortMethod,
+    SortProgress, StackEvaluator,
+};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -156,251 +161,278 @@ fn check_sort_flags(args: &SortArgs) -> Res<()> {
     Ok(())
 }
 
-/// `bitstack sort`.
+/// `bitstack sort`: checks the flags, computes the order with the chosen method, writes the
+/// reordered file.
 pub(crate) fn run(args: &SortArgs) -> Res<()> {
-    use bitstack_core::BlockId;
-    use bitstack_sort::{
-        sort_average, sort_greedy, splice_orders, LevelCap, ProxyConfig, SortConfig, SortProgress,
-        StackEvaluator,
-    };
     check_sort_flags(args)?;
     let sm = StackModel::open(&args.file).map_err(|e| named(&args.file, e))?;
-    let file = sm.file();
-    let levels: Vec<u16> = file.stacks().iter().map(|m| m.levels).collect();
-    let read_all = |w: usize| -> Res<Vec<bitstack_core::ResidualBlock>> {
-        (0..levels[w])
-            .map(|l| {
-                file.read_block(BlockId {
-                    weight: w as u32,
-                    level: l,
-                })
-                .map_err(|e| named(&args.file, e))
-            })
-            .collect()
-    };
     let t = Instant::now();
     let (order, detail) = match args.method {
         SortMethod::RoundRobin => (
-            bitstack_core::UniversalOrder::round_robin(levels.clone())?,
+            UniversalOrder::round_robin(stack_levels(sm.file()))?,
             String::new(),
         ),
-        SortMethod::Import => {
-            let path = args
-                .order_json
-                .as_ref()
-                .ok_or("--method import needs --order-json FILE")?;
-            let pairs: Vec<(u32, u16)> = serde_json::from_str(&read_text("--order-json", path)?)
-                .map_err(|e| {
-                    format!(
-                        "{}: expected a JSON list of [weight, level] pairs: {e}",
-                        path.display()
-                    )
-                })?;
-            let ids = pairs
-                .into_iter()
-                .map(|(weight, level)| BlockId { weight, level })
-                .collect();
-            (
-                bitstack_core::UniversalOrder::new(levels.clone(), ids)?,
-                format!("imported from {}", path.display()),
-            )
-        }
+        SortMethod::Import => order_import(args, sm.file())?,
         SortMethod::Random => (
-            bitstack_sort::sort_random(&levels, args.seed)?,
+            bitstack_sort::sort_random(&stack_levels(sm.file()), args.seed)?,
             format!("seed {}", args.seed),
         ),
-        SortMethod::Proxy => {
-            let (originals, blocks) = proxy_inputs(args, file, &read_all)?;
-            let weights = proxy_weights(file, &originals, &blocks);
-            let t = Instant::now();
-            let normalisation = match args.proxy_normalisation.as_str() {
-                "relative" => bitstack_sort::ProxyNormalisation::Relative,
-                "absolute" => bitstack_sort::ProxyNormalisation::Absolute,
-                other => {
-                    return Err(format!(
-                        "--proxy-normalisation {other:?}: expected relative or absolute"
-                    )
-                    .into())
-                }
-            };
-            let config = ProxyConfig {
-                normalisation,
-                ..Default::default()
-            };
-            let out = bitstack_sort::sort_proxy(&weights, &config)?;
-            if let Some(path) = &args.dump_scores {
-                dump_scores(path, file, &out, None)?;
-            }
-            (
-                out.order,
-                format!("proxy itself {:.2} s", t.elapsed().as_secs_f64()),
+        SortMethod::Proxy => order_proxy(args, sm.file())?,
+        SortMethod::ProxySensitive => order_proxy_sensitive(args, &sm)?,
+        SortMethod::FirstOrder => order_first_order(args, &sm)?,
+        SortMethod::Average | SortMethod::Greedy => order_by_evaluation(args, &sm)?,
+    };
+    write_sorted(args, sm.file(), order, &detail, t.elapsed().as_secs_f64())
+}
+
+/// Blocks per weight of `file`, in stack order.
+fn stack_levels(file: &StackFile) -> Vec<u16> {
+    file.stacks().iter().map(|m| m.levels).collect()
+}
+
+/// Every block of weight `w`, read from `args.file`.
+fn read_all_blocks(args: &SortArgs, file: &StackFile, w: usize) -> Res<Vec<ResidualBlock>> {
+    (0..file.stacks()[w].levels)
+        .map(|l| {
+            file.read_block(BlockId {
+                weight: w as u32,
+                level: l,
+            })
+            .map_err(|e| named(&args.file, e))
+        })
+        .collect()
+}
+
+/// The f16 resident tensors the evaluation-based methods run the model with.
+fn f16_resident(sm: &StackModel) -> Res<LlamaResident> {
+    Ok(LlamaResident::from_source_with(
+        sm,
+        bitstack_examples::llama::EmbeddingPrecision::F16,
+    )?)
+}
+
+/// `import`: the order from `--order-json`.
+fn order_import(args: &SortArgs, file: &StackFile) -> Res<(UniversalOrder, String)> {
+    let path = args
+        .order_json
+        .as_ref()
+        .ok_or("--method import needs --order-json FILE")?;
+    let pairs: Vec<(u32, u16)> =
+        serde_json::from_str(&read_text("--order-json", path)?).map_err(|e| {
+            format!(
+                "{}: expected a JSON list of [weight, level] pairs: {e}",
+                path.display()
             )
-        }
-        SortMethod::ProxySensitive => {
-            let (originals, blocks) = proxy_inputs(args, file, &read_all)?;
-            let weights = proxy_weights(file, &originals, &blocks);
-            let resident = LlamaResident::from_source_with(
-                &sm,
-                bitstack_examples::llama::EmbeddingPrecision::F16,
-            )?;
-            let (calib, mut ev) = sort_evaluator(args, &sm, &read_all, &resident)?;
-            let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
-            let mut last = Instant::now();
-            let mut observer = |p: &SortProgress| {
-                if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
-                    last = Instant::now();
-                    note!("\rsensitivity: {p}   ");
-                }
-            };
-            let sens = bitstack_sort::measure_sensitivity(
-                &mut ev,
-                bitstack_sort::SensitivityProbe {
-                    base_blocks: args.probe_base,
-                    probe_blocks: args.probe_blocks,
-                },
-                &mut observer,
-            )?;
-            noteln!();
-            drop(ev);
-            let out =
-                bitstack_sort::sort_proxy_sensitive(&weights, &sens, &ProxyConfig::default())?;
-            if let Some(path) = &args.dump_scores {
-                dump_scores(path, file, &out, Some(&sens))?;
-            }
-            (
-                out.order,
-                format!(
-                    "{} evaluations of {n} x {l} tokens of {} (each weight moved from {} to {} block(s)) in {:.1} s, then the proxy in {:.2} s",
-                    sens.evaluations,
-                    calib.display(),
-                    args.probe_base,
-                    args.probe_blocks,
-                    sens.elapsed.as_secs_f64(),
-                    out.elapsed.as_secs_f64()
-                ),
-            )
-        }
-        SortMethod::FirstOrder => {
-            let resident = LlamaResident::from_source_with(
-                &sm,
-                bitstack_examples::llama::EmbeddingPrecision::F16,
-            )?;
-            let (calib, mut ev) = sort_evaluator(args, &sm, &read_all, &resident)?;
-            let bases = args
-                .first_order_bases
-                .split(',')
-                .map(|b| b.trim().parse::<u16>())
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .map_err(|e| format!("--first-order-bases {:?}: {e}", args.first_order_bases))?;
-            let config = bitstack_sort::FirstOrderConfig { bases };
-            let mut observer = |p: &SortProgress| note!("\rfirst-order: {p}   ");
-            let out = bitstack_sort::sort_first_order(&mut ev, &config, &mut observer)?;
-            noteln!();
-            if let Some(path) = &args.dump_scores {
-                let doc = FirstOrderDump {
-                    bases: &config.bases,
-                    weights: file
-                        .stacks()
-                        .iter()
-                        .zip(&out.scores)
-                        .map(|(m, f)| FirstOrderWeight {
-                            name: &m.name,
-                            first_order: f,
-                        })
-                        .collect(),
-                };
-                bitstack_examples::output::write_atomic(
-                    path,
-                    serde_json::to_string_pretty(&doc)?.as_bytes(),
-                )?;
-            }
-            (
-                out.order,
-                format!(
-                    "{} gradient(s) (bases {}) on {} x {} tokens of {} in {:.1} s",
-                    out.evaluations,
-                    args.first_order_bases,
-                    args.scoring_seqs,
-                    args.scoring_seq_len,
-                    calib.display(),
-                    out.elapsed.as_secs_f64()
-                ),
-            )
-        }
-        SortMethod::Average | SortMethod::Greedy => {
-            let resident = LlamaResident::from_source_with(
-                &sm,
-                bitstack_examples::llama::EmbeddingPrecision::F16,
-            )?;
-            let (calib, ev) = sort_evaluator(args, &sm, &read_all, &resident)?;
-            let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
-            let cap = args.max_level.unwrap_or(u16::MAX);
-            let mut ev = LevelCap { inner: ev, cap };
-            let config = SortConfig {
-                checkpoint: args.checkpoint.clone(),
-                // Old checkpoints (plain cross-entropy, every position) keep their key.
-                problem_key: format!(
-                    "{} {} {}x{} cap {cap}{}",
-                    args.file.display(),
-                    calib.display(),
-                    n,
-                    l,
-                    if args.scoring_loss == "ce" && args.scoring_skip == 0 {
-                        String::new()
-                    } else {
-                        format!(" loss {} skip {}", args.scoring_loss, args.scoring_skip)
-                    }
-                ),
-            };
-            let mut last = Instant::now();
-            let mut observer = |p: &SortProgress| {
-                if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
-                    last = Instant::now();
-                    note!(
-                        "\r{}: level {}/{} evaluation {}/{}, {:.0}s elapsed, ETA {}   ",
-                        args.method,
-                        p.level,
-                        p.last_level,
-                        p.done,
-                        p.total,
-                        p.elapsed.as_secs_f64(),
-                        p.eta
-                            .map_or("?".into(), |e| format!("{:.0}s", e.as_secs_f64()))
-                    );
-                }
-            };
-            let out = if args.method == SortMethod::Average {
-                sort_average(&mut ev, &config, &mut observer)?
-            } else {
-                ev.inner.prepare_greedy()?;
-                sort_greedy(&mut ev, &config, &mut observer)?
-            };
-            noteln!();
-            let scored_levels = (0..ev.num_weights())
-                .map(|w| ev.levels(w))
-                .max()
-                .unwrap_or(0);
-            let order = if out.order.levels() == levels.as_slice() {
-                out.order
-            } else {
-                splice_orders(&out.order, file.order())?
-            };
-            (
-                order,
-                format!(
-                    "{} evaluations of {n} x {l} tokens; blocks 2..={scored_levels} of each weight scored{}",
-                    out.evaluations,
-                    if scored_levels < *levels.iter().max().unwrap_or(&0) {
-                        ", later blocks in the input file's order"
-                    } else {
-                        ""
-                    }
-                ),
+        })?;
+    let ids = pairs
+        .into_iter()
+        .map(|(weight, level)| BlockId { weight, level })
+        .collect();
+    Ok((
+        UniversalOrder::new(stack_levels(file), ids)?,
+        format!("imported from {}", path.display()),
+    ))
+}
+
+/// `proxy`: blocks ranked by the activation-weighted error they remove.
+fn order_proxy(args: &SortArgs, file: &StackFile) -> Res<(UniversalOrder, String)> {
+    let (originals, blocks) = proxy_inputs(args, file)?;
+    let weights = proxy_weights(file, &originals, &blocks);
+    let t = Instant::now();
+    let normalisation = match args.proxy_normalisation.as_str() {
+        "relative" => bitstack_sort::ProxyNormalisation::Relative,
+        "absolute" => bitstack_sort::ProxyNormalisation::Absolute,
+        other => {
+            return Err(
+                format!("--proxy-normalisation {other:?}: expected relative or absolute").into(),
             )
         }
     };
-    let secs = t.elapsed().as_secs_f64();
-    // Checked before the work; again now, as the path may have changed meanwhile.
+    let config = ProxyConfig {
+        normalisation,
+        ..Default::default()
+    };
+    let out = bitstack_sort::sort_proxy(&weights, &config)?;
+    if let Some(path) = &args.dump_scores {
+        dump_scores(path, file, &out, None)?;
+    }
+    Ok((
+        out.order,
+        format!("proxy itself {:.2} s", t.elapsed().as_secs_f64()),
+    ))
+}
+
+/// `proxy-sensitive`: the proxy weighted by each weight's measured loss sensitivity.
+fn order_proxy_sensitive(args: &SortArgs, sm: &StackModel) -> Res<(UniversalOrder, String)> {
+    let file = sm.file();
+    let (originals, blocks) = proxy_inputs(args, file)?;
+    let weights = proxy_weights(file, &originals, &blocks);
+    let resident = f16_resident(sm)?;
+    let (calib, mut ev) = sort_evaluator(args, sm, &resident)?;
+    let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
+    let mut last = Instant::now();
+    let mut observer = |p: &SortProgress| {
+        if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
+            last = Instant::now();
+            note!("\rsensitivity: {p}   ");
+        }
+    };
+    let sens = bitstack_sort::measure_sensitivity(
+        &mut ev,
+        bitstack_sort::SensitivityProbe {
+            base_blocks: args.probe_base,
+            probe_blocks: args.probe_blocks,
+        },
+        &mut observer,
+    )?;
+    noteln!();
+    drop(ev);
+    let out = bitstack_sort::sort_proxy_sensitive(&weights, &sens, &ProxyConfig::default())?;
+    if let Some(path) = &args.dump_scores {
+        dump_scores(path, file, &out, Some(&sens))?;
+    }
+    Ok((
+        out.order,
+        format!(
+            "{} evaluations of {n} x {l} tokens of {} (each weight moved from {} to {} block(s)) in {:.1} s, then the proxy in {:.2} s",
+            sens.evaluations,
+            calib.display(),
+            args.probe_base,
+            args.probe_blocks,
+            sens.elapsed.as_secs_f64(),
+            out.elapsed.as_secs_f64()
+        ),
+    ))
+}
+
+/// `first-order`: blocks ranked by the loss change a gradient predicts.
+fn order_first_order(args: &SortArgs, sm: &StackModel) -> Res<(UniversalOrder, String)> {
+    let resident = f16_resident(sm)?;
+    let (calib, mut ev) = sort_evaluator(args, sm, &resident)?;
+    let bases = args
+        .first_order_bases
+        .split(',')
+        .map(|b| b.trim().parse::<u16>())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| format!("--first-order-bases {:?}: {e}", args.first_order_bases))?;
+    let config = bitstack_sort::FirstOrderConfig { bases };
+    let mut observer = |p: &SortProgress| note!("\rfirst-order: {p}   ");
+    let out = bitstack_sort::sort_first_order(&mut ev, &config, &mut observer)?;
+    noteln!();
+    if let Some(path) = &args.dump_scores {
+        let doc = FirstOrderDump {
+            bases: &config.bases,
+            weights: sm
+                .file()
+                .stacks()
+                .iter()
+                .zip(&out.scores)
+                .map(|(m, f)| FirstOrderWeight {
+                    name: &m.name,
+                    first_order: f,
+                })
+                .collect(),
+        };
+        bitstack_examples::output::write_atomic(
+            path,
+            serde_json::to_string_pretty(&doc)?.as_bytes(),
+        )?;
+    }
+    Ok((
+        out.order,
+        format!(
+            "{} gradient(s) (bases {}) on {} x {} tokens of {} in {:.1} s",
+            out.evaluations,
+            args.first_order_bases,
+            args.scoring_seqs,
+            args.scoring_seq_len,
+            calib.display(),
+            out.elapsed.as_secs_f64()
+        ),
+    ))
+}
+
+/// `average` / `greedy`: the paper's search, each candidate block scored by an evaluation.
+fn order_by_evaluation(args: &SortArgs, sm: &StackModel) -> Res<(UniversalOrder, String)> {
+    let file = sm.file();
+    let levels = stack_levels(file);
+    let resident = f16_resident(sm)?;
+    let (calib, ev) = sort_evaluator(args, sm, &resident)?;
+    let (n, l) = (args.scoring_seqs, args.scoring_seq_len);
+    let cap = args.max_level.unwrap_or(u16::MAX);
+    let mut ev = LevelCap { inner: ev, cap };
+    let config = SortConfig {
+        checkpoint: args.checkpoint.clone(),
+        // Old checkpoints (plain cross-entropy, every position) keep their key.
+        problem_key: format!(
+            "{} {} {}x{} cap {cap}{}",
+            args.file.display(),
+            calib.display(),
+            n,
+            l,
+            if args.scoring_loss == "ce" && args.scoring_skip == 0 {
+                String::new()
+            } else {
+                format!(" loss {} skip {}", args.scoring_loss, args.scoring_skip)
+            }
+        ),
+    };
+    let mut last = Instant::now();
+    let mut observer = |p: &SortProgress| {
+        if last.elapsed().as_secs_f64() > 2.0 || p.done == p.total {
+            last = Instant::now();
+            note!(
+                "\r{}: level {}/{} evaluation {}/{}, {:.0}s elapsed, ETA {}   ",
+                args.method,
+                p.level,
+                p.last_level,
+                p.done,
+                p.total,
+                p.elapsed.as_secs_f64(),
+                p.eta
+                    .map_or("?".into(), |e| format!("{:.0}s", e.as_secs_f64()))
+            );
+        }
+    };
+    let out = if args.method == SortMethod::Average {
+        sort_average(&mut ev, &config, &mut observer)?
+    } else {
+        ev.inner.prepare_greedy()?;
+        sort_greedy(&mut ev, &config, &mut observer)?
+    };
+    noteln!();
+    let scored_levels = (0..ev.num_weights())
+        .map(|w| ev.levels(w))
+        .max()
+        .unwrap_or(0);
+    let order = if out.order.levels() == levels.as_slice() {
+        out.order
+    } else {
+        splice_orders(&out.order, file.order())?
+    };
+    Ok((
+        order,
+        format!(
+            "{} evaluations of {n} x {l} tokens; blocks 2..={scored_levels} of each weight scored{}",
+            out.evaluations,
+            if scored_levels < *levels.iter().max().unwrap_or(&0) {
+                ", later blocks in the input file's order"
+            } else {
+                ""
+            }
+        ),
+    ))
+}
+
+/// Writes `file` with `order` to `--output` (checked again: the path may have changed during
+/// the work) and reports.
+fn write_sorted(
+    args: &SortArgs,
+    file: &StackFile,
+    order: UniversalOrder,
+    detail: &str,
+    secs: f64,
+) -> Res<()> {
     let mut inputs = vec![args.file.as_path()];
     inputs.extend(
         [&args.calib, &args.model, &args.order_json, &args.checkpoint]
@@ -461,7 +493,7 @@ struct ProxyWeightDump<'a> {
 /// `--dump-scores`: the per-weight numbers a proxy order was computed from, as JSON.
 fn dump_scores(
     path: &Path,
-    file: &bitstack_format::StackFile,
+    file: &StackFile,
     out: &bitstack_sort::ProxyOutcome,
     sens: Option<&bitstack_sort::Sensitivity>,
 ) -> Res<()> {
@@ -494,9 +526,8 @@ fn dump_scores(
 #[allow(clippy::type_complexity)]
 fn proxy_inputs(
     args: &SortArgs,
-    file: &bitstack_format::StackFile,
-    read_all: &dyn Fn(usize) -> Res<Vec<bitstack_core::ResidualBlock>>,
-) -> Res<(Vec<Vec<f32>>, Vec<Vec<bitstack_core::ResidualBlock>>)> {
+    file: &StackFile,
+) -> Res<(Vec<Vec<f32>>, Vec<Vec<ResidualBlock>>)> {
     let model = args
         .model
         .as_ref()
@@ -506,15 +537,15 @@ fn proxy_inputs(
     let mut blocks = Vec::new();
     for (w, m) in file.stacks().iter().enumerate() {
         originals.push(source.tensor_f32(&m.name)?.1);
-        blocks.push(read_all(w)?);
+        blocks.push(read_all_blocks(args, file, w)?);
     }
     Ok((originals, blocks))
 }
 
 fn proxy_weights<'a>(
-    file: &'a bitstack_format::StackFile,
+    file: &'a StackFile,
     originals: &'a [Vec<f32>],
-    blocks: &'a [Vec<bitstack_core::ResidualBlock>],
+    blocks: &'a [Vec<ResidualBlock>],
 ) -> Vec<bitstack_sort::ProxyWeight<'a>> {
     file.stacks()
         .iter()
@@ -536,13 +567,11 @@ fn proxy_weights<'a>(
 fn sort_evaluator<'a, 'r>(
     args: &'a SortArgs,
     sm: &StackModel,
-    read_all: &dyn Fn(usize) -> Res<Vec<bitstack_core::ResidualBlock>>,
     resident: &'r LlamaResident,
 ) -> Res<(
     &'a Path,
     bitstack_examples::sorting::LlamaStackEvaluator<'r>,
 )> {
-    use bitstack_sort::StackEvaluator;
     let calib = args
         .calib
         .as_ref()
@@ -559,7 +588,7 @@ fn sort_evaluator<'a, 'r>(
     for (w, m) in sm.file().stacks().iter().enumerate() {
         parts.push((
             m.clone(),
-            read_all(w)?
+            read_all_blocks(args, sm.file(), w)?
                 .into_iter()
                 .map(std::sync::Arc::new)
                 .collect::<Vec<_>>(),
