@@ -1,89 +1,80 @@
 //! The stack-file contract as candle sees it: which Hugging Face tensor name each stack and
 //! resident tensor gets, and the candle-transformers config of the file's model.
 //!
-//! This is the only module that uses `bitstack_examples`' stack-model conventions (weight
-//! `w` is linear kind `w % 7` of layer `w / 7`; canonical GGUF-style resident names; the
-//! config JSON), so switching to the format crate's copy of the contract is a change here only.
+//! Everything here comes from the published format crate's model contract
+//! ([`bitstack_format::model`]): the typed config, the stack ↔ tensor mapping, the resident
+//! roles and the Q/K row layout recorded in the file. Nothing of `bitstack_examples`'
+//! conventions is used, so any engine can do what this module does with `bitstack-format`
+//! alone.
 //!
-//! Q and K rows in a stack file are already in the Hugging Face rotate-half layout (compress
-//! un-permutes GGUF's interleaved rows), which is what candle's Llama expects: no permutation
-//! happens here.
+//! candle's Llama applies rotary embeddings in the Hugging Face rotate-half layout; a file
+//! whose contract records interleaved (GGUF-order) Q/K rows is refused rather than run with
+//! RoPE on the wrong pairs.
 
 use crate::CandleError;
-use bitstack_examples::gguf::{LlamaConfig, ModelError};
-use bitstack_examples::llama::LinearKind;
-use bitstack_examples::stackmodel::{weight_of_index, StackModel};
+use bitstack_format::model::{
+    stack_location, LinearKind, ModelConfig, ModelContract, QkLayout, ResidentRole,
+};
+use bitstack_format::StackFile;
 use candle_transformers::models::llama as cl;
 
-pub use bitstack_examples::gguf::ModelSource;
-
-/// The Hugging Face name of the weight held by stack `index` of a Llama stack file.
+/// The Hugging Face name of the weight held by stack `index` of a stack file.
 pub fn hf_weight_name(index: usize) -> String {
-    let (layer, kind) = weight_of_index(index);
-    let proj = match kind {
-        LinearKind::Q => "self_attn.q_proj",
-        LinearKind::K => "self_attn.k_proj",
-        LinearKind::V => "self_attn.v_proj",
-        LinearKind::O => "self_attn.o_proj",
-        LinearKind::Gate => "mlp.gate_proj",
-        LinearKind::Up => "mlp.up_proj",
-        LinearKind::Down => "mlp.down_proj",
-    };
-    format!("model.layers.{layer}.{proj}.weight")
+    let (layer, kind) = stack_location(index);
+    kind.hf_tensor_name(layer)
 }
 
-/// `(name in the stack file, Hugging Face name)` of every resident tensor candle's Llama reads.
-/// A tied head has no tensor of its own: candle reuses the embedding.
-pub fn hf_resident_names(config: &LlamaConfig) -> Vec<(String, String)> {
-    let mut names = vec![
-        (
-            "token_embd.weight".to_owned(),
-            "model.embed_tokens.weight".to_owned(),
-        ),
-        (
-            "output_norm.weight".to_owned(),
-            "model.norm.weight".to_owned(),
-        ),
-    ];
-    if !config.tied_embeddings {
-        names.push(("output.weight".to_owned(), "lm_head.weight".to_owned()));
-    }
-    for l in 0..config.n_layers {
-        names.push((
-            format!("blk.{l}.attn_norm.weight"),
-            format!("model.layers.{l}.input_layernorm.weight"),
-        ));
-        names.push((
-            format!("blk.{l}.ffn_norm.weight"),
-            format!("model.layers.{l}.post_attention_layernorm.weight"),
-        ));
-    }
-    names
+/// `(name in the stack file, Hugging Face name)` of every resident tensor candle's Llama reads:
+/// the contract's residents without biases (which candle's Llama has not; [`candle_config`]
+/// refuses such models). A tied head has no tensor of its own: candle reuses the embedding.
+pub fn hf_resident_names(config: &ModelConfig) -> Vec<(String, String)> {
+    config
+        .residents()
+        .into_iter()
+        .filter(|slot| !matches!(slot.role, ResidentRole::Bias { .. }))
+        .map(|slot| (slot.role.tensor_name(), slot.role.hf_tensor_name()))
+        .collect()
 }
 
 /// Weight stacks a stack file of model `c` holds (seven linears per layer).
-pub fn weight_count(c: &LlamaConfig) -> usize {
+pub fn weight_count(c: &ModelConfig) -> usize {
     c.n_layers * LinearKind::ALL.len()
 }
 
-/// The model config stored in a stack file.
-pub fn model_config(model: &StackModel) -> &LlamaConfig {
-    model.config()
+/// The model contract of `file`, refused when candle's Llama would compute a different model
+/// from it: Q/K rows in the interleaved layout (see the module docs).
+pub fn model_contract(file: &StackFile) -> Result<ModelContract, CandleError> {
+    let contract = ModelContract::from_file(file)?;
+    if contract.qk_layout() != QkLayout::RotateHalf {
+        return Err(CandleError::Unsupported(format!(
+            "Q/K rows in the {} layout (candle's Llama rotates halves)",
+            contract.qk_layout().as_str()
+        )));
+    }
+    Ok(contract)
 }
 
-/// A resident tensor of the stack file as `(shape, f32 values)`.
-pub fn resident_f32(model: &StackModel, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
-    model.tensor_f32(name)
+/// A resident tensor of `file` as `(shape, f32 values)`, or an error naming it when absent.
+pub fn resident_f32(file: &StackFile, name: &str) -> Result<(Vec<usize>, Vec<f32>), CandleError> {
+    let view = file
+        .resident(name)
+        .ok_or_else(|| CandleError::InvalidArgument {
+            name: "stack file",
+            reason: format!("resident tensor {name} is missing"),
+        })?;
+    let shape = view.shape().iter().map(|&d| d as usize).collect();
+    Ok((shape, view.to_f32()?))
 }
 
 /// candle-transformers' config for `c`, or [`CandleError::Unsupported`] when its Llama cannot
 /// express the model (attention biases, per-frequency RoPE factors, a head size other than
 /// `hidden / n_heads`): running it anyway would compute a different model.
-pub fn candle_config(c: &LlamaConfig) -> Result<cl::Config, CandleError> {
+pub fn candle_config(c: &ModelConfig) -> Result<cl::Config, CandleError> {
     if c.attn_bias {
-        return Err(CandleError::Unsupported(
-            "Q/K/V projection biases (candle's Llama has none)".into(),
-        ));
+        return Err(CandleError::Unsupported(format!(
+            "Q/K/V projection biases ({} model; candle's Llama has none)",
+            c.arch
+        )));
     }
     if c.rope_freq_factors.is_some() {
         return Err(CandleError::Unsupported(
@@ -97,6 +88,8 @@ pub fn candle_config(c: &LlamaConfig) -> Result<cl::Config, CandleError> {
             c.head_dim, c.n_heads, c.hidden
         )));
     }
+    // Mistral files hold no sliding window below the context (the contract's promise) and a
+    // Qwen2 without biases is the Llama computation, so the architecture itself is no obstacle.
     Ok(cl::Config {
         hidden_size: c.hidden,
         intermediate_size: c.ffn,
@@ -118,10 +111,11 @@ pub fn candle_config(c: &LlamaConfig) -> Result<cl::Config, CandleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bitstack_format::model::Architecture;
 
-    fn config() -> LlamaConfig {
-        LlamaConfig {
-            arch: "llama".into(),
+    fn config() -> ModelConfig {
+        ModelConfig {
+            arch: Architecture::Llama,
             n_layers: 2,
             hidden: 16,
             ffn: 24,
@@ -180,7 +174,7 @@ mod tests {
             (16, 24, 2, 128)
         );
         assert!(cc.tie_word_embeddings && !cc.use_flash_attn);
-        let biased = LlamaConfig {
+        let biased = ModelConfig {
             attn_bias: true,
             ..c.clone()
         };
@@ -188,7 +182,7 @@ mod tests {
             candle_config(&biased),
             Err(CandleError::Unsupported(_))
         ));
-        let factors = LlamaConfig {
+        let factors = ModelConfig {
             rope_freq_factors: Some(vec![1.0, 2.0]),
             ..c.clone()
         };
@@ -196,7 +190,7 @@ mod tests {
             candle_config(&factors),
             Err(CandleError::Unsupported(_))
         ));
-        let wide_heads = LlamaConfig { head_dim: 8, ..c };
+        let wide_heads = ModelConfig { head_dim: 8, ..c };
         assert!(matches!(
             candle_config(&wide_heads),
             Err(CandleError::Unsupported(_))

@@ -16,6 +16,12 @@ pub enum CandleError {
     /// The stack file's model is unusable.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// The stack file's bytes are unusable.
+    #[error(transparent)]
+    Format(#[from] bitstack_format::FormatError),
+    /// The stack file's model contract is unusable.
+    #[error(transparent)]
+    Contract(#[from] bitstack_format::model::ContractError),
     /// The window parameters are invalid (same checks as `bitstack eval`).
     #[error(transparent)]
     Perplexity(#[from] PerplexityError),

@@ -8,8 +8,10 @@
 //!   a memory budget, and [`candle_perplexity`], which scores exactly the windows
 //!   `bitstack eval` scores, so the two engines' perplexities can be compared number for number.
 //!
-//! Everything this crate knows about the stack file's layout (tensor names, config) is in
-//! [`contract`], one small module, so it can follow the format crate when that contract moves.
+//! Everything this crate knows about the stack file as a model (tensor names, config, Q/K row
+//! layout) comes from the published format crate's model contract, through [`contract`]; the
+//! `examples` crate is used only for the reference side of the comparisons (its own forward
+//! pass, tokenizer and perplexity windows).
 #![deny(missing_docs)]
 
 pub mod contract;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use bitstack_core::ModelSnapshot;
 use bitstack_examples::perplexity::{select_windows, PerplexityParams};
-use bitstack_examples::stackmodel::StackModel;
+use bitstack_format::StackFile;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as cl;
@@ -35,9 +35,11 @@ impl std::fmt::Debug for CandleLlama {
 }
 
 impl CandleLlama {
-    /// Builds the model of `file` at `snapshot` (a snapshot of that file's elastic model).
-    pub fn from_snapshot(file: &StackModel, snapshot: &ModelSnapshot) -> Result<Self, CandleError> {
-        let c = contract::model_config(file);
+    /// Builds the model of `file` at `snapshot` (a snapshot of that file's elastic model),
+    /// reading the model through the format crate's contract only.
+    pub fn from_snapshot(file: &StackFile, snapshot: &ModelSnapshot) -> Result<Self, CandleError> {
+        let contract = contract::model_contract(file)?;
+        let c = contract.config();
         let config = contract::candle_config(c)?;
         let device = Device::Cpu;
         let expected = contract::weight_count(c);

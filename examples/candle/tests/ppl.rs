@@ -71,7 +71,7 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
         let linears = SnapshotLinears(snap.clone());
         let ours = Llama::new(&loaded.resident, &linears).unwrap();
         let want = perplexity(&ours, &tokens, &ppl_params, &mut |_| {}).unwrap();
-        let model = CandleLlama::from_snapshot(&loaded.model, &snap).unwrap();
+        let model = CandleLlama::from_snapshot(loaded.model.file(), &snap).unwrap();
         let mut calls = 0;
         let got =
             candle_perplexity(&model, &tokens, &ppl_params, 2, &mut |_, _| calls += 1).unwrap();
@@ -105,7 +105,7 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
 
     // Windows past the model's context and ids past the vocabulary are typed errors.
     let snap = loaded.elastic.snapshot();
-    let model = CandleLlama::from_snapshot(&loaded.model, &snap).unwrap();
+    let model = CandleLlama::from_snapshot(loaded.model.file(), &snap).unwrap();
     let long = vec![1u32; CONTEXT + 2];
     assert!(matches!(
         model.windows_nll(&[&long]),
@@ -115,5 +115,20 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
         model.windows_nll(&[&[1, 256]]),
         Err(CandleError::InvalidArgument { .. })
     ));
+
+    // The same file with its contract saying interleaved (GGUF-order) Q/K rows is refused:
+    // candle's Llama would rotate the wrong pairs.
+    let mut contents = loaded.model.file().to_contents().unwrap();
+    contents.metadata.insert(
+        bitstack_format::model::META_QK_LAYOUT.to_owned(),
+        b"interleaved".to_vec(),
+    );
+    let relabelled = dir.join("interleaved.bitstack");
+    bitstack_format::write_stack_file(&relabelled, &contents).unwrap();
+    let file = bitstack_format::StackFile::open(&relabelled).unwrap();
+    match CandleLlama::from_snapshot(&file, &snap) {
+        Err(CandleError::Unsupported(why)) => assert!(why.contains("interleaved"), "{why}"),
+        other => panic!("expected Unsupported, got {:?}", other.map(|_| ())),
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -108,7 +108,7 @@ fn run(args: &Args) -> Res<()> {
                 p.elapsed.as_secs_f64()
             );
         })?;
-        let candle = CandleLlama::from_snapshot(&loaded.model, &snap)?;
+        let candle = CandleLlama::from_snapshot(loaded.model.file(), &snap)?;
         let c = candle_perplexity(
             &candle,
             &tokens,
