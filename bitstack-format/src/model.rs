@@ -316,15 +316,21 @@ impl ModelConfig {
 
 /// How an engine holds the token embedding and an untied output head (norms and biases are
 /// always f32). It changes the bytes held, and so the prefix a budget buys.
+///
+/// The default is [`EmbeddingPrecision::Q8`], what the `bitstack` tool holds unless told
+/// otherwise: on validation text (the last 120,000 bytes of the WikiText-2 train excerpt,
+/// 4 windows of 1024 tokens, SmolLM2-135M) it beat the stored f16 at every budget from 90 to
+/// 200 MB (perplexity 81.0 against 1024.1 at 90 MB, 36.0 against 37.1 at 200 MB), because the
+/// 26.6 MB it saves buy blocks; q4 was better still below about 120 MB but worse above it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum EmbeddingPrecision {
     /// f32 (4 bytes per value).
-    #[default]
     F32,
     /// IEEE half precision (2 bytes per value): what the file stores.
     F16,
     /// int8 with an f16 scale per [`Q8_GROUP`] values of a row (llama.cpp's Q8_0 layout,
-    /// 8.5 bits per value).
+    /// 8.5 bits per value). The default.
+    #[default]
     Q8,
     /// 4-bit codes with an f16 scale per 32 values of a row (llama.cpp's Q4_0 rule, 4.5 bits
     /// per value; `bitstack_core::kernels::q4::Q4Matrix`).

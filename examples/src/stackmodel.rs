@@ -300,8 +300,8 @@ impl LoadedStack {
         path: impl AsRef<std::path::Path>,
         budget: Option<MemoryBudget>,
     ) -> Result<Self, LoadError> {
-        // The file stores the embedding in f16; keep it so (a tied head reads it in chunks).
-        Self::open_with(path, budget, EmbeddingPrecision::F16)
+        // The default resident precision (q8; see `EmbeddingPrecision`), as the CLI holds it.
+        Self::open_with(path, budget, EmbeddingPrecision::default())
     }
 
     /// [`LoadedStack::open`] with the resident embedding (and an untied head) held at

@@ -260,11 +260,14 @@ fn engine_and_cli_pick_the_same_prefix() {
         "A budget is the whole model, as held in memory. ".repeat(8),
     )
     .unwrap();
-    for precision in [
-        EmbeddingPrecision::F16,
-        EmbeddingPrecision::Q8,
-        EmbeddingPrecision::Q4,
+    // `None`: no --resident flag, against the engine's `EmbeddingPrecision::default()`.
+    for flag in [
+        Some(EmbeddingPrecision::F16),
+        Some(EmbeddingPrecision::Q8),
+        Some(EmbeddingPrecision::Q4),
+        None,
     ] {
+        let precision = flag.unwrap_or_default();
         let file = StackFile::open(fixture()).unwrap();
         let contract = ModelContract::from_file(&file).unwrap();
         let layout = contract.held_layout(&file, precision);
@@ -279,13 +282,17 @@ fn engine_and_cli_pick_the_same_prefix() {
             full,
         ];
         let engine = ElasticModel::new(file, layout, MemoryBudget::from_bytes(min)).unwrap();
-        let json = dir.join(format!("eval-{precision}.json"));
+        let json = dir.join(format!("eval-{precision}-{}.json", flag.is_some()));
         let list = budgets.map(|b| b.to_string()).join(",");
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitstack"))
             .args(["eval", fixture().to_str().unwrap(), "--text"])
             .arg(&text)
             .args(["--budgets", &list, "--seq-len", "16", "--max-windows", "1"])
-            .args(["--resident", &precision.to_string(), "--json"])
+            .args(
+                flag.map(|p| vec!["--resident".to_owned(), p.to_string()])
+                    .unwrap_or_default(),
+            )
+            .arg("--json")
             .arg(&json)
             .output()
             .unwrap();

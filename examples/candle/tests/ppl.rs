@@ -7,7 +7,7 @@ use bitstack_candle::{candle_perplexity, BitStackLinear, CandleError, CandleLlam
 use bitstack_core::MemoryBudget;
 use bitstack_examples::compress::{compress, write_compressed, CompressParams, RankRule};
 use bitstack_examples::gguf::{open_model, SyntheticGguf};
-use bitstack_examples::llama::{Llama, SplitMix64};
+use bitstack_examples::llama::{EmbeddingPrecision, Llama, SplitMix64};
 use bitstack_examples::perplexity::{perplexity, PerplexityParams};
 use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears};
 
@@ -55,7 +55,8 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
     let path = dir.join("tiny.bitstack");
     write_compressed(&out, &path).unwrap();
 
-    let loaded = LoadedStack::open(&path, None).unwrap();
+    // As stored (f16), which is what candle reads.
+    let loaded = LoadedStack::open_with(&path, None, EmbeddingPrecision::F16).unwrap();
     let tokens = loaded.tokenizer.encode(&text(), false).unwrap();
     let ppl_params = PerplexityParams {
         seq_len: 40,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use bitstack_candle::{candle_perplexity, CandleLlama};
 use bitstack_core::{MemoryBudget, MB, MIB};
-use bitstack_examples::llama::Llama;
+use bitstack_examples::llama::{EmbeddingPrecision, Llama};
 use bitstack_examples::perplexity::{perplexity, PerplexityParams, WindowSelection};
 use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears};
 use clap::Parser;
@@ -55,8 +55,10 @@ fn run(args: &Args) -> Res<()> {
         .map_err(|e| format!("cannot read --text {}: {e}", args.text.display()))?;
     let text = String::from_utf8(bytes)
         .map_err(|e| format!("--text {}: not UTF-8 text: {e}", args.text.display()))?;
-    let loaded =
-        LoadedStack::open(&args.file, None).map_err(|e| format!("{}: {e}", args.file.display()))?;
+    // candle reads the embedding as stored (f16, widened); ours holds it so too, so the two
+    // forward passes compute the same model (budgets count the f16 embedding).
+    let loaded = LoadedStack::open_with(&args.file, None, EmbeddingPrecision::F16)
+        .map_err(|e| format!("{}: {e}", args.file.display()))?;
     let (min, full) = (loaded.elastic.minimum_bytes(), loaded.elastic.full_bytes());
     for b in &args.budgets {
         if b.bytes() < min {

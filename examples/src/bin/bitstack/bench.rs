@@ -45,8 +45,9 @@ pub struct BenchArgs {
     /// Decode-kernel tables: int16 (default), mixed, int8 or exact (see `generate --kernel`).
     #[arg(long, default_value_t = bitstack_core::kernels::TablePrecision::default())]
     kernel: bitstack_core::kernels::TablePrecision,
-    /// Precision of the resident embedding: f16 (as stored), q8 or q4 (see `eval --resident`).
-    #[arg(long, default_value_t = bitstack_examples::llama::EmbeddingPrecision::F16)]
+    /// Precision of the resident embedding: q8 (the default), f16 (as stored) or q4 (see
+    /// `eval --resident`).
+    #[arg(long, default_value_t = bitstack_examples::llama::EmbeddingPrecision::default())]
     resident: bitstack_examples::llama::EmbeddingPrecision,
 }
 

@@ -249,7 +249,7 @@ pub(crate) fn run(args: &DemoArgs) -> Res<()> {
         json: None,
         plot: None,
         original_ppl: None,
-        resident: EmbeddingPrecision::F16,
+        resident: EmbeddingPrecision::default(),
     })?;
     let eval_args = EvalArgs {
         file: stack.clone(),
@@ -263,7 +263,7 @@ pub(crate) fn run(args: &DemoArgs) -> Res<()> {
         json: Some(args.dir.join("demo-eval.json")),
         plot: Some(args.dir.join("demo-eval.svg")),
         original_ppl: Some(original),
-        resident: EmbeddingPrecision::F16,
+        resident: EmbeddingPrecision::default(),
     };
     eval_stack(&eval_args)?;
 

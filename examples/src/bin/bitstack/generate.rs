@@ -40,8 +40,9 @@ pub(crate) struct GenerateArgs {
     /// exact (f32 tables).
     #[arg(long, default_value_t = bitstack_core::kernels::TablePrecision::default())]
     kernel: bitstack_core::kernels::TablePrecision,
-    /// Precision of the resident embedding: f16 (as stored), q8 or q4 (see `eval --resident`).
-    #[arg(long, default_value_t = EmbeddingPrecision::F16)]
+    /// Precision of the resident embedding: q8 (the default), f16 (as stored) or q4 (see
+    /// `eval --resident`).
+    #[arg(long, default_value_t = EmbeddingPrecision::default())]
     resident: EmbeddingPrecision,
 }
 pub(crate) fn generate_text(

@@ -91,12 +91,13 @@ pub(crate) fn inspect(path: &Path) -> Res<()> {
         mib(per_level),
         mb(scales)
     )?;
-    // What a running model holds: the resident part as the runtime keeps it (f16 embedding,
-    // f32 norms; the tokenizer is not counted), scales and blocks.
-    let loaded = open_loaded(path, None, EmbeddingPrecision::F16)?;
+    // What a running model holds: the resident part as the runtime keeps it by default (q8
+    // embedding, f32 norms; the tokenizer is not counted), scales and blocks.
+    let loaded = open_loaded(path, None, EmbeddingPrecision::default())?;
     outln!(
-        "resident payloads in the file (f16, tokenizer included): {:.1} MB; held at run time: {:.1} MB; minimum budget {:.1} MB ({:.1} MiB); full stack {:.1} MB ({:.1} MiB)",
+        "resident payloads in the file (f16, tokenizer included): {:.1} MB; held at run time ({} embedding, the default): {:.1} MB; minimum budget {:.1} MB ({:.1} MiB); full stack {:.1} MB ({:.1} MiB)",
         mb(layout.resident_bytes),
+        EmbeddingPrecision::default(),
         mb(loaded.elastic.layout().resident_bytes),
         mb(loaded.elastic.minimum_bytes()),
         mib(loaded.elastic.minimum_bytes()),
