@@ -30,6 +30,11 @@ pub(crate) struct CalibArgs {
     /// of vectors, k in 4..=16, by weight shape) or `auto:BITS`.
     #[arg(long, default_value = "auto")]
     rank: RankRule,
+    /// Storage of the factor vectors A, B: `f16` or `i8` (int8 with one f32 scale per
+    /// singular vector and factor; half the vector bytes, the residual of each level taken
+    /// against the int8 values). Recorded per stack in the file (format 2.0 for i8).
+    #[arg(long, default_value = "f16")]
+    factors: bitstack_core::FactorDtype,
     /// Decompose the raw weights without activation-aware scaling (ablation).
     #[arg(long)]
     no_scaling: bool,
@@ -65,6 +70,7 @@ impl CalibArgs {
             ..Default::default()
         };
         p.iavd.levels = self.levels;
+        p.iavd.factors = self.factors;
         p.rank = self.rank;
         p
     }
