@@ -35,6 +35,13 @@ fn check_blocks(blocks: &[ResidualBlockRef<'_>], rows: usize, cols: usize) -> Re
     for b in blocks {
         check_len("block rows", rows, b.rows())?;
         check_len("block cols", cols, b.cols())?;
+        // The fields are public: a hand-built view could pair an f16 A with an int8 B.
+        if b.a.dtype() != b.b.dtype() {
+            return Err(CoreError::InvalidParameter {
+                name: "factor dtype",
+                reason: format!("A is {} but B is {}", b.a.dtype(), b.b.dtype()),
+            });
+        }
     }
     Ok(())
 }
@@ -886,6 +893,14 @@ mod tests {
         assert!(fused_matmul(&refs, 8, 9, None, &[0.0; 9], &mut y).is_err());
         assert!(fused_matmul(&refs, 8, 8, Some(&[1.0; 3]), &[0.0; 8], &mut y).is_err());
         assert!(fused_matmul(&refs, 8, 8, Some(&[f32::NAN; 8]), &[0.0; 8], &mut y).is_err());
+        let i8 = random_block_with(8, 8, 2, 1, FactorDtype::I8);
+        let mixed = [ResidualBlockRef {
+            a: i8.view().a,
+            ..b.view()
+        }];
+        assert!(fused_matmul(&mixed, 8, 8, None, &[0.0; 8], &mut y).is_err());
+        let mut w = vec![0.0; 64];
+        assert!(restore_into(&mixed, 8, 8, None, &mut w).is_err());
         let mut small = vec![0.0; 1];
         assert!(
             fused_matmul_with_scratch(&refs, 8, 8, None, &[0.0; 8], &mut y, &mut small).is_err()
