@@ -117,8 +117,8 @@ fn build_lut(b: impl Fn(usize) -> f32 + Copy, rank: usize, x: &[f32], lut: &mut 
     for (g, lg) in lut.chunks_exact_mut(16 * rank).enumerate() {
         for (c, tc) in t.iter_mut().enumerate() {
             let j = 4 * g + c;
-            for r in 0..rank.min(64) {
-                tc[r] = if j < cols {
+            for (r, tr) in tc[..rank.min(64)].iter_mut().enumerate() {
+                *tr = if j < cols {
                     b(j * rank + r) * x[j]
                 } else {
                     0.0
