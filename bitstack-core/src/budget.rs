@@ -3,6 +3,7 @@
 //! `MB` means 10^6 bytes and `MiB` 2^20 bytes (the paper's "MB" are MiB); both are accepted,
 //! as are `KB`/`KiB`, `GB`/`GiB` and a plain byte count.
 
+use crate::block::FactorDtype;
 use crate::error::{CoreError, Result};
 use std::fmt;
 use std::str::FromStr;
@@ -99,11 +100,14 @@ pub const fn block_bits(rows: usize, cols: usize, rank: usize) -> u64 {
 }
 
 /// Bytes a [`crate::ResidualBlock`] of this shape actually holds in memory and on disk: sign rows
-/// padded to whole 64-bit words, plus two f16 factor matrices. Equals `block_bits / 8` when
+/// padded to whole 64-bit words, plus the two factor matrices of `factors`' type (int8 factors
+/// add one f32 scale per rank and factor). With f16 factors it equals `block_bits / 8` when
 /// `cols` is a multiple of 64 (every LLM shape we know).
-pub const fn block_bytes(rows: usize, cols: usize, rank: usize) -> u64 {
+pub const fn block_bytes(rows: usize, cols: usize, rank: usize, factors: FactorDtype) -> u64 {
     let words_per_row = cols.div_ceil(64) as u64;
-    (rows as u64) * words_per_row * 8 + 2 * (rank as u64) * (rows as u64 + cols as u64)
+    (rows as u64) * words_per_row * 8
+        + factors.factor_bytes(rows, rank)
+        + factors.factor_bytes(cols, rank)
 }
 
 #[cfg(test)]
@@ -127,14 +131,24 @@ mod tests {
         for (m, n, want) in cases {
             let got = mib(block_bits(m, n, 16));
             assert!((got - want).abs() < 0.005, "{m}x{n}: {got} vs {want}");
-            assert_eq!(block_bits(m, n, 16) / 8, block_bytes(m, n, 16));
+            assert_eq!(
+                block_bits(m, n, 16) / 8,
+                block_bytes(m, n, 16, FactorDtype::F16)
+            );
         }
     }
 
     #[test]
     fn padding_counted() {
         // 3 columns still take one whole 64-bit word per row.
-        assert_eq!(block_bytes(2, 3, 1), 2 * 8 + 2 * 5);
+        assert_eq!(block_bytes(2, 3, 1, FactorDtype::F16), 2 * 8 + 2 * 5);
+        // int8: one byte per factor value plus an f32 scale per rank for A and for B.
+        assert_eq!(block_bytes(2, 3, 1, FactorDtype::I8), 2 * 8 + 5 + 2 * 4);
+        // SmolLM2's 576 × 576 at k = 5: the factors fall from 11,520 to 5,800 bytes.
+        assert_eq!(
+            block_bytes(576, 576, 5, FactorDtype::I8),
+            576 * 9 * 8 + 5 * 1152 + 40
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! [`ResidualBlock`]s `S ⊙ (A Bᵀ)`, and the blocks of all weights form one universal stack
 //! ([`UniversalOrder`]) of which any prefix is a working model.
 //!
-//! * [`ResidualBlock`]: packed signs ([`signs`] documents the bit order) + f16 factors.
+//! * [`ResidualBlock`]: packed signs ([`signs`] documents the bit order) + f16 or int8
+//!   factors ([`FactorDtype`]).
 //! * [`WeightStack`]: one weight's loaded levels; implements [`LinearOp`] with a fused
 //!   product that never materialises `Ŵ` ([`kernels`]).
 //! * [`MemoryBudget`], [`block_bits`], [`block_bytes`]: sizes per paper eq. 9.
@@ -23,7 +24,8 @@
 //!
 //! // One 32×64 weight with 3 levels of k = 4.
 //! let blocks: Vec<_> = (0..3).map(|l| random_block(32, 64, 4, l)).collect();
-//! let meta = Arc::new(StackMeta { name: "w".into(), rows: 32, cols: 64, rank: 4, levels: 3, scale: None });
+//! let meta = Arc::new(StackMeta { name: "w".into(), rows: 32, cols: 64, rank: 4, levels: 3, scale: None,
+//!                                factors: Default::default() });
 //! let layout = ModelLayout {
 //!     stacks: vec![meta],
 //!     order: UniversalOrder::round_robin(vec![3]).unwrap(),
@@ -56,7 +58,7 @@ pub mod stack;
 #[doc(hidden)]
 pub mod testutil;
 
-pub use block::{ResidualBlock, ResidualBlockRef};
+pub use block::{Factor, FactorDtype, FactorRef, ResidualBlock, ResidualBlockRef};
 pub use budget::{block_bits, block_bytes, MemoryBudget, MB, MIB};
 pub use error::{CoreError, Result};
 pub use linear::{DenseLinear, LinearOp};

@@ -515,6 +515,7 @@ mod tests {
                 rank: 4,
                 levels,
                 scale: Some(vec![2.0; n]),
+                factors: crate::FactorDtype::F16,
             }));
         }
         let order = UniversalOrder::round_robin(vec![levels; 3]).unwrap();

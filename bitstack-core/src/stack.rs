@@ -1,6 +1,6 @@
 //! Weight stacks: one linear weight as an ordered stack of residual blocks.
 
-use crate::block::{ResidualBlock, ResidualBlockRef};
+use crate::block::{FactorDtype, ResidualBlock, ResidualBlockRef};
 use crate::budget::block_bytes;
 use crate::error::{check_len, CoreError, Result};
 use crate::kernels::{self, FusedParams};
@@ -46,6 +46,8 @@ pub struct StackMeta {
     /// Activation scale `s` per input column (paper eq. 3-4); `None` when the scale was folded
     /// into a preceding layer or scaling is off. Restoration divides column `j` by `s[j]`.
     pub scale: Option<Vec<f32>>,
+    /// Storage type of every block's factors (one per stack).
+    pub factors: FactorDtype,
 }
 
 impl StackMeta {
@@ -72,7 +74,7 @@ impl StackMeta {
     }
     /// Bytes of one block of this weight.
     pub fn block_bytes(&self) -> u64 {
-        block_bytes(self.rows, self.cols, self.rank)
+        block_bytes(self.rows, self.cols, self.rank, self.factors)
     }
     /// Bytes the scale vector holds (f32).
     pub fn scale_bytes(&self) -> u64 {
@@ -118,6 +120,17 @@ impl WeightStack {
         check_len("block rows", self.meta.rows, block.rows())?;
         check_len("block cols", self.meta.cols, block.cols())?;
         check_len("block rank", self.meta.rank, block.rank())?;
+        if block.factor_dtype() != self.meta.factors {
+            return Err(CoreError::InvalidParameter {
+                name: "factor dtype",
+                reason: format!(
+                    "{}: block has {} factors, the stack {}",
+                    self.meta.name,
+                    block.factor_dtype(),
+                    self.meta.factors
+                ),
+            });
+        }
         if self.blocks.len() >= self.meta.levels as usize {
             return Err(CoreError::NoSuchBlock {
                 weight: u32::MAX,

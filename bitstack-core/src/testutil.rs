@@ -3,7 +3,7 @@
 //! Not part of the public API: hidden from the documentation and free to change in any
 //! release (it is public only so the workspace's other crates can share it in their tests).
 
-use crate::block::ResidualBlock;
+use crate::block::{Factor, FactorDtype, ResidualBlock};
 use crate::signs::{pack_row_bools, words_per_row};
 use half::f16;
 
@@ -52,6 +52,18 @@ pub fn heavy_gaussian(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
 
 /// A random valid block (factors uniform in [-1, 1), random signs).
 pub fn random_block(rows: usize, cols: usize, rank: usize, seed: u64) -> ResidualBlock {
+    random_block_with(rows, cols, rank, seed, FactorDtype::F16)
+}
+
+/// [`random_block`] with factors of type `dtype`: for int8, codes uniform in −127..=127 and
+/// per-column scales uniform in [0.5, 1.5)/127 (so values lie within about ±1.5).
+pub fn random_block_with(
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    seed: u64,
+    dtype: FactorDtype,
+) -> ResidualBlock {
     let mut rng = XorShift::new(seed);
     let wpr = words_per_row(cols);
     let mut signs = vec![0u64; rows * wpr];
@@ -59,11 +71,22 @@ pub fn random_block(rows: usize, cols: usize, rank: usize, seed: u64) -> Residua
         let bits: Vec<bool> = (0..cols).map(|_| rng.next_u64() & 1 == 1).collect();
         pack_row_bools(bits, &mut signs[r * wpr..(r + 1) * wpr]);
     }
-    let a = (0..rows * rank)
-        .map(|_| f16::from_f32(rng.next_f32()))
-        .collect();
-    let b = (0..cols * rank)
-        .map(|_| f16::from_f32(rng.next_f32()))
-        .collect();
-    ResidualBlock::new(rows, cols, rank, signs, a, b).expect("valid by construction")
+    let mut factor = |n: usize| match dtype {
+        FactorDtype::F16 => Factor::F16(
+            (0..n * rank)
+                .map(|_| f16::from_f32(rng.next_f32()))
+                .collect(),
+        ),
+        FactorDtype::I8 => Factor::I8 {
+            q: (0..n * rank)
+                .map(|_| (rng.next_f32() * 127.49).round() as i8)
+                .collect(),
+            scale: (0..rank)
+                .map(|_| (1.0 + 0.5 * rng.next_f32()) / 127.0)
+                .collect(),
+        },
+    };
+    let a = factor(rows);
+    let b = factor(cols);
+    ResidualBlock::with_factors(rows, cols, rank, signs, a, b).expect("valid by construction")
 }

@@ -29,6 +29,7 @@ fn resize_under_concurrent_products() {
             rank: 8,
             levels,
             scale: Some((0..n).map(|j| 0.5 + (j % 3) as f32).collect()),
+            factors: bitstack_core::FactorDtype::F16,
         }));
     }
     let layout = ModelLayout {

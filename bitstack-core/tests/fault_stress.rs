@@ -73,10 +73,14 @@ fn checksum(b: &ResidualBlock) -> u64 {
         }
     };
     b.sign_words().iter().for_each(|&w| eat(w));
-    b.a()
-        .iter()
-        .chain(b.b())
-        .for_each(|v| eat(u64::from(v.to_bits())));
+    let (a, bb) = (b.a(), b.b());
+    for (f, n) in [(a, b.rows()), (bb, b.cols())] {
+        for i in 0..n {
+            for r in 0..b.rank() {
+                eat(u64::from(f.get(i, r, b.rank()).to_bits()));
+            }
+        }
+    }
     h
 }
 
@@ -161,13 +165,13 @@ impl<S: BlockSource> BlockSource for FaultySource<S> {
             let cell = (mix(u64::from(attempt) ^ self.seed) % (rows * cols) as u64) as usize;
             let (r, c) = (cell / cols, cell % cols);
             signs[r * cols.div_ceil(64) + c / 64] ^= 1 << (c % 64);
-            block = ResidualBlock::new(
+            block = ResidualBlock::with_factors(
                 block.rows(),
                 block.cols(),
                 block.rank(),
                 signs,
-                block.a().to_vec(),
-                block.b().to_vec(),
+                block.a().to_owned(),
+                block.b().to_owned(),
             )?;
         }
         let got = checksum(&block);
@@ -251,6 +255,7 @@ fn resize_under_injected_faults() {
             rank: 8,
             levels,
             scale: Some((0..n).map(|j| 0.5 + (j % 5) as f32 * 0.25).collect()),
+            factors: bitstack_core::FactorDtype::F16,
         }));
     }
     // The floor (level 0 of every weight), then a shuffled level-ordered rest (not round

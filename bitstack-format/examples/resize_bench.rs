@@ -150,6 +150,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rank: a.rank,
             levels: a.levels,
             scale: None,
+            factors: bitstack_core::FactorDtype::F16,
         })
         .collect();
     let desc = FileDescription {

@@ -25,6 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rank,
             levels,
             scale: None,
+            factors: bitstack_core::FactorDtype::F16,
         })
         .collect();
     let desc = FileDescription {

@@ -4,9 +4,10 @@ use crate::checksum::xxh64;
 use crate::error::{corrupt, FormatError, Result};
 use crate::types::{DType, FileDescription, TensorSpec};
 use crate::{
-    ALIGN, FORMAT_MAJOR, FORMAT_MINOR, MAGIC, MAX_HEADER_LEN, MAX_TENSOR_DIMS, PREAMBLE_LEN,
+    ALIGN, FORMAT_MAJOR, FORMAT_MAJOR_F16, FORMAT_MINOR, MAGIC, MAX_HEADER_LEN, MAX_TENSOR_DIMS,
+    PREAMBLE_LEN,
 };
-use bitstack_core::{BlockId, StackMeta, UniversalOrder};
+use bitstack_core::{BlockId, FactorDtype, StackMeta, UniversalOrder};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -83,7 +84,7 @@ impl Preamble {
         let (major, minor) = (u16_at(8), u16_at(10));
         // The version is checked before the checksum so that a file from a newer writer gets
         // the actionable "upgrade" error even if that writer changed the preamble.
-        if major != FORMAT_MAJOR {
+        if major != FORMAT_MAJOR && major != FORMAT_MAJOR_F16 {
             return Err(FormatError::UnsupportedVersion {
                 major,
                 minor,
@@ -185,11 +186,31 @@ fn put_region(out: &mut Vec<u8>, r: &Region) {
 
 /// Encodes the header. `order` is `None` while only the length is wanted (the writer sizes
 /// the header before the order exists; every order of the same stacks encodes equally long).
+/// The major version a file of `desc` is written with: [`FORMAT_MAJOR_F16`] (1, readable by
+/// every reader) when every stack has f16 factors, else [`FORMAT_MAJOR`] (2), which a 1.x
+/// reader rejects instead of misreading the int8 payloads.
+pub(crate) fn file_major(desc: &FileDescription) -> u16 {
+    if desc.stacks.iter().all(|m| m.factors == FactorDtype::F16) {
+        FORMAT_MAJOR_F16
+    } else {
+        FORMAT_MAJOR
+    }
+}
+
+/// Header code of a factor dtype (major version 2).
+pub(crate) fn factor_code(d: FactorDtype) -> u8 {
+    match d {
+        FactorDtype::F16 => 0,
+        FactorDtype::I8 => 1,
+    }
+}
+
 pub(crate) fn encode_header(
     desc: &FileDescription,
     resident_regions: &[Region],
     block_regions: &[Vec<Region>],
     order: Option<&UniversalOrder>,
+    major: u16,
 ) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     put_u32_len(&mut out, desc.metadata.len(), "metadata count")?;
@@ -214,6 +235,14 @@ pub(crate) fn encode_header(
             out.extend_from_slice(&(d as u64).to_le_bytes());
         }
         out.extend_from_slice(&m.levels.to_le_bytes());
+        if major >= 2 {
+            out.push(factor_code(m.factors));
+        } else if m.factors != FactorDtype::F16 {
+            return Err(FormatError::InvalidInput(format!(
+                "stack {:?}: {} factors need format major version 2",
+                m.name, m.factors
+            )));
+        }
         match &m.scale {
             None => out.push(0),
             Some(s) => {
@@ -295,7 +324,7 @@ pub(crate) fn plan(
     }
     let mut blocks = Vec::with_capacity(desc.stacks.len());
     for m in &desc.stacks {
-        let len = checked_block_bytes(m.rows as u64, m.cols as u64, m.rank as u64)
+        let len = checked_block_bytes(m.rows as u64, m.cols as u64, m.rank as u64, m.factors)
             .ok_or_else(overflow)?;
         blocks.push(
             (0..m.levels)
@@ -311,9 +340,19 @@ pub(crate) fn align_up(x: u64) -> Option<u64> {
 }
 
 /// `bitstack_core::block_bytes` with overflow checks (the core version trusts its input).
-pub(crate) fn checked_block_bytes(rows: u64, cols: u64, rank: u64) -> Option<u64> {
+pub(crate) fn checked_block_bytes(
+    rows: u64,
+    cols: u64,
+    rank: u64,
+    factors: FactorDtype,
+) -> Option<u64> {
     let signs = rows.checked_mul(cols.div_ceil(64))?.checked_mul(8)?;
-    let factors = rank.checked_mul(rows.checked_add(cols)?)?.checked_mul(2)?;
+    let values = rank.checked_mul(rows.checked_add(cols)?)?;
+    let factors = match factors {
+        FactorDtype::F16 => values.checked_mul(2)?,
+        // One byte per value plus an f32 scale per rank for A and one for B.
+        FactorDtype::I8 => values.checked_add(rank.checked_mul(8)?)?,
+    };
     signs.checked_add(factors)
 }
 
@@ -387,7 +426,7 @@ impl<'a> Cursor<'a> {
 
 /// Decodes and validates the header bytes. Regions are checked for shape consistency here and
 /// for placement by the caller (which knows the file).
-pub(crate) fn decode_header(bytes: &[u8], minor: u16) -> Result<Header> {
+pub(crate) fn decode_header(bytes: &[u8], major: u16, minor: u16) -> Result<Header> {
     let mut c = Cursor { b: bytes, pos: 0 };
     let n = c.u32("metadata count")?;
     let n = c.bounded(n.into(), 8, "metadata")?;
@@ -452,7 +491,20 @@ pub(crate) fn decode_header(bytes: &[u8], minor: u16) -> Result<Header> {
         let cols = c.u64("stack cols")?;
         let rank = c.u64("stack rank")?;
         let levels = c.u16("stack levels")?;
-        let block_len = checked_block_bytes(rows, cols, rank)
+        let factors = if major >= 2 {
+            match c.u8("stack factor dtype")? {
+                0 => FactorDtype::F16,
+                1 => FactorDtype::I8,
+                code => {
+                    return Err(corrupt(format!(
+                        "stack {name:?}: unknown factor dtype code {code} (0 f16, 1 i8)"
+                    )))
+                }
+            }
+        } else {
+            FactorDtype::F16
+        };
+        let block_len = checked_block_bytes(rows, cols, rank, factors)
             .ok_or_else(|| corrupt(format!("stack {name:?}: block size overflows")))?;
         let to_usize = |v: u64| {
             usize::try_from(v)
@@ -482,7 +534,7 @@ pub(crate) fn decode_header(bytes: &[u8], minor: u16) -> Result<Header> {
             .collect::<Result<Vec<_>>>()?;
         if let Some(r) = regions.iter().find(|r| r.len != block_len) {
             return Err(corrupt(format!(
-                "stack {name:?}: block payload length {} but {rows}x{cols} rank {rank} needs {block_len}",
+                "stack {name:?}: block payload length {} but {rows}x{cols} rank {rank} ({factors} factors) needs {block_len}",
                 r.len
             )));
         }
@@ -493,6 +545,7 @@ pub(crate) fn decode_header(bytes: &[u8], minor: u16) -> Result<Header> {
             rank,
             levels,
             scale,
+            factors,
         };
         meta.validate()?;
         if !names.insert(meta.name.clone()) {

@@ -13,12 +13,12 @@
 //!   [`BlockSource`](bitstack_core::BlockSource) for the elastic runtime.
 //!
 //! ```
-//! use bitstack_core::{testutil::random_block, BlockId, StackMeta, UniversalOrder};
+//! use bitstack_core::{testutil::random_block, BlockId, FactorDtype, StackMeta, UniversalOrder};
 //! use bitstack_format::{write_stack_file, ResidentTensor, StackFile, StackFileContents};
 //!
 //! let stacks = vec![
-//!     StackMeta { name: "q".into(), rows: 8, cols: 64, rank: 2, levels: 2, scale: None },
-//!     StackMeta { name: "k".into(), rows: 4, cols: 64, rank: 2, levels: 1, scale: Some(vec![0.5; 64]) },
+//!     StackMeta { name: "q".into(), rows: 8, cols: 64, rank: 2, levels: 2, scale: None, factors: FactorDtype::F16 },
+//!     StackMeta { name: "k".into(), rows: 4, cols: 64, rank: 2, levels: 1, scale: Some(vec![0.5; 64]), factors: FactorDtype::F16 },
 //! ];
 //! let blocks = vec![
 //!     vec![random_block(8, 64, 2, 1), random_block(8, 64, 2, 2)],
@@ -45,7 +45,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! # File format, version 1.0
+//! # File format, versions 1.0 and 2.0
+//!
+//! Version 2.0 adds int8 factors ([`bitstack_core::FactorDtype::I8`]): one more header byte
+//! per stack and a second block payload layout, marked below. A writer writes 1.0, byte for
+//! byte as before, when every stack has f16 factors, and 2.0 otherwise; a reader reads both.
+//! The major version changes because a 1.x reader must not open a 2.0 file: it would read the
+//! dtype byte as the scale flag and the int8 payloads as f16. 1.x readers reject major 2
+//! with their "upgrade" error.
 //!
 //! All integers are little-endian. `str` is a `u32` byte length followed by that many bytes of
 //! UTF-8; `bytes` is a `u32` length followed by raw bytes. `xxh64(x)` is XXH64 with seed 0
@@ -57,7 +64,7 @@
 //! | offset | type | field |
 //! |---|---|---|
 //! | 0 | `[u8; 8]` | magic `BITSTACK` (`42 49 54 53 54 41 43 4B`) |
-//! | 8 | `u16` | major version, `1`. A reader rejects any major version it does not know. |
+//! | 8 | `u16` | major version, `1` or `2`. A reader rejects any major version it does not know. |
 //! | 10 | `u16` | minor version, `0`. Minor versions only append header fields (below). |
 //! | 12 | `u32` | flags, must be `0` |
 //! | 16 | `u64` | header offset, must be `64` |
@@ -88,6 +95,7 @@
 //!     name: str                                         unique among stacks
 //!     rows: u64, cols: u64, rank: u64                   m (out), n (in), k; all ≥ 1
 //!     levels: u16                                       ≥ 1
+//!     factors: u8                                       2.0 only: 0 f16, 1 i8 (1.0: f16)
 //!     has_scale: u8                                     0 or 1
 //!     scale: cols × f32                                 only if has_scale; finite and > 0
 //!     blocks: levels × region                           level 0 first; length = block size
@@ -109,9 +117,21 @@
 //! | A | `2·rows·k` | f16, `rows × k` row-major, `√σ·u` |
 //! | B | `2·cols·k` | f16, `cols × k` row-major, `√σ·v` |
 //!
+//! With int8 factors (2.0, `factors = 1`) the parts after the signs are:
+//!
+//! | part | bytes | content |
+//! |---|---|---|
+//! | A scales | `4·k` | f32 `sa[r]`, finite |
+//! | B scales | `4·k` | f32 `sb[r]`, finite |
+//! | A codes | `rows·k` | i8, `rows × k` row-major: `A[i][r] = qa[i][r]·sa[r]` |
+//! | B codes | `cols·k` | i8, `cols × k` row-major: `B[j][r] = qb[j][r]·sb[r]` |
+//!
+//! (the products taken in f32). The scales follow the 8-byte sign words, so they are 4-byte
+//! aligned in a mapped file.
+//!
 //! The block is `S ⊙ (A Bᵀ)`; the restored weight is the sum of the loaded levels with input
-//! column `j` divided by `scale[j]` when a scale is present. Factors must be finite. The size
-//! equals [`bitstack_core::block_bytes`].
+//! column `j` divided by `scale[j]` when a scale is present. Factors (f16) and scales (int8)
+//! must be finite. The size equals [`bitstack_core::block_bytes`] of the stack's dtype.
 //!
 //! ## Payload placement
 //!
@@ -206,8 +226,12 @@ pub use writer::{write_stack_file, StackFileWriter};
 
 /// The 8 magic bytes at offset 0.
 pub const MAGIC: [u8; 8] = *b"BITSTACK";
-/// Major format version written and the only one read.
-pub const FORMAT_MAJOR: u16 = 1;
+/// Newest major format version: written when a stack has int8 factors (its header records
+/// each stack's factor dtype). Read, as is [`FORMAT_MAJOR_F16`].
+pub const FORMAT_MAJOR: u16 = 2;
+/// Major version 1: every stack has f16 factors. Still written for such files (byte for byte
+/// what 1.x writers wrote, so 1.x readers open them) and read.
+pub const FORMAT_MAJOR_F16: u16 = 1;
 /// Minor format version written.
 pub const FORMAT_MINOR: u16 = 0;
 /// Preamble length; the header starts here.

@@ -8,8 +8,8 @@ use crate::writer::StackFileWriter;
 use crate::PREAMBLE_LEN;
 use bitstack_core::signs::words_per_row;
 use bitstack_core::{
-    BlockId, BlockSource, CoreError, ModelLayout, ResidualBlock, ResidualBlockRef, StackMeta,
-    UniversalOrder,
+    BlockId, BlockSource, CoreError, Factor, FactorDtype, FactorRef, ModelLayout, ResidualBlock,
+    ResidualBlockRef, StackMeta, UniversalOrder,
 };
 use half::f16;
 use memmap2::Mmap;
@@ -125,7 +125,7 @@ impl StackFile {
                 computed,
             });
         }
-        let header = decode_header(header_bytes, pre.minor)?;
+        let header = decode_header(header_bytes, pre.major, pre.minor)?;
         check_placement(bytes, PREAMBLE_LEN as u64 + pre.header_len, &header)?;
         for (spec, r) in &header.residents {
             verify(bytes, r, || format!("tensor {:?}", spec.name))?;
@@ -340,14 +340,42 @@ fn verify(bytes: &[u8], r: &Region, what: impl FnOnce() -> String) -> Result<()>
     Ok(())
 }
 
-/// Byte lengths of the three parts of a block payload.
-fn parts(meta: &StackMeta) -> (usize, usize, usize) {
+/// Byte lengths of the parts of a block payload: signs, then A and B (f16), or then the A and
+/// B scales and the A and B codes (int8). Their sum is the region length the header decoder
+/// checked against this shape, so every part lies inside the payload.
+fn parts(meta: &StackMeta) -> Vec<usize> {
     // Cannot overflow: the header decoder checked this shape's block size against the file.
-    (
-        meta.rows * words_per_row(meta.cols) * 8,
-        meta.rows * meta.rank * 2,
-        meta.cols * meta.rank * 2,
-    )
+    let signs = meta.rows * words_per_row(meta.cols) * 8;
+    let (a, b) = (meta.rows * meta.rank, meta.cols * meta.rank);
+    match meta.factors {
+        FactorDtype::F16 => vec![signs, 2 * a, 2 * b],
+        FactorDtype::I8 => vec![signs, 4 * meta.rank, 4 * meta.rank, a, b],
+    }
+}
+
+/// `payload` cut into the lengths of [`parts`]; a typed error if it is not exactly that long.
+fn split_parts<'a>(meta: &StackMeta, payload: &'a [u8]) -> Result<Vec<&'a [u8]>> {
+    let lens = parts(meta);
+    let total: usize = lens.iter().sum();
+    if total != payload.len() {
+        return Err(corrupt(format!(
+            "stack {:?}: block payload of {} bytes, {}x{} rank {} ({} factors) needs {total}",
+            meta.name,
+            payload.len(),
+            meta.rows,
+            meta.cols,
+            meta.rank,
+            meta.factors
+        )));
+    }
+    let mut out = Vec::with_capacity(lens.len());
+    let mut rest = payload;
+    for n in lens {
+        let (head, tail) = rest.split_at(n);
+        out.push(head);
+        rest = tail;
+    }
+    Ok(out)
 }
 
 fn view_payload<'a>(
@@ -355,20 +383,34 @@ fn view_payload<'a>(
     payload: &'a [u8],
     id: BlockId,
 ) -> Result<ResidualBlockRef<'a>> {
-    let (s, a, b) = parts(meta);
+    let p = split_parts(meta, payload)?;
     let misaligned = |_| FormatError::Misaligned(format!("block {}:{}", id.weight, id.level));
-    let signs: &[u64] = bytemuck::try_cast_slice(&payload[..s]).map_err(misaligned)?;
-    let fa: &[f16] = bytemuck::try_cast_slice(&payload[s..s + a]).map_err(misaligned)?;
-    let fb: &[f16] = bytemuck::try_cast_slice(&payload[s + a..s + a + b]).map_err(misaligned)?;
-    Ok(ResidualBlockRef::new(
-        meta.rows, meta.cols, meta.rank, signs, fa, fb,
+    let signs: &[u64] = bytemuck::try_cast_slice(p[0]).map_err(misaligned)?;
+    let (a, b) = match meta.factors {
+        FactorDtype::F16 => (
+            FactorRef::F16(bytemuck::try_cast_slice(p[1]).map_err(misaligned)?),
+            FactorRef::F16(bytemuck::try_cast_slice(p[2]).map_err(misaligned)?),
+        ),
+        FactorDtype::I8 => (
+            FactorRef::I8 {
+                q: bytemuck::cast_slice(p[3]),
+                scale: bytemuck::try_cast_slice(p[1]).map_err(misaligned)?,
+            },
+            FactorRef::I8 {
+                q: bytemuck::cast_slice(p[4]),
+                scale: bytemuck::try_cast_slice(p[2]).map_err(misaligned)?,
+            },
+        ),
+    };
+    Ok(ResidualBlockRef::with_factors(
+        meta.rows, meta.cols, meta.rank, signs, a, b,
     )?)
 }
 
 /// Alignment-independent decode (the fallback when a zero-copy cast is impossible).
 pub(crate) fn copy_payload(meta: &StackMeta, payload: &[u8]) -> Result<ResidualBlock> {
-    let (s, a, _) = parts(meta);
-    let signs = payload[..s]
+    let p = split_parts(meta, payload)?;
+    let signs = p[0]
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
         .collect();
@@ -377,13 +419,27 @@ pub(crate) fn copy_payload(meta: &StackMeta, payload: &[u8]) -> Result<ResidualB
             .map(|c| f16::from_le_bytes([c[0], c[1]]))
             .collect()
     };
-    Ok(ResidualBlock::new(
-        meta.rows,
-        meta.cols,
-        meta.rank,
-        signs,
-        half(&payload[s..s + a]),
-        half(&payload[s + a..]),
+    let float = |r: &[u8]| -> Vec<f32> {
+        r.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let codes = |r: &[u8]| -> Vec<i8> { r.iter().map(|&v| v as i8).collect() };
+    let (a, b) = match meta.factors {
+        FactorDtype::F16 => (Factor::F16(half(p[1])), Factor::F16(half(p[2]))),
+        FactorDtype::I8 => (
+            Factor::I8 {
+                q: codes(p[3]),
+                scale: float(p[1]),
+            },
+            Factor::I8 {
+                q: codes(p[4]),
+                scale: float(p[2]),
+            },
+        ),
+    };
+    Ok(ResidualBlock::with_factors(
+        meta.rows, meta.cols, meta.rank, signs, a, b,
     )?)
 }
 
@@ -457,49 +513,46 @@ fn check_placement(bytes: &[u8], header_end: u64, h: &Header) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bitstack_core::testutil::random_block;
+    use bitstack_core::testutil::random_block_with;
 
     /// A payload at an odd address cannot be viewed zero-copy; the view reports it (no UB, no
     /// panic) and the owned load falls back to an alignment-free copy with the same result.
     #[test]
     fn misaligned_payload_falls_back_to_copy() {
-        let block = random_block(5, 70, 3, 42);
-        let meta = StackMeta {
-            name: "w".into(),
-            rows: 5,
-            cols: 70,
-            rank: 3,
-            levels: 1,
-            scale: None,
-        };
-        let v = block.view();
-        let payload: Vec<u8> = [
-            bytemuck::cast_slice::<u64, u8>(v.signs.words()),
-            bytemuck::cast_slice(v.a),
-            bytemuck::cast_slice(v.b),
-        ]
-        .concat();
-        // Place the payload at an address that is 1 mod 8 (and so misaligned for u64).
-        let mut buf = vec![Line([0; 64]); payload.len().div_ceil(64) + 1];
-        let bytes = bytemuck::cast_slice_mut::<Line, u8>(&mut buf);
-        bytes[1..1 + payload.len()].copy_from_slice(&payload);
-        let odd = &bytes[1..1 + payload.len()];
-        let id = BlockId::new(0, 0);
-        assert!(matches!(
-            view_payload(&meta, odd, id),
-            Err(FormatError::Misaligned(_))
-        ));
-        assert_eq!(copy_payload(&meta, odd).unwrap(), block);
-        assert_eq!(
-            view_payload(
-                &meta,
-                &bytemuck::cast_slice(&payload_aligned(&payload))[..payload.len()],
-                id
-            )
-            .unwrap()
-            .to_owned(),
-            block
-        );
+        for factors in [FactorDtype::F16, FactorDtype::I8] {
+            let block = random_block_with(5, 70, 3, 42, factors);
+            let meta = StackMeta {
+                name: "w".into(),
+                rows: 5,
+                cols: 70,
+                rank: 3,
+                levels: 1,
+                scale: None,
+                factors,
+            };
+            let payload = crate::writer::block_payload(&block.view());
+            assert_eq!(payload.len() as u64, meta.block_bytes());
+            // Place the payload at an address that is 1 mod 8 (and so misaligned for u64).
+            let mut buf = vec![Line([0; 64]); payload.len().div_ceil(64) + 1];
+            let bytes = bytemuck::cast_slice_mut::<Line, u8>(&mut buf);
+            bytes[1..1 + payload.len()].copy_from_slice(&payload);
+            let odd = &bytes[1..1 + payload.len()];
+            let id = BlockId::new(0, 0);
+            assert!(matches!(
+                view_payload(&meta, odd, id),
+                Err(FormatError::Misaligned(_))
+            ));
+            assert_eq!(copy_payload(&meta, odd).unwrap(), block);
+            let aligned = payload_aligned(&payload);
+            let aligned = &bytemuck::cast_slice(&aligned)[..payload.len()];
+            assert_eq!(view_payload(&meta, aligned, id).unwrap().to_owned(), block);
+            // A payload one byte short (or long) is a typed error, not a panic.
+            assert!(matches!(
+                view_payload(&meta, &aligned[..payload.len() - 1], id),
+                Err(FormatError::Corrupt(_))
+            ));
+            assert!(copy_payload(&meta, &odd[..payload.len() - 1]).is_err());
+        }
     }
 
     fn payload_aligned(p: &[u8]) -> Vec<u64> {

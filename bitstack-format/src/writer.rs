@@ -2,9 +2,10 @@
 
 use crate::checksum::xxh64;
 use crate::error::{io_err, FormatError, Result};
-use crate::header::{encode_header, plan, validate_description, Preamble, Region};
+use crate::header::{encode_header, file_major, plan, validate_description, Preamble, Region};
 use crate::types::{FileDescription, StackFileContents};
-use crate::{FORMAT_MAJOR, FORMAT_MINOR, MAX_HEADER_LEN, PREAMBLE_LEN};
+use crate::{FORMAT_MINOR, MAX_HEADER_LEN, PREAMBLE_LEN};
+use bitstack_core::FactorRef;
 use bitstack_core::{BlockId, ResidualBlockRef, UniversalOrder};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
@@ -48,6 +49,7 @@ impl StackFileWriter {
             &dummy_regions(desc.residents.len()),
             &dummy_blocks(desc),
             None,
+            file_major(desc),
         )?
         .len() as u64;
         if header_len > MAX_HEADER_LEN {
@@ -166,7 +168,17 @@ impl StackFileWriter {
                 meta.rank
             )));
         }
-        let block = ResidualBlockRef::new(
+        if block.factor_dtype() != meta.factors {
+            return Err(FormatError::InvalidInput(format!(
+                "block {}:{} has {} factors, stack {:?} {}",
+                id.weight,
+                id.level,
+                block.factor_dtype(),
+                meta.name,
+                meta.factors
+            )));
+        }
+        let block = ResidualBlockRef::with_factors(
             meta.rows,
             meta.cols,
             meta.rank,
@@ -181,12 +193,8 @@ impl StackFileWriter {
             )));
         }
         // Little-endian target (enforced in lib.rs): the in-memory bytes are the file bytes.
-        let parts: [&[u8]; 3] = [
-            bytemuck::cast_slice(block.signs.words()),
-            bytemuck::cast_slice(block.a),
-            bytemuck::cast_slice(block.b),
-        ];
-        let payload = parts.concat();
+        let payload = block_payload(&block);
+        debug_assert_eq!(payload.len() as u64, meta.block_bytes());
         let offset = self.block_offsets[w][l];
         self.write_at(offset, &payload)?;
         self.block_regions[w][l] = Some(Region {
@@ -230,7 +238,8 @@ impl StackFileWriter {
                 order.levels()
             )));
         }
-        let header = encode_header(&self.desc, &residents, &blocks, Some(&order))?;
+        let major = file_major(&self.desc);
+        let header = encode_header(&self.desc, &residents, &blocks, Some(&order), major)?;
         if header.len() as u64 != self.header_len {
             // Cannot happen (the length depends only on the description); refuse rather than
             // write a file whose payloads overlap the header.
@@ -240,7 +249,7 @@ impl StackFileWriter {
         }
         let file_len = self.file.metadata().map_err(io_err(&self.tmp))?.len();
         let pre = Preamble {
-            major: FORMAT_MAJOR,
+            major,
             minor: FORMAT_MINOR,
             header_len: self.header_len,
             header_hash: xxh64(&header, 0),
@@ -329,4 +338,26 @@ pub fn write_stack_file(path: impl AsRef<Path>, contents: &StackFileContents) ->
         }
     }
     w.finish(contents.order.clone())
+}
+
+/// The payload bytes of a (validated) block. f16: signs | A | B. int8: signs | A scales |
+/// B scales | A codes | B codes (the f32 scales right after the 8-byte-aligned signs, so a
+/// mapped payload casts in place). Little-endian target (enforced in lib.rs): the in-memory
+/// bytes are the file bytes.
+pub(crate) fn block_payload(block: &ResidualBlockRef<'_>) -> Vec<u8> {
+    let signs: &[u8] = bytemuck::cast_slice(block.signs.words());
+    match (block.a, block.b) {
+        (FactorRef::F16(a), FactorRef::F16(b)) => {
+            [signs, bytemuck::cast_slice(a), bytemuck::cast_slice(b)].concat()
+        }
+        (FactorRef::I8 { q: qa, scale: sa }, FactorRef::I8 { q: qb, scale: sb }) => [
+            signs,
+            bytemuck::cast_slice(sa),
+            bytemuck::cast_slice(sb),
+            bytemuck::cast_slice(qa),
+            bytemuck::cast_slice(qb),
+        ]
+        .concat(),
+        _ => unreachable!("a validated block's factors share a dtype"),
+    }
 }

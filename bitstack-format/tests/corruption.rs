@@ -9,7 +9,7 @@ use bitstack_format::checksum::xxh64;
 use bitstack_format::{
     write_stack_file, FileDescription, FormatError, StackFile, StackFileWriter, PREAMBLE_LEN,
 };
-use common::{file_bytes, random_contents, TempDir};
+use common::{file_bytes, file_bytes_i8, random_contents, random_contents_i8, TempDir};
 
 fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(b[i..i + 8].try_into().unwrap())
@@ -161,14 +161,14 @@ fn versions_and_magic() {
     let dir = TempDir::new("ver");
     let bytes = file_bytes(&dir, 5, 1);
     let mut b = bytes.clone();
-    b[8..10].copy_from_slice(&2u16.to_le_bytes());
+    b[8..10].copy_from_slice(&3u16.to_le_bytes());
     reseal_preamble_only(&mut b);
     let err = StackFile::from_bytes(&b).unwrap_err();
     assert!(matches!(
         err,
         FormatError::UnsupportedVersion {
-            major: 2,
-            supported_major: 1,
+            major: 3,
+            supported_major: 2,
             ..
         }
     ));
@@ -312,6 +312,7 @@ fn invalid_descriptions_are_rejected() {
         rank: 1,
         levels: 1,
         scale,
+        factors: bitstack_core::FactorDtype::F16,
     };
     let d = |m| FileDescription {
         stacks: vec![m],
@@ -332,4 +333,67 @@ fn invalid_descriptions_are_rejected() {
         .finish(UniversalOrder::round_robin(vec![1]).unwrap())
         .is_err()); // block missing
     assert!(dir.entries().is_empty());
+}
+
+/// Format 2 (int8 factors): every truncation is an error, a file relabelled as major 1 (whose
+/// header has no factor-dtype bytes) or an f16 file relabelled as 2 is rejected rather than
+/// misread, and unknown dtype codes and non-finite scales are typed errors.
+#[test]
+fn format2_files_are_validated() {
+    let dir = TempDir::new("v2");
+    let bytes = file_bytes_i8(&dir, 1, 3);
+    let f = StackFile::from_bytes(&bytes).unwrap();
+    assert_eq!(f.version(), (2, 0));
+    open_and_load_all(&bytes).unwrap();
+    for len in 0..bytes.len() {
+        assert!(
+            StackFile::from_bytes(&bytes[..len]).is_err(),
+            "truncated to {len} of {} bytes was accepted",
+            bytes.len()
+        );
+    }
+    for (file, major) in [(bytes.clone(), 1u16), (file_bytes(&dir, 1, 3), 2)] {
+        let mut b = file;
+        b[8..10].copy_from_slice(&major.to_le_bytes());
+        reseal_preamble_only(&mut b);
+        assert!(
+            open_and_load_all(&b).is_err(),
+            "relabelled as major {major} and accepted"
+        );
+    }
+    // The factor dtype byte of stack 0 (i8, code 1) follows its name and rows/cols/rank/levels.
+    let c = random_contents_i8(1, 3);
+    let m = &c.stacks[0];
+    let hl = u64_at(&bytes, 24) as usize;
+    let header = &bytes[PREAMBLE_LEN..PREAMBLE_LEN + hl];
+    let mut pat = (m.name.len() as u32).to_le_bytes().to_vec();
+    pat.extend_from_slice(m.name.as_bytes());
+    for d in [m.rows, m.cols, m.rank] {
+        pat.extend_from_slice(&(d as u64).to_le_bytes());
+    }
+    pat.extend_from_slice(&m.levels.to_le_bytes());
+    let at = header.windows(pat.len()).position(|w| w == pat).unwrap() + pat.len();
+    assert_eq!(header[at], 1, "stack 0 is int8");
+    for code in [0u8, 2, 255] {
+        let mut b = bytes.clone();
+        b[PREAMBLE_LEN + at] = code;
+        reseal(&mut b);
+        let r = StackFile::from_bytes(&b);
+        match code {
+            // f16 needs twice the factor bytes: the region length no longer matches.
+            0 => assert!(matches!(r, Err(FormatError::Corrupt(_))), "{r:?}"),
+            _ => assert!(
+                matches!(&r, Err(FormatError::Corrupt(e)) if e.contains("factor dtype")),
+                "{r:?}"
+            ),
+        }
+    }
+    // A NaN scale in an int8 block (the A scales follow the sign words).
+    let id = BlockId::new(0, 0);
+    let b = forge_block(&bytes, id, |payload, m| {
+        let s = m.rows * m.cols.div_ceil(64) * 8;
+        payload[s..s + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let f = StackFile::from_bytes(&b).unwrap();
+    assert!(matches!(f.block_view(id), Err(FormatError::Core(_))));
 }

@@ -6,7 +6,7 @@ use bitstack_core::{BlockId, BlockSource, ElasticModel, MemoryBudget, UniversalO
 use bitstack_format::{
     write_stack_file, DType, FormatError, StackFile, StackFileContents, StackFileWriter,
 };
-use common::{random_contents, TempDir};
+use common::{random_contents, random_contents_i8, TempDir};
 use proptest::prelude::*;
 
 fn assert_matches(file: &StackFile, c: &StackFileContents) {
@@ -51,6 +51,46 @@ fn round_trip_mmap_and_bytes() {
     assert_matches(&StackFile::from_bytes(&shifted[3..]).unwrap(), &c);
     // Only the final file is left behind.
     assert_eq!(dir.entries(), vec!["m.bstk".to_string()]);
+}
+
+/// Int8-factor stacks (mixed with f16 ones) round-trip through a format-2 file, mapped and
+/// from bytes, with payloads of exactly `block_bytes` (codes plus scales), and re-encode
+/// byte for byte.
+#[test]
+fn i8_factor_round_trip_is_format_2() {
+    let dir = TempDir::new("rt8");
+    let c = random_contents_i8(7, 5);
+    assert!(c
+        .stacks
+        .iter()
+        .any(|m| m.factors == bitstack_core::FactorDtype::I8));
+    assert!(c
+        .stacks
+        .iter()
+        .any(|m| m.factors == bitstack_core::FactorDtype::F16));
+    let p = dir.join("m8.bstk");
+    write_stack_file(&p, &c).unwrap();
+    let mapped = StackFile::open(&p).unwrap();
+    assert_eq!(mapped.version(), (2, 0));
+    assert_matches(&mapped, &c);
+    assert_eq!(mapped.to_contents().unwrap(), c);
+    for (w, m) in c.stacks.iter().enumerate() {
+        let (_, len) = mapped.block_extent(BlockId::new(w as u32, 0)).unwrap();
+        assert_eq!(len, m.block_bytes());
+        assert_eq!(
+            len,
+            bitstack_core::block_bytes(m.rows, m.cols, m.rank, m.factors)
+        );
+    }
+    let bytes = std::fs::read(&p).unwrap();
+    assert_matches(&StackFile::from_bytes(&bytes).unwrap(), &c);
+    let q = dir.join("again.bstk");
+    write_stack_file(&q, &mapped.to_contents().unwrap()).unwrap();
+    assert_eq!(std::fs::read(&q).unwrap(), bytes);
+    // The same contents with every stack f16 are a 1.0 file, as before.
+    let c16 = random_contents(7, 5);
+    write_stack_file(&q, &c16).unwrap();
+    assert_eq!(StackFile::open(&q).unwrap().version(), (1, 0));
 }
 
 #[test]

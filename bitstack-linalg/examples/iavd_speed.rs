@@ -33,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             levels,
             rank: 16,
             svd: TruncatedSvdParams { method, ..base },
+            ..IavdParams::default()
         };
         let rand = decompose_slice(&w, rows, cols, None, &params(SvdMethod::Randomized, 16))?;
         let exact = decompose_slice(

@@ -4,8 +4,10 @@
 //!
 //! * `S = sign(R⁽ˡ⁾)` with `sign(0) = +1`, packed into bitstack-core's layout;
 //! * the top-`k` SVD `|R⁽ˡ⁾| ≈ U Σ Vᵀ` ([`crate::svd`]);
-//! * `A = U√Σ` (`rows × k`) and `B = V√Σ` (`cols × k`), **rounded to f16**;
-//! * `R⁽ˡ⁺¹⁾ = R⁽ˡ⁾ − S ⊙ (A Bᵀ)` using the rounded factors.
+//! * `A = U√Σ` (`rows × k`) and `B = V√Σ` (`cols × k`), **rounded to f16**, or with
+//!   [`IavdParams::factors`] = [`FactorDtype::I8`] quantized to int8 with one f32 scale per
+//!   column ([`quantize_factor_i8`]: symmetric, `max_i |x[i][r]| / 127`);
+//! * `R⁽ˡ⁺¹⁾ = R⁽ˡ⁾ − S ⊙ (A Bᵀ)` using the rounded (dequantized) factors.
 //!
 //! Because every residual is taken against the factors *as stored*, the error this module
 //! reports after level `l` is exactly (up to f32 summation order) the error of restoring
@@ -23,7 +25,7 @@ use crate::scale::check_scale;
 use crate::signs::pack_row_into;
 use crate::svd::{SvdWorkspace, TruncatedSvdParams};
 use bitstack_core::signs::words_per_row;
-use bitstack_core::{ResidualBlock, StackMeta};
+use bitstack_core::{Factor, FactorDtype, ResidualBlock, StackMeta};
 use faer::MatRef;
 use half::{f16, slice::HalfFloatSliceExt};
 use rayon::prelude::*;
@@ -39,6 +41,8 @@ pub struct IavdParams {
     /// SVD settings for `|R|` (method, oversampling, power iterations, seed, threads). Level
     /// `l` uses a seed derived from `svd.seed` and `l`.
     pub svd: TruncatedSvdParams,
+    /// Storage type of the factors `A`, `B` (the residual is taken against the stored values).
+    pub factors: FactorDtype,
 }
 
 impl Default for IavdParams {
@@ -48,6 +52,7 @@ impl Default for IavdParams {
             levels: 16,
             rank: 16,
             svd: TruncatedSvdParams::default(),
+            factors: FactorDtype::F16,
         }
     }
 }
@@ -61,6 +66,8 @@ pub struct Decomposition {
     pub cols: usize,
     /// Singular vectors per block.
     pub rank: usize,
+    /// Storage type of the blocks' factors.
+    pub factors: FactorDtype,
     /// One block per level, in order.
     pub blocks: Vec<ResidualBlock>,
     /// `‖W_scaled − Σ_{l' ≤ l} S_l' ⊙ A_l' B_l'ᵀ‖_F / ‖W_scaled‖_F` after each level `l`,
@@ -84,6 +91,7 @@ impl Decomposition {
             // decompose() caps levels at u16::MAX.
             levels: self.blocks.len() as u16,
             scale,
+            factors: self.factors,
         }
     }
 }
@@ -113,7 +121,7 @@ pub fn decompose(
         }
     });
     check_scaled(&r, |index| w[(index / cols, index % cols)])?;
-    run(r, rows, cols, &svd, params.levels)
+    run(r, rows, cols, &svd, params.levels, params.factors)
 }
 
 /// [`decompose`] for a row-major slice of `rows × cols` values.
@@ -125,7 +133,7 @@ pub fn decompose_slice(
     params: &IavdParams,
 ) -> Result<Decomposition> {
     let (r, svd) = scaled_copy(w, rows, cols, scale, params)?;
-    run(r, rows, cols, &svd, params.levels)
+    run(r, rows, cols, &svd, params.levels, params.factors)
 }
 
 /// Validates a row-major `w`, its scale and `params`, and returns `w·diag(scale)` (checked
@@ -215,6 +223,7 @@ fn run(
     cols: usize,
     svd: &TruncatedSvdParams,
     levels: usize,
+    factors: FactorDtype,
 ) -> Result<Decomposition> {
     let k = svd.rank;
     let wpr = words_per_row(cols);
@@ -252,7 +261,7 @@ fn run(
             svd,
             derive_seed(svd.seed, level as u64),
         )?;
-        // Factors √σ·u and √σ·v, rounded to f16; the residual below uses exactly these.
+        // Factors √σ·u and √σ·v, rounded to f16 or int8; the residual below uses exactly these.
         // Bulk slice conversions: half's per-value conversion is ~100× slower here.
         for c in 0..k {
             let root = t.s[c].max(0.0).sqrt();
@@ -263,19 +272,35 @@ fn run(
                 bt32[c * cols + j] = v * root;
             }
         }
-        let mut a16 = vec![f16::ZERO; rows * k];
-        a16.convert_from_f32_slice(&a32);
         // B is stored cols × k (row-major): transpose the rank-major buffer on the way.
         let b32: Vec<f32> = (0..cols * k)
             .map(|t| bt32[(t % k) * cols + t / k])
             .collect();
-        let mut b16 = vec![f16::ZERO; cols * k];
-        b16.convert_from_f32_slice(&b32);
-        check_f16(&a16, &a32, level)?;
-        check_f16(&b16, &b32, level)?;
-        a16.convert_to_f32_slice(&mut a32);
-        for (t, b) in b16.iter().enumerate() {
-            bt32[(t % k) * cols + t / k] = b.to_f32();
+        let (fa, fb) = match factors {
+            FactorDtype::F16 => {
+                let mut a16 = vec![f16::ZERO; rows * k];
+                a16.convert_from_f32_slice(&a32);
+                let mut b16 = vec![f16::ZERO; cols * k];
+                b16.convert_from_f32_slice(&b32);
+                check_f16(&a16, &a32, level)?;
+                check_f16(&b16, &b32, level)?;
+                (Factor::F16(a16), Factor::F16(b16))
+            }
+            FactorDtype::I8 => {
+                let (qa, sa) = quantize_factor_i8(&a32, k);
+                let (qb, sb) = quantize_factor_i8(&b32, k);
+                (
+                    Factor::I8 { q: qa, scale: sa },
+                    Factor::I8 { q: qb, scale: sb },
+                )
+            }
+        };
+        // The residual is taken against the stored values, dequantized as the kernels do.
+        fa.view().dequantize_into(k, &mut a32);
+        let mut b_deq = b32;
+        fb.view().dequantize_into(k, &mut b_deq);
+        for (t, &b) in b_deq.iter().enumerate() {
+            bt32[(t % k) * cols + t / k] = b;
         }
         let need_next = level + 1 < levels;
         // Allocated every level because it moves into the block; the last level's stays
@@ -306,18 +331,53 @@ fn run(
         let norm = sq.iter().sum::<f64>().sqrt();
         relative_errors.push(if norm0 == 0.0 { 0.0 } else { norm / norm0 });
         let level_signs = std::mem::replace(&mut signs, next_signs);
-        blocks.push(ResidualBlock::new(rows, cols, k, level_signs, a16, b16)?);
+        blocks.push(ResidualBlock::with_factors(
+            rows,
+            cols,
+            k,
+            level_signs,
+            fa,
+            fb,
+        )?);
         level_times.push(start.elapsed());
     }
     Ok(Decomposition {
         rows,
         cols,
         rank: k,
+        factors,
         blocks,
         relative_errors,
         reference_norm: norm0,
         level_times,
     })
+}
+
+/// Quantizes an `n × rank` row-major factor to int8 with one scale per column `r`:
+/// `scale[r] = max_i |x[i][r]| / 127`, `q = round(x / scale)` (ties away from zero), so
+/// `|x − q·scale| ≤ scale / 2` up to f32 rounding. An all-zero column gets scale 0 and codes 0.
+/// Values must be finite.
+pub fn quantize_factor_i8(x: &[f32], rank: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut amax = vec![0.0f32; rank];
+    for row in x.chunks_exact(rank) {
+        for (m, v) in amax.iter_mut().zip(row) {
+            *m = m.max(v.abs());
+        }
+    }
+    let scale: Vec<f32> = amax.iter().map(|m| m / 127.0).collect();
+    let inv: Vec<f32> = scale
+        .iter()
+        .map(|s| if *s > 0.0 { 1.0 / s } else { 0.0 })
+        .collect();
+    let q = x
+        .chunks_exact(rank)
+        .flat_map(|row| {
+            row.iter()
+                .zip(&inv)
+                .map(|(v, i)| (v * i).round().clamp(-127.0, 127.0) as i8)
+        })
+        .collect();
+    (q, scale)
 }
 
 /// Rejects factors that overflowed f16 (the f32 values are finite, so any non-finite f16 is

@@ -54,7 +54,9 @@ pub mod signs;
 pub mod svd;
 
 pub use error::{LinalgError, Result};
-pub use iavd::{decompose, decompose_slice, relative_error, Decomposition, IavdParams};
+pub use iavd::{
+    decompose, decompose_slice, quantize_factor_i8, relative_error, Decomposition, IavdParams,
+};
 pub use plain::{decompose_plain_slice, same_size_rank, PlainDecomposition, PlainLevel};
 pub use scale::{inverse_scale, ActivationNorms, ScaleParams, ScaleRule};
 pub use signs::pack_signs;

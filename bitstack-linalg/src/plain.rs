@@ -207,7 +207,7 @@ mod tests {
         ] {
             let k2 = same_size_rank(m, n, 16);
             let plain = 2 * (k2 * (m + n)) as u64;
-            let avd = block_bytes(m, n, 16);
+            let avd = block_bytes(m, n, 16, bitstack_core::FactorDtype::F16);
             // Within one singular triplet (2·(m+n) bytes) of the signed block.
             assert!(
                 plain.abs_diff(avd) <= (m + n) as u64,

@@ -37,10 +37,9 @@
 
 use crate::error::{Result, SortError};
 use crate::order::{level_major_order, BlockScores};
-use bitstack_core::{block_bytes, ResidualBlock, UniversalOrder};
+use bitstack_core::{ResidualBlock, UniversalOrder};
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
-use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::time::{Duration, Instant};
@@ -227,7 +226,7 @@ fn rank_by_gain(
             .map(|(p, block)| {
                 let mut g = (p[0] - p[1]) * m;
                 if per_byte {
-                    g /= block_bytes(pw.rows, pw.cols, block.rank()) as f64;
+                    g /= block.heap_bytes() as f64;
                 }
                 Some(g)
             })
@@ -386,9 +385,9 @@ fn subtract_block(
     // Slice conversion: SIMD once per block; a per-element `to_f32` re-checks CPU features
     // on every call and was the proxy's largest cost.
     let mut a = vec![0.0f32; rows * k];
-    block.a().convert_to_f32_slice(&mut a);
+    block.a().dequantize_into(k, &mut a);
     let mut b = vec![0.0f32; cols * k];
-    block.b().convert_to_f32_slice(&mut b);
+    block.b().dequantize_into(k, &mut b);
     // Column scaling commutes with the sign mask, S ⊙ (A Bᵀ) · D = S ⊙ (A (D B)ᵀ), so the
     // inverse scale is folded into B's rows for free.
     if let Some(s) = inv_scale {

@@ -221,7 +221,7 @@ fn normalisation_and_per_byte_change_the_comparison_as_documented() {
     )
     .unwrap();
     let plain = sort_proxy(&ws, &ProxyConfig::default()).unwrap();
-    let bytes = bitstack_core::block_bytes(rows, cols, 1) as f64;
+    let bytes = bitstack_core::block_bytes(rows, cols, 1, bitstack_core::FactorDtype::F16) as f64;
     let (a, b) = (per_byte.gains[1][1].unwrap(), plain.gains[1][1].unwrap());
     assert!((a * bytes - b).abs() < 1e-12);
 }

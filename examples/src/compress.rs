@@ -612,6 +612,7 @@ pub fn compress(
         activation_scaling: params.scale.is_some(),
         calib_seq_len: params.calib_seq_len,
         calib_windows: params.calib_windows,
+        factors: params.iavd.factors.name(),
         levels: params.iavd.levels,
         order: params.order_settings.describe(params.order),
         rank: match params.rank {
@@ -647,10 +648,18 @@ struct CompressionRecord {
     activation_scaling: bool,
     calib_seq_len: usize,
     calib_windows: usize,
+    /// The factor dtype; left out for f16 (the only dtype before it was recorded), so f16
+    /// files keep their bytes.
+    #[serde(skip_serializing_if = "is_f16")]
+    factors: &'static str,
     levels: usize,
     order: String,
     rank: RankRecord,
     tool: &'static str,
+}
+
+fn is_f16(name: &&'static str) -> bool {
+    *name == bitstack_core::FactorDtype::F16.name()
 }
 
 /// The rank of a [`CompressionRecord`]: a number for a fixed rank, the rule's text for an
@@ -724,6 +733,7 @@ mod tests {
                 activation_scaling: true,
                 calib_seq_len: 512,
                 calib_windows: 32,
+                factors: "f16",
                 levels: 16,
                 order: "first-order".into(),
                 rank,

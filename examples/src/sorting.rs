@@ -1099,6 +1099,7 @@ mod tests {
                     rank: 16,
                     levels,
                     scale: Some(vec![s; cols]),
+                    factors: bitstack_core::FactorDtype::F16,
                 });
                 let blocks = (0..levels)
                     .map(|l| Arc::new(random_block(rows, cols, 16, (w * 100 + l as usize) as u64)))

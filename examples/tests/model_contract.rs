@@ -45,6 +45,11 @@ fn tiny_qwen2() -> SyntheticGguf {
 
 /// Compresses the tiny model (3 levels of rank 2, round-robin order) into `out`.
 fn write_tiny_stack(dir: &Path, out: &Path) {
+    write_tiny_stack_with(dir, out, bitstack_core::FactorDtype::F16)
+}
+
+/// [`write_tiny_stack`] with factors of type `factors`.
+fn write_tiny_stack_with(dir: &Path, out: &Path, factors: bitstack_core::FactorDtype) {
     let gguf = dir.join("tiny-qwen2.gguf");
     tiny_qwen2().write(&gguf).unwrap();
     let source = open_model(&gguf).unwrap();
@@ -55,6 +60,7 @@ fn write_tiny_stack(dir: &Path, out: &Path) {
         ..Default::default()
     };
     params.iavd.levels = 3;
+    params.iavd.factors = factors;
     params.rank = RankRule::Fixed(2);
     let calib = "The quick brown fox jumps over the lazy dog. ".repeat(4);
     let compressed = compress(source.as_ref(), &calib, &params).unwrap();
@@ -71,6 +77,94 @@ fn write_fixture() {
     let dir = std::env::temp_dir().join(format!("bitstack-fixture-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     write_tiny_stack(&dir, &out);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn fixture_i8() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/stack-v2.0-i8-synthetic.bitstack")
+}
+
+/// Regenerates the int8-factor fixture (format 2.0) into `$BITSTACK_FIXTURE_OUT` (ignored:
+/// the committed file is what later readers must keep opening).
+#[test]
+#[ignore]
+fn write_fixture_i8() {
+    let out =
+        PathBuf::from(std::env::var_os("BITSTACK_FIXTURE_OUT").expect("set BITSTACK_FIXTURE_OUT"));
+    let dir = std::env::temp_dir().join(format!("bitstack-fixture8-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_tiny_stack_with(&dir, &out, bitstack_core::FactorDtype::I8);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The committed int8-factor file (format 2.0, written by the commit that added int8
+/// factors) opens, has int8 blocks of exactly `block_bytes` (codes + scales), the f16
+/// file's contract, and runs at its minimum and full budgets; a fresh int8 compress of the
+/// same model is a 2.0 file whose blocks round-trip through a rewrite byte for byte, and a
+/// fresh f16 one is still 1.0.
+#[test]
+fn i8_fixture_opens_runs_and_new_files_round_trip() {
+    use bitstack_core::FactorDtype;
+    use bitstack_examples::llama::Llama;
+    use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears};
+    use bitstack_format::model::ModelContract;
+    use bitstack_format::{write_stack_file, StackFile};
+    let loaded = LoadedStack::open(fixture_i8(), None).unwrap();
+    let file = loaded.model.file();
+    assert_eq!(file.version(), (2, 0));
+    assert!(file.stacks().iter().all(|m| m.factors == FactorDtype::I8));
+    for (w, m) in file.stacks().iter().enumerate() {
+        let b = file
+            .read_block(bitstack_core::BlockId::new(w as u32, 0))
+            .unwrap();
+        assert_eq!(b.factor_dtype(), FactorDtype::I8);
+        assert_eq!(b.heap_bytes(), m.block_bytes());
+        assert_eq!(
+            m.block_bytes(),
+            bitstack_core::block_bytes(m.rows, m.cols, m.rank, FactorDtype::I8)
+        );
+    }
+    let old = StackFile::open(fixture()).unwrap();
+    let (nc, oc) = (
+        ModelContract::from_file(file).unwrap(),
+        ModelContract::from_file(&old).unwrap(),
+    );
+    assert_eq!(nc.config(), oc.config());
+    assert_eq!(nc.residents(), oc.residents());
+    let tokens = loaded.prompt_ids("The lazy dog", false).unwrap();
+    let nll_at = |levels_loaded: usize| {
+        loaded.elastic.resize_to_prefix(levels_loaded).unwrap();
+        let linears = SnapshotLinears(loaded.elastic.snapshot());
+        let model = Llama::new(&loaded.resident, &linears).unwrap();
+        let nll = model.sequence_nll(&tokens, tokens.len()).unwrap();
+        assert!(nll.iter().all(|v| v.is_finite()), "{nll:?}");
+        nll.iter().sum::<f32>()
+    };
+    let (min, full) = (nll_at(7 * LAYERS), nll_at(3 * 7 * LAYERS));
+    assert_ne!(min, full);
+
+    let dir = std::env::temp_dir().join(format!("bitstack-i8rt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p8 = dir.join("new8.bitstack");
+    write_tiny_stack_with(&dir, &p8, FactorDtype::I8);
+    let new8 = StackFile::open(&p8).unwrap();
+    assert_eq!(new8.version(), (2, 0));
+    let again = dir.join("again8.bitstack");
+    write_stack_file(&again, &new8.to_contents().unwrap()).unwrap();
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&p8).unwrap());
+    let p16 = dir.join("new16.bitstack");
+    write_tiny_stack(&dir, &p16);
+    let new16 = StackFile::open(&p16).unwrap();
+    assert_eq!(new16.version(), (1, 0));
+    // Same shapes, half the factor bytes (plus two f32 scales per rank).
+    for (m8, m16) in new8.stacks().iter().zip(new16.stacks()) {
+        let values = (m8.rank * (m8.rows + m8.cols)) as u64;
+        assert_eq!(
+            m16.block_bytes() - m8.block_bytes(),
+            values - 8 * m8.rank as u64
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -247,7 +341,7 @@ fn contract_accounting_equals_what_the_loader_holds() {
 
 /// An engine using only bitstack-core + bitstack-format picks the same prefix and held bytes
 /// for a budget as `bitstack eval` (the built binary, `--json`), at several budgets and the
-/// f16, q8 and q4 resident precisions the CLI offers.
+/// f16, q8 and q4 resident precisions the CLI offers, for f16 and int8 factors.
 #[test]
 fn engine_and_cli_pick_the_same_prefix() {
     use bitstack_core::{ElasticModel, MemoryBudget};
@@ -260,15 +354,20 @@ fn engine_and_cli_pick_the_same_prefix() {
         "A budget is the whole model, as held in memory. ".repeat(8),
     )
     .unwrap();
-    // `None`: no --resident flag, against the engine's `EmbeddingPrecision::default()`.
-    for flag in [
-        Some(EmbeddingPrecision::F16),
-        Some(EmbeddingPrecision::Q8),
-        Some(EmbeddingPrecision::Q4),
-        None,
+    // The f16 file at every precision, the int8-factor file at f16 and q4; `None`: no
+    // --resident flag, against the engine's `EmbeddingPrecision::default()`.
+    for (path, flag) in [
+        (fixture(), Some(EmbeddingPrecision::F16)),
+        (fixture(), Some(EmbeddingPrecision::Q8)),
+        (fixture(), Some(EmbeddingPrecision::Q4)),
+        (fixture(), None),
+        (fixture_i8(), Some(EmbeddingPrecision::F16)),
+        (fixture_i8(), Some(EmbeddingPrecision::Q4)),
+        (fixture_i8(), None),
     ] {
         let precision = flag.unwrap_or_default();
-        let file = StackFile::open(fixture()).unwrap();
+        let file = StackFile::open(&path).unwrap();
+        let factors = file.stacks()[0].factors;
         let contract = ModelContract::from_file(&file).unwrap();
         let layout = contract.held_layout(&file, precision);
         let (min, full) = (layout.minimum_bytes(), layout.full_bytes());
@@ -282,10 +381,13 @@ fn engine_and_cli_pick_the_same_prefix() {
             full,
         ];
         let engine = ElasticModel::new(file, layout, MemoryBudget::from_bytes(min)).unwrap();
-        let json = dir.join(format!("eval-{precision}-{}.json", flag.is_some()));
+        let json = dir.join(format!(
+            "eval-{precision}-{factors}-{}.json",
+            flag.is_some()
+        ));
         let list = budgets.map(|b| b.to_string()).join(",");
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_bitstack"))
-            .args(["eval", fixture().to_str().unwrap(), "--text"])
+            .args(["eval", path.to_str().unwrap(), "--text"])
             .arg(&text)
             .args(["--budgets", &list, "--seq-len", "16", "--max-windows", "1"])
             .args(

@@ -5,7 +5,7 @@
 //! [`TablePrecision::F32`]: super::TablePrecision::F32
 
 use super::ROW_CHUNK;
-use crate::block::ResidualBlockRef;
+use crate::block::{FactorRef, ResidualBlockRef};
 use rayon::prelude::*;
 
 /// Scratch floats of [`fused_f32`].
@@ -50,7 +50,19 @@ pub(super) fn fused_f32(
     for blk in blocks {
         lut.par_chunks_mut(lut_per)
             .zip(xs.par_chunks(cols))
-            .for_each(|(l, xrow)| build_lut(blk.b, rank, xrow, l));
+            .for_each(|(l, xrow)| match (blk.a, blk.b) {
+                (_, FactorRef::F16(b)) => build_lut(|i| b[i].to_f32(), rank, xrow, l),
+                // int8: A·Bᵀ = Σ_r qa_r (sa_r·sb_r·qb_r)ᵀ, the scales folded into the table.
+                (FactorRef::I8 { scale: sa, .. }, FactorRef::I8 { q, scale: sb }) => build_lut(
+                    |i| q[i] as f32 * (sa[i % rank] * sb[i % rank]),
+                    rank,
+                    xrow,
+                    l,
+                ),
+                (FactorRef::F16(_), FactorRef::I8 { .. }) => {
+                    unreachable!("both factors of a block share a dtype (checked at construction)")
+                }
+            });
         let lut = &*lut;
         acc.fill(0.0);
         yt.par_chunks_mut(ROW_CHUNK * batch)
@@ -73,11 +85,18 @@ pub(super) fn fused_f32(
                     g0 = g1;
                 }
                 for di in 0..nrows {
-                    let a = &blk.a[(row0 + di) * rank..][..rank];
                     for bi in 0..batch {
                         let s = &accc[(di * batch + bi) * rank..][..rank];
-                        ytc[di * batch + bi] +=
-                            s.iter().zip(a).map(|(s, a)| s * a.to_f32()).sum::<f32>();
+                        ytc[di * batch + bi] += match blk.a {
+                            FactorRef::F16(a) => {
+                                let a = &a[(row0 + di) * rank..][..rank];
+                                s.iter().zip(a).map(|(s, a)| s * a.to_f32()).sum::<f32>()
+                            }
+                            FactorRef::I8 { q, .. } => {
+                                let a = &q[(row0 + di) * rank..][..rank];
+                                s.iter().zip(a).map(|(s, &a)| s * a as f32).sum::<f32>()
+                            }
+                        };
                     }
                 }
             });
@@ -90,16 +109,17 @@ pub(super) fn fused_f32(
 }
 
 /// Table `L[g][v][r]` for one input vector (see module docs). Columns past `cols` count as 0.
-fn build_lut(b: &[half::f16], rank: usize, x: &[f32], lut: &mut [f32]) {
+/// `b(i)` is the value at flat index `i = j·rank + r` of the `cols × rank` factor.
+fn build_lut(b: impl Fn(usize) -> f32 + Copy, rank: usize, x: &[f32], lut: &mut [f32]) {
     let cols = x.len();
     let mut t = [[0.0f32; 64]; 4];
     debug_assert!(rank <= 64 || rank > 0);
     for (g, lg) in lut.chunks_exact_mut(16 * rank).enumerate() {
         for (c, tc) in t.iter_mut().enumerate() {
             let j = 4 * g + c;
-            for r in 0..rank.min(64) {
-                tc[r] = if j < cols {
-                    b[j * rank + r].to_f32() * x[j]
+            for (r, tr) in tc[..rank.min(64)].iter_mut().enumerate() {
+                *tr = if j < cols {
+                    b(j * rank + r) * x[j]
                 } else {
                     0.0
                 };
@@ -127,7 +147,13 @@ fn build_lut(b: &[half::f16], rank: usize, x: &[f32], lut: &mut [f32]) {
 }
 
 /// Slow path of [`build_lut`] for k > 64 (no stack buffer).
-fn build_lut_group_wide(b: &[half::f16], rank: usize, x: &[f32], g: usize, lg: &mut [f32]) {
+fn build_lut_group_wide(
+    b: impl Fn(usize) -> f32,
+    rank: usize,
+    x: &[f32],
+    g: usize,
+    lg: &mut [f32],
+) {
     let cols = x.len();
     for v in 0..16usize {
         for r in 0..rank {
@@ -135,7 +161,7 @@ fn build_lut_group_wide(b: &[half::f16], rank: usize, x: &[f32], g: usize, lg: &
             for c in 0..4 {
                 let j = 4 * g + c;
                 if j < cols {
-                    let t = b[j * rank + r].to_f32() * x[j];
+                    let t = b(j * rank + r) * x[j];
                     s += if (v >> c) & 1 == 1 { t } else { -t };
                 }
             }

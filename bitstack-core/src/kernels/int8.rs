@@ -16,7 +16,7 @@
 //! without `[g][v]`. The sign words are read straight from the blocks (row-major, as stored), once
 //! per row tile and word for all `k` ranks.
 
-use crate::block::ResidualBlockRef;
+use crate::block::{FactorRef, ResidualBlockRef};
 use crate::signs::words_per_row;
 use half::slice::HalfFloatSliceExt;
 
@@ -90,40 +90,17 @@ pub(super) const SIGN: [[f32; 16]; 4] = {
     s
 };
 
-/// Builds the int8 tables and scales of one (item, level): `b` is the block's `cols × rank`
-/// factor, `xs` the scaled input row, `t` scratch of `rank · words · 64` floats, `bf` of
-/// `cols · rank`, `tables` `words · rank · 256 · halves` bytes and `scales` `words · rank`
-/// floats. With split tables (`halves == 2`) only ranks `0..split_ranks` get their low
-/// halves written: the kernels read nothing else (see [`TileInput::split_ranks`]).
+/// Builds the int8 tables and scales of one (item, level): `blk` is the level's block (its
+/// `cols × rank` factor `B` is read), `xs` the scaled input row, `t` scratch of
+/// `rank · words · 64` floats, `bf` of `cols · rank`, `tables` `words · rank · 256 · halves`
+/// bytes and `scales` `words · rank` floats. With split tables (`halves == 2`) only ranks
+/// `0..split_ranks` get their low halves written: the kernels read nothing else (see
+/// [`TileInput::split_ranks`]). For int8 factors the tables are built over
+/// `qb ⊙ (sa·sb) ⊙ xs` ([`ResidualBlockRef::kernel_b_into`]), so the tiles multiply by the
+/// raw codes of `A`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn build_tables(
-    b: &[half::f16],
-    rank: usize,
-    xs: &[f32],
-    t: &mut [f32],
-    bf: &mut [f32],
-    tables: &mut [i8],
-    scales: &mut [f32],
-    halves: usize,
-    split_ranks: usize,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if super::x86::avx512_available() {
-        // SAFETY: the CPU supports the features `build_tables_avx512` is compiled for.
-        unsafe {
-            super::x86::build_tables_avx512(b, rank, xs, t, bf, tables, scales, halves, split_ranks)
-        };
-        return;
-    }
-    build_tables_generic(b, rank, xs, t, bf, tables, scales, halves, split_ranks)
-}
-
-/// [`build_tables`] in plain Rust; x86 compiles the same body for AVX-512 so the
-/// compiler vectorizes the table arithmetic 16 lanes wide.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn build_tables_generic(
-    b: &[half::f16],
+    blk: &ResidualBlockRef<'_>,
     rank: usize,
     xs: &[f32],
     t: &mut [f32],
@@ -134,12 +111,71 @@ pub(super) fn build_tables_generic(
     split_ranks: usize,
 ) {
     let cols = xs.len();
+    match blk.b {
+        FactorRef::F16(b) => {
+            #[cfg(target_arch = "x86_64")]
+            if super::x86::avx512_available() {
+                // SAFETY: the CPU supports the features `build_tables_avx512` is compiled for.
+                unsafe {
+                    super::x86::build_tables_avx512::<false>(
+                        b.as_ptr().cast(),
+                        b.len(),
+                        rank,
+                        xs,
+                        t,
+                        tables,
+                        scales,
+                        halves,
+                        split_ranks,
+                    )
+                };
+                return;
+            }
+            // One vectorized widening of the whole factor.
+            b.convert_to_f32_slice(&mut bf[..cols * rank]);
+        }
+        FactorRef::I8 { .. } => blk.kernel_b_into(&mut bf[..cols * rank]),
+    }
+    let bf = &bf[..cols * rank];
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::avx512_available() {
+        // SAFETY: as above; `bf` holds `cols · rank` f32 values.
+        unsafe {
+            super::x86::build_tables_avx512::<true>(
+                bf.as_ptr().cast(),
+                bf.len(),
+                rank,
+                xs,
+                t,
+                tables,
+                scales,
+                halves,
+                split_ranks,
+            )
+        };
+        return;
+    }
+    build_tables_generic(bf, rank, xs, t, tables, scales, halves, split_ranks)
+}
+
+/// [`build_tables`] in plain Rust from the widened factor `bf` (`cols × rank` f32).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn build_tables_generic(
+    bf: &[f32],
+    rank: usize,
+    xs: &[f32],
+    t: &mut [f32],
+    tables: &mut [i8],
+    scales: &mut [f32],
+    halves: usize,
+    split_ranks: usize,
+) {
+    let cols = xs.len();
     let words = words_per_row(cols);
     let padded = words * 64;
-    // One vectorized widening of the whole factor, then t in rank-major order
-    // (t[r·padded + j] = b[j][r]·xs[j]) so each word's 64 columns of one rank are contiguous;
-    // padding columns are zero and contribute nothing.
-    b.convert_to_f32_slice(&mut bf[..cols * rank]);
+    // t in rank-major order (t[r·padded + j] = b[j][r]·xs[j]) so each word's 64 columns of
+    // one rank are contiguous; padding columns are zero and contribute nothing.
     for (j, (bj, &xj)) in bf.chunks_exact(rank).zip(xs).enumerate() {
         for (r, v) in bj.iter().enumerate() {
             t[r * padded + j] = v * xj;
@@ -250,7 +286,7 @@ pub(super) fn tile_portable(inp: &TileInput<'_>, row0: usize, nrows: usize, yt: 
         for (l, blk) in inp.blocks.iter().enumerate() {
             let words = blk.signs.row(i);
             let mut a = [0.0f32; 64];
-            blk.a[i * rank..(i + 1) * rank].convert_to_f32_slice(&mut a[..rank]);
+            blk.kernel_a_row(i, &mut a);
             for bi in 0..inp.batch {
                 acc[..rank].fill(0.0);
                 for (w, &word) in words.iter().enumerate() {

@@ -15,6 +15,7 @@
 //! all `k` ranks and all batch items, and nothing is widened by hand.
 
 use super::int8::{TileInput, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES};
+use crate::block::FactorRef;
 use std::arch::x86_64::*;
 
 /// Whether [`tile_avx512`] can run on this CPU.
@@ -93,16 +94,36 @@ pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
                 }
                 None => {}
             }
-            // The tile's factor rows, widened once: a[q·rank + r] for tile row q.
-            let a16 = &blk.a[(row0 + tile) * rank..(row0 + tile + n) * rank];
-            let mut c = 0;
-            while c + 16 <= a16.len() {
-                let v = _mm512_cvtph_ps(_mm256_loadu_si256(a16.as_ptr().add(c).cast()));
-                _mm512_storeu_ps(a.as_mut_ptr().add(c), v);
-                c += 16;
-            }
-            for (dst, h) in a[c..a16.len()].iter_mut().zip(&a16[c..]) {
-                *dst = h.to_f32();
+            // The tile's factor rows, widened once: a[q·rank + r] for tile row q (int8
+            // factors: the raw codes, their scales are folded into the tables).
+            let (fa, fb) = ((row0 + tile) * rank, (row0 + tile + n) * rank);
+            match blk.a {
+                FactorRef::F16(a16) => {
+                    let a16 = &a16[fa..fb];
+                    let mut c = 0;
+                    while c + 16 <= a16.len() {
+                        let v = _mm512_cvtph_ps(_mm256_loadu_si256(a16.as_ptr().add(c).cast()));
+                        _mm512_storeu_ps(a.as_mut_ptr().add(c), v);
+                        c += 16;
+                    }
+                    for (dst, h) in a[c..a16.len()].iter_mut().zip(&a16[c..]) {
+                        *dst = h.to_f32();
+                    }
+                }
+                FactorRef::I8 { q, .. } => {
+                    let q = &q[fa..fb];
+                    let mut c = 0;
+                    while c + 16 <= q.len() {
+                        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                            q.as_ptr().add(c).cast(),
+                        )));
+                        _mm512_storeu_ps(a.as_mut_ptr().add(c), v);
+                        c += 16;
+                    }
+                    for (dst, &v) in a[c..q.len()].iter_mut().zip(&q[c..]) {
+                        *dst = v as f32;
+                    }
+                }
             }
             for bi in 0..inp.batch {
                 for v in accf[..rank].iter_mut() {
@@ -223,9 +244,13 @@ unsafe fn prefetch_rows(
         _mm_prefetch::<_MM_HINT_T1>(signs.add(off));
         off += 64;
     }
-    let a = blk.a.as_ptr().add(row0 * rank).cast::<i8>();
+    let (a, elem) = match blk.a {
+        FactorRef::F16(a) => (a.as_ptr().cast::<i8>(), 2),
+        FactorRef::I8 { q, .. } => (q.as_ptr(), 1),
+    };
+    let a = a.add(row0 * rank * elem);
     let mut off = 0;
-    while off < n * rank * 2 {
+    while off < n * rank * elem {
         _mm_prefetch::<_MM_HINT_T1>(a.add(off));
         off += 64;
     }
@@ -270,19 +295,22 @@ unsafe fn lookup_accumulate<const SUB: usize>(
 /// * Each group's 16 entries are one vector: four broadcasts times the ±1 sign patterns,
 ///   the scale, one rounding convert and a saturating pack for each half.
 ///
-/// `bf` is not used (the generic build widens `b` into it).
+/// `b` points at the `cols × rank` factor, `b_len` values: f16 bits when `F32SRC` is false
+/// (widened here, 16 halves per `vcvtph2ps`), f32 values when true (int8 factors, widened and
+/// scale-folded by the caller; one masked load per row instead of the convert).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F, BW, VL, VBMI and VNNI ([`avx512_available`]); the
-/// buffers must have the sizes [`super::int8::build_tables`] documents.
+/// The CPU must support AVX-512 F, BW, VL, VBMI and VNNI ([`avx512_available`]); `b` must be
+/// valid for `b_len` values of its type and the buffers must have the sizes
+/// [`super::int8::build_tables`] documents.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn build_tables_avx512(
-    b: &[half::f16],
+pub(super) unsafe fn build_tables_avx512<const F32SRC: bool>(
+    b: *const u8,
+    b_len: usize,
     rank: usize,
     xs: &[f32],
     t: &mut [f32],
-    _bf: &mut [f32],
     tables: &mut [i8],
     scales: &mut [f32],
     halves: usize,
@@ -292,13 +320,14 @@ pub(super) unsafe fn build_tables_avx512(
     let words = crate::signs::words_per_row(cols);
     let padded = words * 64;
     assert!(
-        b.len() >= cols * rank
+        b_len >= cols * rank
             && t.len() >= rank * padded
             && tables.len() >= words * rank * TABLE_BYTES * halves
             && scales.len() >= words * rank,
         "table build buffers too small"
     );
-    let bp = b.as_ptr().cast::<u16>();
+    let bp = b.cast::<u16>();
+    let bp32 = b.cast::<f32>();
     let tp = t.as_mut_ptr();
     let mut j0 = 0;
     while j0 < cols {
@@ -312,8 +341,12 @@ pub(super) unsafe fn build_tables_avx512(
             let rmask = ((1u32 << nr) - 1) as __mmask16;
             let mut m = [_mm512_setzero_ps(); 16];
             for (i, mi) in m[..n].iter_mut().enumerate() {
-                let row = bp.add((j0 + i) * rank + r0);
-                *mi = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rmask, row.cast()));
+                let off = (j0 + i) * rank + r0;
+                *mi = if F32SRC {
+                    _mm512_maskz_loadu_ps(rmask, bp32.add(off))
+                } else {
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(rmask, bp.add(off).cast()))
+                };
             }
             transpose16(&mut m);
             for (r, mr) in m[..nr].iter().enumerate() {
@@ -449,8 +482,10 @@ mod tests {
     use half::f16;
     use proptest::prelude::*;
 
+    /// Tables from `b` through the f16 SIMD build (`Some(false)`), the f32-source SIMD build
+    /// (`Some(true)`, what int8 factors use) or the generic one (`None`).
     fn build(
-        simd: bool,
+        simd: Option<bool>,
         b: &[f16],
         rank: usize,
         xs: &[f32],
@@ -459,36 +494,48 @@ mod tests {
     ) -> (Vec<i8>, Vec<f32>) {
         let words = words_per_row(xs.len());
         let mut t = vec![f32::NAN; rank * words * 64];
-        let mut bf = vec![0.0; xs.len() * rank];
+        let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
         let mut tables = vec![0x55i8; words * rank * TABLE_BYTES * halves];
         let mut scales = vec![f32::NAN; words * rank];
-        if simd {
+        match simd {
             // SAFETY: callers check `avx512_available`; the buffers have the documented sizes.
-            unsafe {
-                build_tables_avx512(
-                    b,
+            Some(false) => unsafe {
+                build_tables_avx512::<false>(
+                    b.as_ptr().cast(),
+                    b.len(),
                     rank,
                     xs,
                     &mut t,
-                    &mut bf,
                     &mut tables,
                     &mut scales,
                     halves,
                     split_ranks,
                 )
-            };
-        } else {
-            crate::kernels::int8::build_tables_generic(
-                b,
+            },
+            // SAFETY: as above.
+            Some(true) => unsafe {
+                build_tables_avx512::<true>(
+                    bf.as_ptr().cast(),
+                    bf.len(),
+                    rank,
+                    xs,
+                    &mut t,
+                    &mut tables,
+                    &mut scales,
+                    halves,
+                    split_ranks,
+                )
+            },
+            None => crate::kernels::int8::build_tables_generic(
+                &bf,
                 rank,
                 xs,
                 &mut t,
-                &mut bf,
                 &mut tables,
                 &mut scales,
                 halves,
                 split_ranks,
-            );
+            ),
         }
         (tables, scales)
     }
@@ -523,13 +570,15 @@ mod tests {
                 .map(|j| if zero_x && j % 3 != 1 { 0.0 } else { 3.0 * next() })
                 .collect();
             let split_ranks = split_sel.min(rank);
-            let want = build(false, &b, rank, &xs, halves, split_ranks);
-            let got = build(true, &b, rank, &xs, halves, split_ranks);
-            prop_assert_eq!(&got.0, &want.0);
-            prop_assert_eq!(
-                got.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-            );
+            let want = build(None, &b, rank, &xs, halves, split_ranks);
+            for f32src in [false, true] {
+                let got = build(Some(f32src), &b, rank, &xs, halves, split_ranks);
+                prop_assert_eq!(&got.0, &want.0, "f32 source: {}", f32src);
+                prop_assert_eq!(
+                    got.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                );
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Shared helpers: random stack-file contents and unique temp directories.
 #![allow(dead_code)]
 
-use bitstack_core::testutil::{random_block, XorShift};
+use bitstack_core::testutil::{random_block, random_block_with, XorShift};
 use bitstack_core::{BlockId, StackMeta, UniversalOrder};
 use bitstack_format::{ResidentTensor, StackFileContents};
 use half::f16;
@@ -63,6 +63,7 @@ pub fn random_contents(seed: u64, weights: usize) -> StackFileContents {
             rank,
             levels,
             scale,
+            factors: bitstack_core::FactorDtype::F16,
         });
         blocks.push(
             (0..levels)
@@ -120,5 +121,35 @@ pub fn random_contents(seed: u64, weights: usize) -> StackFileContents {
 pub fn file_bytes(dir: &TempDir, seed: u64, weights: usize) -> Vec<u8> {
     let p = dir.join("f.bstk");
     bitstack_format::write_stack_file(&p, &random_contents(seed, weights)).unwrap();
+    std::fs::read(p).unwrap()
+}
+
+/// [`random_contents`] with int8 factors on every other stack (0, 2, ...), f16 on the rest:
+/// a format-2 file.
+#[allow(dead_code)] // not every test binary uses it
+pub fn random_contents_i8(seed: u64, weights: usize) -> StackFileContents {
+    let mut c = random_contents(seed, weights);
+    for (w, (m, blocks)) in c.stacks.iter_mut().zip(&mut c.blocks).enumerate() {
+        if w % 2 == 0 {
+            m.factors = bitstack_core::FactorDtype::I8;
+            for (l, b) in blocks.iter_mut().enumerate() {
+                *b = random_block_with(
+                    m.rows,
+                    m.cols,
+                    m.rank,
+                    seed ^ ((w as u64) << 24) ^ l as u64,
+                    m.factors,
+                );
+            }
+        }
+    }
+    c
+}
+
+/// Bytes of a valid file for `random_contents_i8(seed, weights)`.
+#[allow(dead_code)]
+pub fn file_bytes_i8(dir: &TempDir, seed: u64, weights: usize) -> Vec<u8> {
+    let p = dir.join("f8.bstk");
+    bitstack_format::write_stack_file(&p, &random_contents_i8(seed, weights)).unwrap();
     std::fs::read(p).unwrap()
 }

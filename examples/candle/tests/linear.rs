@@ -19,6 +19,7 @@ fn stack(rows: usize, cols: usize, rank: usize, levels: usize, seed: u64) -> Wei
         rank,
         levels: levels as u16 + 1, // one level left unloaded, as at a real budget
         scale: Some((0..cols).map(|_| 0.5 + rng.next_f32().abs()).collect()),
+        factors: bitstack_core::FactorDtype::F16,
     });
     let blocks = (0..levels)
         .map(|l| Arc::new(random_block(rows, cols, rank, seed * 100 + l as u64)))

@@ -48,19 +48,22 @@ pub(crate) fn inspect(path: &Path) -> Res<()> {
     if let Some(s) = file.metadata_str(bitstack_examples::stackmodel::META_COMPRESSION) {
         outln!("compression: {s}")?;
     }
-    let mut shapes: std::collections::BTreeMap<(usize, usize, usize), (usize, u64)> =
+    let mut shapes: std::collections::BTreeMap<(usize, usize, usize, &str), (usize, u64)> =
         Default::default();
     for m in file.stacks() {
-        let e = shapes.entry((m.rows, m.cols, m.rank)).or_default();
+        let e = shapes
+            .entry((m.rows, m.cols, m.rank, m.factors.name()))
+            .or_default();
         e.0 += 1;
         e.1 = m.block_bytes();
     }
     let rows: Vec<Vec<String>> = shapes
         .iter()
-        .map(|(&(r, cc, k), &(n, b))| {
+        .map(|(&(r, cc, k, f), &(n, b))| {
             vec![
                 format!("{r}x{cc}"),
                 k.to_string(),
+                f.to_string(),
                 n.to_string(),
                 format!("{b}"),
                 format!("{:.3}", b as f64 * 8.0 / (r * cc) as f64),
@@ -73,6 +76,7 @@ pub(crate) fn inspect(path: &Path) -> Res<()> {
             &[
                 "shape",
                 "k",
+                "factors",
                 "weights",
                 "bytes per block",
                 "bits per weight per block"
