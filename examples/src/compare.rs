@@ -35,6 +35,7 @@ use crate::llama::LlamaError;
 use crate::llama::{
     ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaResident,
 };
+use crate::llama_cpp::{ratio, GgufQuant, LlamaCpp, LlamaCppError, LlamaPerplexity, QuantizedFile};
 use crate::output::{OutputError, UsageError};
 use crate::perplexity::PerplexityError;
 use crate::perplexity::{perplexity, Perplexity, PerplexityParams, WindowSelection};
@@ -212,6 +213,10 @@ pub enum CompareError {
     /// Serializing the JSON report failed.
     #[error("compare.json: {0}")]
     Json(#[from] serde_json::Error),
+    /// Finding, running or reading llama.cpp's tools failed (`--llama-cpp`); the error names
+    /// the file and quotes the tool's stderr.
+    #[error(transparent)]
+    LlamaCpp(#[from] LlamaCppError),
 }
 
 type Res<T> = Result<T, CompareError>;
@@ -269,6 +274,17 @@ pub struct CompareOptions {
     pub ablation_budgets: Vec<MemoryBudget>,
     /// Which ablations to run.
     pub ablation_variants: Vec<AblationKind>,
+    /// Precision the token embedding (and an untied head) is held in by the baselines and
+    /// BitStack (the original row always holds it in f16): f16 (as stored), q8, q4 or f32.
+    pub resident: EmbeddingPrecision,
+    /// A folder holding llama.cpp's `llama-quantize` and `llama-perplexity`: adds llama.cpp
+    /// rows (an F32 GGUF of the original and `llama_quants` made from it, cached in
+    /// `out_dir`/llama-cpp, scored by llama-perplexity) and BitStack at each file's size.
+    pub llama_cpp: Option<PathBuf>,
+    /// The llama.cpp types of those rows (F32 is always made, as their reference).
+    pub llama_quants: Vec<GgufQuant>,
+    /// Threads llama.cpp's tools run with (`-t`).
+    pub llama_threads: usize,
 }
 
 impl Default for CompareOptions {
@@ -294,6 +310,10 @@ impl Default for CompareOptions {
             ablation_windows: None,
             ablation_budgets: vec![],
             ablation_variants: AblationKind::ALL.to_vec(),
+            resident: EmbeddingPrecision::F16,
+            llama_cpp: None,
+            llama_quants: GgufQuant::DEFAULT_QUANTS.to_vec(),
+            llama_threads: 2,
         }
     }
 }
@@ -564,7 +584,9 @@ struct Header {
     calib_seq_len: usize,
     calibration_note: &'static str,
     resident_bytes: u64,
-    memory_note: &'static str,
+    /// How the baselines and BitStack hold the embedding (`f16`, `q8`, `q4`, `f32`).
+    resident_precision: String,
+    memory_note: String,
     original_note: &'static str,
     bitstack_minimum_bytes: u64,
     bitstack_full_bytes: u64,
@@ -582,6 +604,67 @@ struct ReportDoc<'a> {
     original: Option<OriginalDoc>,
     rows: Vec<RowDoc>,
     ablations: AblationsDoc<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cpp: Option<LlamaCppDoc>,
+}
+
+/// What llama-perplexity reported, in compare.json.
+#[derive(Serialize)]
+struct LlamaPplDoc {
+    ppl: f64,
+    plus_minus: f64,
+    chunks: Option<usize>,
+    n_ctx: Option<usize>,
+    running: Vec<f64>,
+    seconds: f64,
+}
+
+impl From<&LlamaPerplexity> for LlamaPplDoc {
+    fn from(p: &LlamaPerplexity) -> Self {
+        Self {
+            ppl: p.ppl,
+            plus_minus: p.plus_minus,
+            chunks: p.chunks,
+            n_ctx: p.n_ctx,
+            running: p.running.clone(),
+            seconds: p.seconds,
+        }
+    }
+}
+
+/// One llama.cpp GGUF file and its score.
+#[derive(Serialize)]
+struct LlamaFileDoc {
+    quant: GgufQuant,
+    file: String,
+    file_bytes: u64,
+    reused: bool,
+    quantize_seconds: f64,
+    llama_perplexity: LlamaPplDoc,
+}
+
+/// One llama.cpp row: a quantized file, its ratio to llama.cpp's F32, BitStack at its size.
+#[derive(Serialize)]
+struct LlamaRowDoc {
+    #[serde(flatten)]
+    file: LlamaFileDoc,
+    ratio_to_llama_f32: Option<f64>,
+    bitstack: Option<StackPointDoc>,
+    bitstack_ratio_to_original: Option<f64>,
+}
+
+/// The llama.cpp rows of compare.json.
+#[derive(Serialize)]
+struct LlamaCppDoc {
+    llama_cpp_dir: String,
+    threads: usize,
+    chunks: Option<usize>,
+    seq_len: usize,
+    window_selection: WindowSelection,
+    notes: Vec<String>,
+    original_ppl: Option<f64>,
+    f32: Option<LlamaFileDoc>,
+    rows: Vec<LlamaRowDoc>,
 }
 
 /// The original model's row.
@@ -674,6 +757,53 @@ struct AblationPoint {
     note: Option<String>,
 }
 
+/// A llama.cpp file scored by llama-perplexity, and BitStack at its size (`None` for the
+/// F32 reference, or below the stack's minimum).
+#[derive(Clone, Debug)]
+struct LlamaRow {
+    file: QuantizedFile,
+    ppl: LlamaPerplexity,
+    bitstack: Option<StackPoint>,
+}
+
+/// The llama.cpp part of the report.
+#[derive(Clone, Debug)]
+struct LlamaRows {
+    dir: PathBuf,
+    threads: usize,
+    chunks: Option<usize>,
+    f32: Option<LlamaRow>,
+    rows: Vec<LlamaRow>,
+}
+
+impl LlamaRows {
+    /// A quant's perplexity relative to llama.cpp's own F32 (`None` until F32 is scored).
+    fn llama_ratio(&self, r: &LlamaRow) -> Option<f64> {
+        ratio(r.ppl.ppl, self.f32.as_ref()?.ppl.ppl)
+    }
+
+    /// The notes compare.md and compare.json carry (memory rule, scoring, window choice).
+    fn notes(&self, h: &Header) -> Vec<String> {
+        let mut n = vec![
+            "memory of a llama.cpp row = its GGUF file's size in bytes (metadata and tokenizer included), as issue 15 defines it; BitStack = the largest prefix of the stack whose held bytes (blocks + scale vectors + resident tensors) do not exceed that size".to_owned(),
+            format!(
+                "llama.cpp: llama-perplexity -c {} {} -t {} scores the second half of each chunk of {} tokens (ours scores tokens 1..{} of each window), so raw perplexities differ between the engines: compare llama.cpp's ratio to its own F32 GGUF with BitStack's ratio to our original",
+                h.seq_len,
+                self.chunks.map_or("(all chunks)".to_owned(), |c| format!("--chunks {c}")),
+                self.threads,
+                h.seq_len,
+                h.seq_len,
+            ),
+        ];
+        n.push(match h.window_selection {
+            WindowSelection::First => "our windows: --windows first, the same first chunks of the text llama.cpp scores".to_owned(),
+            WindowSelection::EvenlySpaced => "our windows: --windows spread (evenly over the text) while llama.cpp scores the first chunks: the two engines score different text (use --windows first to match)".to_owned(),
+        });
+        n.push("the F32 GGUF is made with llama-quantize --allow-requantize from the original; the others from the F32".to_owned());
+        n
+    }
+}
+
 struct Report {
     header: Header,
     original: Option<(u64, Perplexity)>,
@@ -681,6 +811,26 @@ struct Report {
     extra_stack_points: BTreeMap<usize, StackPoint>,
     ablations: Vec<AblationPoint>,
     ablation_notes: Vec<String>,
+    llama: Option<LlamaRows>,
+}
+
+fn llama_file_doc(r: &LlamaRow) -> LlamaFileDoc {
+    LlamaFileDoc {
+        quant: r.file.quant,
+        file: r.file.path.display().to_string(),
+        file_bytes: r.file.bytes,
+        reused: r.file.reused,
+        quantize_seconds: r.file.seconds,
+        llama_perplexity: (&r.ppl).into(),
+    }
+}
+
+fn stack_point_doc(s: &StackPoint) -> StackPointDoc {
+    StackPointDoc {
+        prefix_blocks: s.prefix,
+        memory_bytes: s.held,
+        perplexity: (&s.ppl).into(),
+    }
 }
 
 impl Report {
@@ -728,13 +878,119 @@ impl Report {
                     })
                     .collect(),
             },
+            llama_cpp: self.llama.as_ref().map(|l| {
+                let original = self.original.as_ref().map(|o| o.1.ppl);
+                LlamaCppDoc {
+                    llama_cpp_dir: l.dir.display().to_string(),
+                    threads: l.threads,
+                    chunks: l.chunks,
+                    seq_len: self.header.seq_len,
+                    window_selection: self.header.window_selection,
+                    notes: l.notes(&self.header),
+                    original_ppl: original,
+                    f32: l.f32.as_ref().map(llama_file_doc),
+                    rows: l
+                        .rows
+                        .iter()
+                        .map(|r| LlamaRowDoc {
+                            file: llama_file_doc(r),
+                            ratio_to_llama_f32: l.llama_ratio(r),
+                            bitstack: r.bitstack.as_ref().map(stack_point_doc),
+                            bitstack_ratio_to_original: r
+                                .bitstack
+                                .as_ref()
+                                .zip(original)
+                                .and_then(|(s, o)| ratio(s.ppl.ppl, o)),
+                        })
+                        .collect(),
+                }
+            }),
         }
+    }
+
+    /// compare.md's llama.cpp table (empty without `--llama-cpp`).
+    fn llama_markdown(&self) -> String {
+        let Some(l) = &self.llama else {
+            return String::new();
+        };
+        let h = &self.header;
+        let original = self.original.as_ref().map(|o| o.1.ppl);
+        let mut s = format!(
+            "\nllama.cpp at equal memory ({} chunks / windows of {} tokens; llama.cpp {}; BitStack's resident embedding {}):\n\n",
+            windows_text(l.chunks),
+            h.seq_len,
+            l.dir.display(),
+            h.resident_precision,
+        );
+        let f = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.3}"));
+        let mut rows = Vec::new();
+        if let Some(r) = &l.f32 {
+            rows.push(vec![
+                r.file.quant.name().to_owned(),
+                format!("{:.1}", mb(r.file.bytes)),
+                format!("{:.3} ± {:.3}", r.ppl.ppl, r.ppl.plus_minus),
+                "1.000".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for r in &l.rows {
+            let lr = l.llama_ratio(r);
+            let (bm, bp, br) = match &r.bitstack {
+                Some(b) => (
+                    format!("{:.1}", mb(b.held)),
+                    format!("{:.3}", b.ppl.ppl),
+                    original.and_then(|o| ratio(b.ppl.ppl, o)),
+                ),
+                None => ("below minimum".into(), "n/a".into(), None),
+            };
+            let lower = match (lr, br) {
+                (Some(a), Some(b)) if b < a => "BitStack",
+                (Some(_), Some(_)) => "llama.cpp",
+                _ => "",
+            };
+            rows.push(vec![
+                r.file.quant.name().to_owned(),
+                format!("{:.1}", mb(r.file.bytes)),
+                format!("{:.3} ± {:.3}", r.ppl.ppl, r.ppl.plus_minus),
+                f(lr),
+                bm,
+                bp,
+                f(br),
+                lower.to_owned(),
+            ]);
+        }
+        s.push_str(&markdown_table(
+            &[
+                "llama.cpp type",
+                "file MB",
+                "llama.cpp ppl",
+                "ratio to llama.cpp F32",
+                "BitStack MB (≤ file)",
+                "BitStack ppl",
+                "ratio to our original",
+                "lower ratio",
+            ],
+            &rows,
+        ));
+        if let Some(o) = original {
+            s.push_str(&format!(
+                "\n* our original's perplexity (the BitStack ratios' reference): {o:.3}"
+            ));
+        }
+        for n in l.notes(h) {
+            s.push_str(&format!("\n* {n}"));
+        }
+        s.push('\n');
+        s
     }
 
     fn markdown(&self) -> String {
         let h = &self.header;
         let mut s = format!(
-            "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
+            "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors ({} embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
             h.text,
             windows_text(h.max_windows),
             h.seq_len,
@@ -748,6 +1004,7 @@ impl Report {
                     .iter()
                     .find_map(|a| a.point.as_ref().map(|p| p.ppl.windows_available)))
                 .map_or("?".to_owned(), |n| n.to_string()),
+            h.resident_precision,
             h.stack,
             h.calib_windows,
             h.calib_seq_len,
@@ -837,6 +1094,7 @@ impl Report {
             }
             s.push('\n');
         }
+        s.push_str(&self.llama_markdown());
         s
     }
 
@@ -862,11 +1120,13 @@ impl Report {
             });
         }
         let mut bs: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+        let llama_rows = self.llama.iter().flat_map(|l| &l.rows);
         for s in self
             .rows
             .iter()
             .filter_map(|r| r.bitstack.as_ref())
             .chain(self.extra_stack_points.values())
+            .chain(llama_rows.filter_map(|r| r.bitstack.as_ref()))
         {
             bs.insert(s.prefix, (mb(s.held), s.ppl.ppl));
         }
@@ -893,6 +1153,22 @@ impl Report {
             if !points.is_empty() {
                 series.push(Series {
                     name: v.to_owned(),
+                    points,
+                });
+            }
+        }
+        // llama.cpp's points on our scale: its ratio to its own F32 times our original's
+        // perplexity (the raw numbers score other tokens, see the notes).
+        if let (Some(l), Some((_, o))) = (&self.llama, &self.original) {
+            let mut points: Vec<(f64, f64)> = l
+                .rows
+                .iter()
+                .filter_map(|r| Some((mb(r.file.bytes), l.llama_ratio(r)? * o.ppl)))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if !points.is_empty() {
+                series.push(Series {
+                    name: "llama.cpp GGUF (file size; ppl ratio to its F32 x our original)".into(),
                     points,
                 });
             }
@@ -1007,13 +1283,58 @@ pub fn check_args(args: &CompareOptions) -> Res<()> {
             crate::output::check_output(&p, &inputs)?;
         }
     }
+    check_llama_args(args, &inputs)?;
     Ok(())
+}
+
+/// The folder the llama.cpp GGUF files are cached in.
+fn llama_cache_dir(args: &CompareOptions) -> PathBuf {
+    args.out_dir.join("llama-cpp")
+}
+
+/// `check_args`' part for `--llama-cpp`: the tools are there, the model is a GGUF file, the
+/// cached files can be written; returns the tools found.
+fn check_llama_args(args: &CompareOptions, inputs: &[&Path]) -> Res<Option<LlamaCpp>> {
+    let Some(dir) = &args.llama_cpp else {
+        return Ok(None);
+    };
+    if args.skip_original {
+        return Err(usage(
+            "--skip-original cannot go with --llama-cpp: BitStack's ratios in the llama.cpp rows are taken to the original's perplexity",
+        ));
+    }
+    if args.llama_threads == 0 {
+        return Err(usage("--llama-threads must be at least 1"));
+    }
+    if args.llama_quants.is_empty() {
+        return Err(usage("--llama-quants: give at least one type"));
+    }
+    if args.llama_quants.contains(&GgufQuant::F32) {
+        return Err(usage(
+            "--llama-quants: F32 is always made and scored, as the llama.cpp ratios' reference; list only quantized types",
+        ));
+    }
+    let lc = LlamaCpp::find(dir)?;
+    crate::llama_cpp::check_gguf_input(&args.model)?;
+    let cache = llama_cache_dir(args);
+    std::fs::create_dir_all(&cache).map_err(|source| CompareError::CreateOutDir {
+        path: cache.clone(),
+        source,
+    })?;
+    for q in std::iter::once(GgufQuant::F32).chain(args.llama_quants.iter().copied()) {
+        crate::output::check_output(
+            &crate::llama_cpp::cached_path(&cache, &args.model, q),
+            inputs,
+        )?;
+    }
+    Ok(Some(lc))
 }
 
 /// Runs the comparison and writes OUT_DIR/compare.{json,md,svg}; returns the markdown.
 pub fn run(args: &CompareOptions) -> Res<String> {
     let t_all = Instant::now();
     check_args(args)?;
+    let llama = args.llama_cpp.as_ref().map(LlamaCpp::find).transpose()?;
     let model_err = |source| CompareError::OpenModel {
         path: args.model.clone(),
         source,
@@ -1060,11 +1381,12 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             p
         }
     };
-    let loaded =
-        LoadedStack::open(&stack_path, None).map_err(|source| CompareError::OpenStack {
+    let loaded = LoadedStack::open_with(&stack_path, None, args.resident).map_err(|source| {
+        CompareError::OpenStack {
             path: stack_path.clone(),
             source: Box::new(source),
-        })?;
+        }
+    })?;
     let stack_compression = loaded
         .model
         .file()
@@ -1072,7 +1394,14 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         .and_then(|s| serde_json::from_str::<Value>(s).ok())
         .unwrap_or(Value::Null);
 
-    let resident = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
+    // The original row holds the embedding in f16; the baselines and BitStack at
+    // `--resident` (the same tensors when that is f16).
+    let resident_f16 = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
+    let resident_other = match args.resident {
+        EmbeddingPrecision::F16 => None,
+        p => Some(LlamaResident::from_source_with(source.as_ref(), p)?),
+    };
+    let resident = resident_other.as_ref().unwrap_or(&resident_f16);
     let resident_bytes = resident.held_bytes();
     if resident_bytes != loaded.elastic.layout().resident_bytes {
         return Err(CompareError::ResidentMismatch {
@@ -1104,7 +1433,8 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             calib_seq_len: args.calib_seq_len,
             calibration_note: "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
             resident_bytes,
-            memory_note: "weights + scales + zeros (+ AWQ input scale) + resident tensors (f16 embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors",
+            resident_precision: args.resident.to_string(),
+            memory_note: format!("weights + scales + zeros (+ AWQ input scale) + resident tensors ({} embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors", args.resident),
             original_note: "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
             bitstack_minimum_bytes: loaded.elastic.minimum_bytes(),
             bitstack_full_bytes: loaded.elastic.full_bytes(),
@@ -1116,6 +1446,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         extra_stack_points: BTreeMap::new(),
         ablations: Vec::new(),
         ablation_notes: Vec::new(),
+        llama: None,
     };
     crate::noteln!(
         "text {} tokens; resident {:.2} MB; BitStack {:.1}..{:.1} MB; evaluating {} windows of {}",
@@ -1137,7 +1468,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         // the calibration pass.
         let t = Instant::now();
         let dense = LinearTable::dense_from_source(source.as_ref())?;
-        let model = Llama::new(&resident, &dense)?;
+        let model = Llama::new(&resident_f16, &dense)?;
         if !args.skip_original {
             let p = perplexity(
                 &model,
@@ -1287,6 +1618,34 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         }
     }
 
+    if let Some(lc) = &llama {
+        if report.original.is_none() {
+            // --ablations-only skips the baseline block; the llama.cpp rows' BitStack ratios
+            // still need the original.
+            let t = Instant::now();
+            let dense = LinearTable::dense_from_source(source.as_ref())?;
+            let model = Llama::new(&resident_f16, &dense)?;
+            let p = perplexity(
+                &model,
+                &tokens,
+                &params,
+                &mut crate::report::perplexity_progress("original".into()),
+            )?;
+            report.original = Some((original_f16, p));
+            phases.push(("original".into(), t.elapsed().as_secs_f64()));
+        }
+        run_llama_rows(
+            args,
+            lc,
+            &loaded,
+            &tokens,
+            &params,
+            &mut report,
+            &mut cache,
+            &mut phases,
+        )?;
+    }
+
     if args.ablations || args.ablations_only {
         run_ablations(
             args,
@@ -1307,6 +1666,101 @@ pub fn run(args: &CompareOptions) -> Res<String> {
     report.header.phases_seconds = Some(phases);
     report.write(&args.out_dir)?;
     Ok(report.markdown())
+}
+
+/// The llama.cpp rows: the F32 GGUF of the original and `args.llama_quants` made from it
+/// (cached in OUT_DIR/llama-cpp), each scored by llama-perplexity on the same text, window
+/// length and window count, and BitStack at each quantized file's size in bytes.
+#[allow(clippy::too_many_arguments)]
+fn run_llama_rows(
+    args: &CompareOptions,
+    lc: &LlamaCpp,
+    loaded: &LoadedStack,
+    tokens: &[u32],
+    params: &PerplexityParams,
+    report: &mut Report,
+    cache: &mut BTreeMap<usize, StackPoint>,
+    phases: &mut Vec<(String, f64)>,
+) -> Res<()> {
+    let dir = llama_cache_dir(args);
+    let threads = args.llama_threads;
+    report.llama = Some(LlamaRows {
+        dir: lc.dir.clone(),
+        threads,
+        chunks: params.max_windows,
+        f32: None,
+        rows: Vec::new(),
+    });
+    let path = |q| crate::llama_cpp::cached_path(&dir, &args.model, q);
+    let f32_path = path(GgufQuant::F32);
+    let f32_file = lc.quantize_cached(&args.model, &f32_path, GgufQuant::F32, true, threads)?;
+    phases.push(("llama.cpp F32 GGUF".into(), f32_file.seconds));
+    let mut files = Vec::new();
+    for &q in &args.llama_quants {
+        let f = lc.quantize_cached(&f32_path, &path(q), q, false, threads)?;
+        phases.push((format!("llama.cpp {q} GGUF"), f.seconds));
+        files.push(f);
+    }
+    let score = |f: &QuantizedFile| -> Res<LlamaPerplexity> {
+        crate::noteln!(
+            "llama.cpp: llama-perplexity on {} ({:.1} MB)",
+            f.path.display(),
+            mb(f.bytes)
+        );
+        let p = lc.perplexity(
+            &f.path,
+            &args.text,
+            args.seq_len,
+            params.max_windows,
+            threads,
+        )?;
+        crate::noteln!(
+            "llama.cpp {}: ppl {:.4} +/- {:.5} ({:.0} s)",
+            f.quant,
+            p.ppl,
+            p.plus_minus,
+            p.seconds
+        );
+        Ok(p)
+    };
+    let ppl = score(&f32_file)?;
+    phases.push(("llama.cpp F32 perplexity".into(), ppl.seconds));
+    if let Some(l) = report.llama.as_mut() {
+        l.f32 = Some(LlamaRow {
+            file: f32_file,
+            ppl,
+            bitstack: None,
+        });
+    }
+    report.write(&args.out_dir)?;
+    for f in files {
+        let ppl = score(&f)?;
+        phases.push((format!("llama.cpp {} perplexity", f.quant), ppl.seconds));
+        let t = Instant::now();
+        let label = format!("BitStack at llama.cpp {}", f.quant);
+        let bitstack = eval_stack_within(loaded, f.bytes, tokens, params, &label, cache)?;
+        phases.push((label.clone(), t.elapsed().as_secs_f64()));
+        crate::noteln!(
+            "{label} ({:.2} MB file): {}",
+            mb(f.bytes),
+            bitstack
+                .as_ref()
+                .map_or("below its minimum".into(), |s| format!(
+                    "{:.2} MB ppl {:.3}",
+                    mb(s.held),
+                    s.ppl.ppl
+                ))
+        );
+        if let Some(l) = report.llama.as_mut() {
+            l.rows.push(LlamaRow {
+                file: f,
+                ppl,
+                bitstack,
+            });
+        }
+        report.write(&args.out_dir)?;
+    }
+    Ok(())
 }
 
 /// The "w/o absolute value decomposition" ablation: every linear decomposed by the plain
