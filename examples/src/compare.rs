@@ -2185,6 +2185,182 @@ mod tests {
         }
     }
 
+    fn ppl(v: f64, windows: usize) -> Perplexity {
+        Perplexity {
+            ppl: v,
+            mean_nll: v.ln(),
+            tokens_scored: windows * 127,
+            windows,
+            windows_available: 10,
+            seq_len: 128,
+            seconds: 1.0,
+        }
+    }
+
+    fn llama_row(q: GgufQuant, bytes: u64, p: f64, bitstack: Option<(u64, f64)>) -> LlamaRow {
+        LlamaRow {
+            file: QuantizedFile {
+                quant: q,
+                path: PathBuf::from(format!("/c/m.{q}.gguf")),
+                bytes,
+                reused: false,
+                seconds: 0.5,
+            },
+            ppl: LlamaPerplexity {
+                ppl: p,
+                plus_minus: 0.1,
+                chunks: Some(4),
+                n_ctx: Some(128),
+                running: vec![p],
+                seconds: 2.0,
+            },
+            bitstack: bitstack.map(|(held, v)| StackPoint {
+                prefix: 7,
+                held,
+                ppl: ppl(v, 4),
+            }),
+        }
+    }
+
+    fn report_with_llama(selection: WindowSelection) -> Report {
+        Report {
+            header: Header {
+                model: "m.gguf".into(),
+                stack: "m.bitstack".into(),
+                stack_compression: Value::Null,
+                text: "t.txt".into(),
+                text_tokens: 1280,
+                seq_len: 128,
+                max_windows: Some(4),
+                window_selection: selection,
+                ablation_windows: Some(4),
+                calib: "c.txt".into(),
+                calib_windows: 2,
+                calib_seq_len: 64,
+                calibration_note: "",
+                resident_bytes: 1000,
+                resident_precision: "q4".into(),
+                memory_note: String::new(),
+                original_note: "",
+                bitstack_minimum_bytes: 30_000_000,
+                bitstack_full_bytes: 300_000_000,
+                original_f16_bytes: 270_000_000,
+                phases_seconds: None,
+            },
+            original: Some((270_000_000, ppl(20.0, 4))),
+            rows: vec![],
+            extra_stack_points: BTreeMap::new(),
+            ablations: vec![],
+            ablation_notes: vec![],
+            llama: Some(LlamaRows {
+                dir: PathBuf::from("/llama/bin"),
+                threads: 2,
+                chunks: Some(4),
+                f32: Some(llama_row(GgufQuant::F32, 540_000_000, 16.0, None)),
+                rows: vec![
+                    // llama.cpp 1.5x its F32, BitStack 1.25x our original: BitStack lower.
+                    llama_row(GgufQuant::Q2K, 80_000_000, 24.0, Some((79_900_000, 25.0))),
+                    // llama.cpp 1.0625x, BitStack 1.1x: llama.cpp lower.
+                    llama_row(
+                        GgufQuant::Q4KM,
+                        105_000_000,
+                        17.0,
+                        Some((104_000_000, 22.0)),
+                    ),
+                    // Below the stack's minimum.
+                    llama_row(GgufQuant::Q3KM, 20_000_000, 30.0, None),
+                ],
+            }),
+        }
+    }
+
+    #[test]
+    fn llama_rows_report_ratios_to_each_engines_own_reference() {
+        let r = report_with_llama(WindowSelection::First);
+        let json = serde_json::to_value(r.json()).unwrap();
+        let rows = json["llama_cpp"]["rows"].as_array().unwrap();
+        let close = |v: &Value, x: f64| (v.as_f64().unwrap() - x).abs() < 1e-12;
+        assert!(close(&rows[0]["ratio_to_llama_f32"], 1.5));
+        assert!(close(&rows[0]["bitstack_ratio_to_original"], 1.25));
+        assert_eq!(rows[0]["file_bytes"], 80_000_000);
+        assert_eq!(rows[0]["quant"], "Q2_K");
+        assert_eq!(rows[0]["bitstack"]["memory_bytes"], 79_900_000);
+        assert!(close(&rows[1]["ratio_to_llama_f32"], 17.0 / 16.0));
+        assert!(close(&rows[1]["bitstack_ratio_to_original"], 1.1));
+        assert!(rows[2]["bitstack"].is_null());
+        assert!(rows[2]["bitstack_ratio_to_original"].is_null());
+        assert_eq!(json["llama_cpp"]["f32"]["file_bytes"], 540_000_000);
+        assert_eq!(json["llama_cpp"]["window_selection"], "first");
+        assert_eq!(json["resident_precision"], "q4");
+        let md = r.markdown();
+        let line = |q: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| {q} ")))
+                .unwrap_or_else(|| panic!("no {q} row in\n{md}"))
+                .to_owned()
+        };
+        let q2 = line("Q2_K");
+        assert!(
+            q2.contains("| 80.0 |") && q2.contains("| 1.500 |") && q2.contains("| 1.250 |"),
+            "{q2}"
+        );
+        assert!(q2.trim_end().ends_with("| BitStack |"), "{q2}");
+        let q4 = line("Q4_K_M");
+        assert!(q4.contains("| 1.062 |") && q4.contains("| 1.100 |"), "{q4}");
+        assert!(q4.trim_end().ends_with("| llama.cpp |"), "{q4}");
+        assert!(line("Q3_K_M").contains("below minimum"));
+        assert!(line("F32").contains("| 1.000 |"));
+        assert!(md.contains("GGUF file's size in bytes"), "{md}");
+        assert!(md.contains("--windows first"), "{md}");
+        // Spread windows are flagged as scoring other text than llama.cpp.
+        let md = report_with_llama(WindowSelection::EvenlySpaced).markdown();
+        assert!(md.contains("score different text"), "{md}");
+        // The plot carries the llama.cpp series on our scale (ratio x our original).
+        let svg = r.svg().unwrap();
+        assert!(svg.contains("llama.cpp GGUF"), "no llama.cpp series");
+    }
+
+    #[test]
+    fn llama_flags_are_checked_before_any_work() {
+        let dir = std::env::temp_dir().join(format!("bitstack-cmp-llama-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("m.gguf");
+        std::fs::write(&model, b"GGUF\x03\x00\x00\x00").unwrap();
+        let base = CompareOptions {
+            model: model.clone(),
+            calib: model.clone(),
+            text: model.clone(),
+            stack: Some(model.clone()),
+            out_dir: dir.join("out"),
+            llama_cpp: Some(dir.join("nothing")),
+            ..Default::default()
+        };
+        let e = check_args(&base).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                &dir.join("nothing")
+                    .join("llama-quantize")
+                    .display()
+                    .to_string()
+            ),
+            "{e}"
+        );
+        let e = check_args(&CompareOptions {
+            skip_original: true,
+            ..base.clone()
+        })
+        .unwrap_err();
+        assert!(matches!(e, CompareError::Usage(_)), "{e}");
+        let e = check_args(&CompareOptions {
+            llama_quants: vec![GgufQuant::F32],
+            ..base.clone()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("F32 is always made"), "{e}");
+        assert!(!dir.join("out/llama-cpp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn configs_follow_the_table_order() {
         let labels: Vec<String> = configs(&[2, 3, 4], 128).iter().map(|q| q.label()).collect();
