@@ -1569,7 +1569,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                     .collect();
                 debug_assert_eq!(weight_index(1, LinearKind::Q), 7);
                 let table = LinearTable::new(layers);
-                let model = Llama::new(&resident, &table)?;
+                let model = Llama::new(resident, &table)?;
                 let ppl = perplexity(
                     &model,
                     &tokens,
