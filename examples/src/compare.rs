@@ -1496,7 +1496,9 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         drop(dense);
         phases.push(("baseline calibration".into(), t.elapsed().as_secs_f64()));
         let t = Instant::now();
+        // No baselines (`--methods none`): no weights to quantize.
         let weights: Vec<Vec<f32>> = (0..n_weights)
+            .filter(|_| !args.methods.is_empty())
             .map(|w| {
                 let (layer, kind) = weight_of_index(w);
                 let (shape, data) = source.tensor_f32(&kind.tensor_name(layer))?;
