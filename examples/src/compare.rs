@@ -15,6 +15,16 @@
 //! resident part [`LoadedStack::open`] sets to the same `held_bytes`). The original row is the
 //! model with every parameter in f16.
 //!
+//! # llama.cpp rows (`--llama-cpp DIR`)
+//!
+//! With a llama.cpp build, the original GGUF is converted to an F32 GGUF and quantized to
+//! `llama_quants` (Q2_K … Q8_0) by `llama-quantize` ([`crate::llama_cpp`]; cached in
+//! OUT_DIR/llama-cpp), each file is scored by `llama-perplexity` on the same text, window length
+//! and window count, and BitStack is evaluated at each file's size in bytes (file size =
+//! memory). llama-perplexity scores the second half of each chunk and we score the whole
+//! window, so each engine's perplexity is reported relative to its own unquantized model:
+//! llama.cpp's quant to its F32 GGUF, BitStack to our original row.
+//!
 //! # Calibration of the baselines
 //!
 //! GPTQ and AWQ read `XᵀX` and `Σ|x|` of every linear's input, accumulated in one forward pass
