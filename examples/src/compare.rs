@@ -15,6 +15,16 @@
 //! resident part [`LoadedStack::open`] sets to the same `held_bytes`). The original row is the
 //! model with every parameter in f16.
 //!
+//! # llama.cpp rows (`--llama-cpp DIR`)
+//!
+//! With a llama.cpp build, the original GGUF is converted to an F32 GGUF and quantized to
+//! `llama_quants` (Q2_K … Q8_0) by `llama-quantize` ([`crate::llama_cpp`]; cached in
+//! OUT_DIR/llama-cpp), each file is scored by `llama-perplexity` on the same text, window length
+//! and window count, and BitStack is evaluated at each file's size in bytes (file size =
+//! memory). llama-perplexity scores the second half of each chunk and we score the whole
+//! window, so each engine's perplexity is reported relative to its own unquantized model:
+//! llama.cpp's quant to its F32 GGUF, BitStack to our original row.
+//!
 //! # Calibration of the baselines
 //!
 //! GPTQ and AWQ read `XᵀX` and `Σ|x|` of every linear's input, accumulated in one forward pass
@@ -35,6 +45,7 @@ use crate::llama::LlamaError;
 use crate::llama::{
     ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaResident,
 };
+use crate::llama_cpp::{ratio, GgufQuant, LlamaCpp, LlamaCppError, LlamaPerplexity, QuantizedFile};
 use crate::output::{OutputError, UsageError};
 use crate::perplexity::PerplexityError;
 use crate::perplexity::{perplexity, Perplexity, PerplexityParams, WindowSelection};
@@ -212,6 +223,10 @@ pub enum CompareError {
     /// Serializing the JSON report failed.
     #[error("compare.json: {0}")]
     Json(#[from] serde_json::Error),
+    /// Finding, running or reading llama.cpp's tools failed (`--llama-cpp`); the error names
+    /// the file and quotes the tool's stderr.
+    #[error(transparent)]
+    LlamaCpp(#[from] LlamaCppError),
 }
 
 type Res<T> = Result<T, CompareError>;
@@ -269,6 +284,17 @@ pub struct CompareOptions {
     pub ablation_budgets: Vec<MemoryBudget>,
     /// Which ablations to run.
     pub ablation_variants: Vec<AblationKind>,
+    /// Precision the token embedding (and an untied head) is held in by the baselines and
+    /// BitStack (the original row always holds it in f16): f16 (as stored), q8, q4 or f32.
+    pub resident: EmbeddingPrecision,
+    /// A folder holding llama.cpp's `llama-quantize` and `llama-perplexity`: adds llama.cpp
+    /// rows (an F32 GGUF of the original and `llama_quants` made from it, cached in
+    /// `out_dir`/llama-cpp, scored by llama-perplexity) and BitStack at each file's size.
+    pub llama_cpp: Option<PathBuf>,
+    /// The llama.cpp types of those rows (F32 is always made, as their reference).
+    pub llama_quants: Vec<GgufQuant>,
+    /// Threads llama.cpp's tools run with (`-t`).
+    pub llama_threads: usize,
 }
 
 impl Default for CompareOptions {
@@ -294,6 +320,10 @@ impl Default for CompareOptions {
             ablation_windows: None,
             ablation_budgets: vec![],
             ablation_variants: AblationKind::ALL.to_vec(),
+            resident: EmbeddingPrecision::F16,
+            llama_cpp: None,
+            llama_quants: GgufQuant::DEFAULT_QUANTS.to_vec(),
+            llama_threads: 2,
         }
     }
 }
@@ -564,7 +594,9 @@ struct Header {
     calib_seq_len: usize,
     calibration_note: &'static str,
     resident_bytes: u64,
-    memory_note: &'static str,
+    /// How the baselines and BitStack hold the embedding (`f16`, `q8`, `q4`, `f32`).
+    resident_precision: String,
+    memory_note: String,
     original_note: &'static str,
     bitstack_minimum_bytes: u64,
     bitstack_full_bytes: u64,
@@ -582,6 +614,67 @@ struct ReportDoc<'a> {
     original: Option<OriginalDoc>,
     rows: Vec<RowDoc>,
     ablations: AblationsDoc<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    llama_cpp: Option<LlamaCppDoc>,
+}
+
+/// What llama-perplexity reported, in compare.json.
+#[derive(Serialize)]
+struct LlamaPplDoc {
+    ppl: f64,
+    plus_minus: f64,
+    chunks: Option<usize>,
+    n_ctx: Option<usize>,
+    running: Vec<f64>,
+    seconds: f64,
+}
+
+impl From<&LlamaPerplexity> for LlamaPplDoc {
+    fn from(p: &LlamaPerplexity) -> Self {
+        Self {
+            ppl: p.ppl,
+            plus_minus: p.plus_minus,
+            chunks: p.chunks,
+            n_ctx: p.n_ctx,
+            running: p.running.clone(),
+            seconds: p.seconds,
+        }
+    }
+}
+
+/// One llama.cpp GGUF file and its score.
+#[derive(Serialize)]
+struct LlamaFileDoc {
+    quant: GgufQuant,
+    file: String,
+    file_bytes: u64,
+    reused: bool,
+    quantize_seconds: f64,
+    llama_perplexity: LlamaPplDoc,
+}
+
+/// One llama.cpp row: a quantized file, its ratio to llama.cpp's F32, BitStack at its size.
+#[derive(Serialize)]
+struct LlamaRowDoc {
+    #[serde(flatten)]
+    file: LlamaFileDoc,
+    ratio_to_llama_f32: Option<f64>,
+    bitstack: Option<StackPointDoc>,
+    bitstack_ratio_to_original: Option<f64>,
+}
+
+/// The llama.cpp rows of compare.json.
+#[derive(Serialize)]
+struct LlamaCppDoc {
+    llama_cpp_dir: String,
+    threads: usize,
+    chunks: Option<usize>,
+    seq_len: usize,
+    window_selection: WindowSelection,
+    notes: Vec<String>,
+    original_ppl: Option<f64>,
+    f32: Option<LlamaFileDoc>,
+    rows: Vec<LlamaRowDoc>,
 }
 
 /// The original model's row.
@@ -674,6 +767,53 @@ struct AblationPoint {
     note: Option<String>,
 }
 
+/// A llama.cpp file scored by llama-perplexity, and BitStack at its size (`None` for the
+/// F32 reference, or below the stack's minimum).
+#[derive(Clone, Debug)]
+struct LlamaRow {
+    file: QuantizedFile,
+    ppl: LlamaPerplexity,
+    bitstack: Option<StackPoint>,
+}
+
+/// The llama.cpp part of the report.
+#[derive(Clone, Debug)]
+struct LlamaRows {
+    dir: PathBuf,
+    threads: usize,
+    chunks: Option<usize>,
+    f32: Option<LlamaRow>,
+    rows: Vec<LlamaRow>,
+}
+
+impl LlamaRows {
+    /// A quant's perplexity relative to llama.cpp's own F32 (`None` until F32 is scored).
+    fn llama_ratio(&self, r: &LlamaRow) -> Option<f64> {
+        ratio(r.ppl.ppl, self.f32.as_ref()?.ppl.ppl)
+    }
+
+    /// The notes compare.md and compare.json carry (memory rule, scoring, window choice).
+    fn notes(&self, h: &Header) -> Vec<String> {
+        let mut n = vec![
+            "memory of a llama.cpp row = its GGUF file's size in bytes (metadata and tokenizer included), as issue 15 defines it; BitStack = the largest prefix of the stack whose held bytes (blocks + scale vectors + resident tensors) do not exceed that size".to_owned(),
+            format!(
+                "llama.cpp: llama-perplexity -c {} {} -t {} scores the second half of each chunk of {} tokens (ours scores tokens 1..{} of each window), so raw perplexities differ between the engines: compare llama.cpp's ratio to its own F32 GGUF with BitStack's ratio to our original",
+                h.seq_len,
+                self.chunks.map_or("(all chunks)".to_owned(), |c| format!("--chunks {c}")),
+                self.threads,
+                h.seq_len,
+                h.seq_len,
+            ),
+        ];
+        n.push(match h.window_selection {
+            WindowSelection::First => "our windows: --windows first, the same first chunks of the text llama.cpp scores".to_owned(),
+            WindowSelection::EvenlySpaced => "our windows: --windows spread (evenly over the text) while llama.cpp scores the first chunks: the two engines score different text (use --windows first to match)".to_owned(),
+        });
+        n.push("the F32 GGUF is made with llama-quantize --allow-requantize from the original; the others from the F32".to_owned());
+        n
+    }
+}
+
 struct Report {
     header: Header,
     original: Option<(u64, Perplexity)>,
@@ -681,6 +821,26 @@ struct Report {
     extra_stack_points: BTreeMap<usize, StackPoint>,
     ablations: Vec<AblationPoint>,
     ablation_notes: Vec<String>,
+    llama: Option<LlamaRows>,
+}
+
+fn llama_file_doc(r: &LlamaRow) -> LlamaFileDoc {
+    LlamaFileDoc {
+        quant: r.file.quant,
+        file: r.file.path.display().to_string(),
+        file_bytes: r.file.bytes,
+        reused: r.file.reused,
+        quantize_seconds: r.file.seconds,
+        llama_perplexity: (&r.ppl).into(),
+    }
+}
+
+fn stack_point_doc(s: &StackPoint) -> StackPointDoc {
+    StackPointDoc {
+        prefix_blocks: s.prefix,
+        memory_bytes: s.held,
+        perplexity: (&s.ppl).into(),
+    }
 }
 
 impl Report {
@@ -728,13 +888,119 @@ impl Report {
                     })
                     .collect(),
             },
+            llama_cpp: self.llama.as_ref().map(|l| {
+                let original = self.original.as_ref().map(|o| o.1.ppl);
+                LlamaCppDoc {
+                    llama_cpp_dir: l.dir.display().to_string(),
+                    threads: l.threads,
+                    chunks: l.chunks,
+                    seq_len: self.header.seq_len,
+                    window_selection: self.header.window_selection,
+                    notes: l.notes(&self.header),
+                    original_ppl: original,
+                    f32: l.f32.as_ref().map(llama_file_doc),
+                    rows: l
+                        .rows
+                        .iter()
+                        .map(|r| LlamaRowDoc {
+                            file: llama_file_doc(r),
+                            ratio_to_llama_f32: l.llama_ratio(r),
+                            bitstack: r.bitstack.as_ref().map(stack_point_doc),
+                            bitstack_ratio_to_original: r
+                                .bitstack
+                                .as_ref()
+                                .zip(original)
+                                .and_then(|(s, o)| ratio(s.ppl.ppl, o)),
+                        })
+                        .collect(),
+                }
+            }),
         }
+    }
+
+    /// compare.md's llama.cpp table (empty without `--llama-cpp`).
+    fn llama_markdown(&self) -> String {
+        let Some(l) = &self.llama else {
+            return String::new();
+        };
+        let h = &self.header;
+        let original = self.original.as_ref().map(|o| o.1.ppl);
+        let mut s = format!(
+            "\nllama.cpp at equal memory ({} chunks / windows of {} tokens; llama.cpp {}; BitStack's resident embedding {}):\n\n",
+            windows_text(l.chunks),
+            h.seq_len,
+            l.dir.display(),
+            h.resident_precision,
+        );
+        let f = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.3}"));
+        let mut rows = Vec::new();
+        if let Some(r) = &l.f32 {
+            rows.push(vec![
+                r.file.quant.name().to_owned(),
+                format!("{:.1}", mb(r.file.bytes)),
+                format!("{:.3} ± {:.3}", r.ppl.ppl, r.ppl.plus_minus),
+                "1.000".into(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for r in &l.rows {
+            let lr = l.llama_ratio(r);
+            let (bm, bp, br) = match &r.bitstack {
+                Some(b) => (
+                    format!("{:.1}", mb(b.held)),
+                    format!("{:.3}", b.ppl.ppl),
+                    original.and_then(|o| ratio(b.ppl.ppl, o)),
+                ),
+                None => ("below minimum".into(), "n/a".into(), None),
+            };
+            let lower = match (lr, br) {
+                (Some(a), Some(b)) if b < a => "BitStack",
+                (Some(_), Some(_)) => "llama.cpp",
+                _ => "",
+            };
+            rows.push(vec![
+                r.file.quant.name().to_owned(),
+                format!("{:.1}", mb(r.file.bytes)),
+                format!("{:.3} ± {:.3}", r.ppl.ppl, r.ppl.plus_minus),
+                f(lr),
+                bm,
+                bp,
+                f(br),
+                lower.to_owned(),
+            ]);
+        }
+        s.push_str(&markdown_table(
+            &[
+                "llama.cpp type",
+                "file MB",
+                "llama.cpp ppl",
+                "ratio to llama.cpp F32",
+                "BitStack MB (≤ file)",
+                "BitStack ppl",
+                "ratio to our original",
+                "lower ratio",
+            ],
+            &rows,
+        ));
+        if let Some(o) = original {
+            s.push_str(&format!(
+                "\n* our original's perplexity (the BitStack ratios' reference): {o:.3}"
+            ));
+        }
+        for n in l.notes(h) {
+            s.push_str(&format!("\n* {n}"));
+        }
+        s.push('\n');
+        s
     }
 
     fn markdown(&self) -> String {
         let h = &self.header;
         let mut s = format!(
-            "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors (f16 embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
+            "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors ({} embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
             h.text,
             windows_text(h.max_windows),
             h.seq_len,
@@ -748,6 +1014,7 @@ impl Report {
                     .iter()
                     .find_map(|a| a.point.as_ref().map(|p| p.ppl.windows_available)))
                 .map_or("?".to_owned(), |n| n.to_string()),
+            h.resident_precision,
             h.stack,
             h.calib_windows,
             h.calib_seq_len,
@@ -837,6 +1104,7 @@ impl Report {
             }
             s.push('\n');
         }
+        s.push_str(&self.llama_markdown());
         s
     }
 
@@ -862,11 +1130,13 @@ impl Report {
             });
         }
         let mut bs: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+        let llama_rows = self.llama.iter().flat_map(|l| &l.rows);
         for s in self
             .rows
             .iter()
             .filter_map(|r| r.bitstack.as_ref())
             .chain(self.extra_stack_points.values())
+            .chain(llama_rows.filter_map(|r| r.bitstack.as_ref()))
         {
             bs.insert(s.prefix, (mb(s.held), s.ppl.ppl));
         }
@@ -893,6 +1163,22 @@ impl Report {
             if !points.is_empty() {
                 series.push(Series {
                     name: v.to_owned(),
+                    points,
+                });
+            }
+        }
+        // llama.cpp's points on our scale: its ratio to its own F32 times our original's
+        // perplexity (the raw numbers score other tokens, see the notes).
+        if let (Some(l), Some((_, o))) = (&self.llama, &self.original) {
+            let mut points: Vec<(f64, f64)> = l
+                .rows
+                .iter()
+                .filter_map(|r| Some((mb(r.file.bytes), l.llama_ratio(r)? * o.ppl)))
+                .collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if !points.is_empty() {
+                series.push(Series {
+                    name: "llama.cpp GGUF (file size; ppl ratio to its F32 x our original)".into(),
                     points,
                 });
             }
@@ -1007,13 +1293,58 @@ pub fn check_args(args: &CompareOptions) -> Res<()> {
             crate::output::check_output(&p, &inputs)?;
         }
     }
+    check_llama_args(args, &inputs)?;
     Ok(())
+}
+
+/// The folder the llama.cpp GGUF files are cached in.
+fn llama_cache_dir(args: &CompareOptions) -> PathBuf {
+    args.out_dir.join("llama-cpp")
+}
+
+/// `check_args`' part for `--llama-cpp`: the tools are there, the model is a GGUF file, the
+/// cached files can be written; returns the tools found.
+fn check_llama_args(args: &CompareOptions, inputs: &[&Path]) -> Res<Option<LlamaCpp>> {
+    let Some(dir) = &args.llama_cpp else {
+        return Ok(None);
+    };
+    if args.skip_original {
+        return Err(usage(
+            "--skip-original cannot go with --llama-cpp: BitStack's ratios in the llama.cpp rows are taken to the original's perplexity",
+        ));
+    }
+    if args.llama_threads == 0 {
+        return Err(usage("--llama-threads must be at least 1"));
+    }
+    if args.llama_quants.is_empty() {
+        return Err(usage("--llama-quants: give at least one type"));
+    }
+    if args.llama_quants.contains(&GgufQuant::F32) {
+        return Err(usage(
+            "--llama-quants: F32 is always made and scored, as the llama.cpp ratios' reference; list only quantized types",
+        ));
+    }
+    let lc = LlamaCpp::find(dir)?;
+    crate::llama_cpp::check_gguf_input(&args.model)?;
+    let cache = llama_cache_dir(args);
+    std::fs::create_dir_all(&cache).map_err(|source| CompareError::CreateOutDir {
+        path: cache.clone(),
+        source,
+    })?;
+    for q in std::iter::once(GgufQuant::F32).chain(args.llama_quants.iter().copied()) {
+        crate::output::check_output(
+            &crate::llama_cpp::cached_path(&cache, &args.model, q),
+            inputs,
+        )?;
+    }
+    Ok(Some(lc))
 }
 
 /// Runs the comparison and writes OUT_DIR/compare.{json,md,svg}; returns the markdown.
 pub fn run(args: &CompareOptions) -> Res<String> {
     let t_all = Instant::now();
     check_args(args)?;
+    let llama = args.llama_cpp.as_ref().map(LlamaCpp::find).transpose()?;
     let model_err = |source| CompareError::OpenModel {
         path: args.model.clone(),
         source,
@@ -1060,11 +1391,12 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             p
         }
     };
-    let loaded =
-        LoadedStack::open(&stack_path, None).map_err(|source| CompareError::OpenStack {
+    let loaded = LoadedStack::open_with(&stack_path, None, args.resident).map_err(|source| {
+        CompareError::OpenStack {
             path: stack_path.clone(),
             source: Box::new(source),
-        })?;
+        }
+    })?;
     let stack_compression = loaded
         .model
         .file()
@@ -1072,7 +1404,14 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         .and_then(|s| serde_json::from_str::<Value>(s).ok())
         .unwrap_or(Value::Null);
 
-    let resident = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
+    // The original row holds the embedding in f16; the baselines and BitStack at
+    // `--resident` (the same tensors when that is f16).
+    let resident_f16 = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
+    let resident_other = match args.resident {
+        EmbeddingPrecision::F16 => None,
+        p => Some(LlamaResident::from_source_with(source.as_ref(), p)?),
+    };
+    let resident = resident_other.as_ref().unwrap_or(&resident_f16);
     let resident_bytes = resident.held_bytes();
     if resident_bytes != loaded.elastic.layout().resident_bytes {
         return Err(CompareError::ResidentMismatch {
@@ -1104,7 +1443,8 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             calib_seq_len: args.calib_seq_len,
             calibration_note: "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
             resident_bytes,
-            memory_note: "weights + scales + zeros (+ AWQ input scale) + resident tensors (f16 embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors",
+            resident_precision: args.resident.to_string(),
+            memory_note: format!("weights + scales + zeros (+ AWQ input scale) + resident tensors ({} embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors", args.resident),
             original_note: "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
             bitstack_minimum_bytes: loaded.elastic.minimum_bytes(),
             bitstack_full_bytes: loaded.elastic.full_bytes(),
@@ -1116,6 +1456,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         extra_stack_points: BTreeMap::new(),
         ablations: Vec::new(),
         ablation_notes: Vec::new(),
+        llama: None,
     };
     crate::noteln!(
         "text {} tokens; resident {:.2} MB; BitStack {:.1}..{:.1} MB; evaluating {} windows of {}",
@@ -1137,7 +1478,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         // the calibration pass.
         let t = Instant::now();
         let dense = LinearTable::dense_from_source(source.as_ref())?;
-        let model = Llama::new(&resident, &dense)?;
+        let model = Llama::new(&resident_f16, &dense)?;
         if !args.skip_original {
             let p = perplexity(
                 &model,
@@ -1165,7 +1506,9 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         drop(dense);
         phases.push(("baseline calibration".into(), t.elapsed().as_secs_f64()));
         let t = Instant::now();
+        // No baselines (`--methods none`): no weights to quantize.
         let weights: Vec<Vec<f32>> = (0..n_weights)
+            .filter(|_| !args.methods.is_empty())
             .map(|w| {
                 let (layer, kind) = weight_of_index(w);
                 let (shape, data) = source.tensor_f32(&kind.tensor_name(layer))?;
@@ -1238,7 +1581,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                     .collect();
                 debug_assert_eq!(weight_index(1, LinearKind::Q), 7);
                 let table = LinearTable::new(layers);
-                let model = Llama::new(&resident, &table)?;
+                let model = Llama::new(resident, &table)?;
                 let ppl = perplexity(
                     &model,
                     &tokens,
@@ -1287,6 +1630,34 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         }
     }
 
+    if let Some(lc) = &llama {
+        if report.original.is_none() {
+            // --ablations-only skips the baseline block; the llama.cpp rows' BitStack ratios
+            // still need the original.
+            let t = Instant::now();
+            let dense = LinearTable::dense_from_source(source.as_ref())?;
+            let model = Llama::new(&resident_f16, &dense)?;
+            let p = perplexity(
+                &model,
+                &tokens,
+                &params,
+                &mut crate::report::perplexity_progress("original".into()),
+            )?;
+            report.original = Some((original_f16, p));
+            phases.push(("original".into(), t.elapsed().as_secs_f64()));
+        }
+        run_llama_rows(
+            args,
+            lc,
+            &loaded,
+            &tokens,
+            &params,
+            &mut report,
+            &mut cache,
+            &mut phases,
+        )?;
+    }
+
     if args.ablations || args.ablations_only {
         run_ablations(
             args,
@@ -1307,6 +1678,101 @@ pub fn run(args: &CompareOptions) -> Res<String> {
     report.header.phases_seconds = Some(phases);
     report.write(&args.out_dir)?;
     Ok(report.markdown())
+}
+
+/// The llama.cpp rows: the F32 GGUF of the original and `args.llama_quants` made from it
+/// (cached in OUT_DIR/llama-cpp), each scored by llama-perplexity on the same text, window
+/// length and window count, and BitStack at each quantized file's size in bytes.
+#[allow(clippy::too_many_arguments)]
+fn run_llama_rows(
+    args: &CompareOptions,
+    lc: &LlamaCpp,
+    loaded: &LoadedStack,
+    tokens: &[u32],
+    params: &PerplexityParams,
+    report: &mut Report,
+    cache: &mut BTreeMap<usize, StackPoint>,
+    phases: &mut Vec<(String, f64)>,
+) -> Res<()> {
+    let dir = llama_cache_dir(args);
+    let threads = args.llama_threads;
+    report.llama = Some(LlamaRows {
+        dir: lc.dir.clone(),
+        threads,
+        chunks: params.max_windows,
+        f32: None,
+        rows: Vec::new(),
+    });
+    let path = |q| crate::llama_cpp::cached_path(&dir, &args.model, q);
+    let f32_path = path(GgufQuant::F32);
+    let f32_file = lc.quantize_cached(&args.model, &f32_path, GgufQuant::F32, true, threads)?;
+    phases.push(("llama.cpp F32 GGUF".into(), f32_file.seconds));
+    let mut files = Vec::new();
+    for &q in &args.llama_quants {
+        let f = lc.quantize_cached(&f32_path, &path(q), q, false, threads)?;
+        phases.push((format!("llama.cpp {q} GGUF"), f.seconds));
+        files.push(f);
+    }
+    let score = |f: &QuantizedFile| -> Res<LlamaPerplexity> {
+        crate::noteln!(
+            "llama.cpp: llama-perplexity on {} ({:.1} MB)",
+            f.path.display(),
+            mb(f.bytes)
+        );
+        let p = lc.perplexity(
+            &f.path,
+            &args.text,
+            args.seq_len,
+            params.max_windows,
+            threads,
+        )?;
+        crate::noteln!(
+            "llama.cpp {}: ppl {:.4} +/- {:.5} ({:.0} s)",
+            f.quant,
+            p.ppl,
+            p.plus_minus,
+            p.seconds
+        );
+        Ok(p)
+    };
+    let ppl = score(&f32_file)?;
+    phases.push(("llama.cpp F32 perplexity".into(), ppl.seconds));
+    if let Some(l) = report.llama.as_mut() {
+        l.f32 = Some(LlamaRow {
+            file: f32_file,
+            ppl,
+            bitstack: None,
+        });
+    }
+    report.write(&args.out_dir)?;
+    for f in files {
+        let ppl = score(&f)?;
+        phases.push((format!("llama.cpp {} perplexity", f.quant), ppl.seconds));
+        let t = Instant::now();
+        let label = format!("BitStack at llama.cpp {}", f.quant);
+        let bitstack = eval_stack_within(loaded, f.bytes, tokens, params, &label, cache)?;
+        phases.push((label.clone(), t.elapsed().as_secs_f64()));
+        crate::noteln!(
+            "{label} ({:.2} MB file): {}",
+            mb(f.bytes),
+            bitstack
+                .as_ref()
+                .map_or("below its minimum".into(), |s| format!(
+                    "{:.2} MB ppl {:.3}",
+                    mb(s.held),
+                    s.ppl.ppl
+                ))
+        );
+        if let Some(l) = report.llama.as_mut() {
+            l.rows.push(LlamaRow {
+                file: f,
+                ppl,
+                bitstack,
+            });
+        }
+        report.write(&args.out_dir)?;
+    }
+    Ok(())
 }
 
 /// The "w/o absolute value decomposition" ablation: every linear decomposed by the plain
@@ -1729,6 +2195,182 @@ mod tests {
                 "{m:?}"
             );
         }
+    }
+
+    fn ppl(v: f64, windows: usize) -> Perplexity {
+        Perplexity {
+            ppl: v,
+            mean_nll: v.ln(),
+            tokens_scored: windows * 127,
+            windows,
+            windows_available: 10,
+            seq_len: 128,
+            seconds: 1.0,
+        }
+    }
+
+    fn llama_row(q: GgufQuant, bytes: u64, p: f64, bitstack: Option<(u64, f64)>) -> LlamaRow {
+        LlamaRow {
+            file: QuantizedFile {
+                quant: q,
+                path: PathBuf::from(format!("/c/m.{q}.gguf")),
+                bytes,
+                reused: false,
+                seconds: 0.5,
+            },
+            ppl: LlamaPerplexity {
+                ppl: p,
+                plus_minus: 0.1,
+                chunks: Some(4),
+                n_ctx: Some(128),
+                running: vec![p],
+                seconds: 2.0,
+            },
+            bitstack: bitstack.map(|(held, v)| StackPoint {
+                prefix: 7,
+                held,
+                ppl: ppl(v, 4),
+            }),
+        }
+    }
+
+    fn report_with_llama(selection: WindowSelection) -> Report {
+        Report {
+            header: Header {
+                model: "m.gguf".into(),
+                stack: "m.bitstack".into(),
+                stack_compression: Value::Null,
+                text: "t.txt".into(),
+                text_tokens: 1280,
+                seq_len: 128,
+                max_windows: Some(4),
+                window_selection: selection,
+                ablation_windows: Some(4),
+                calib: "c.txt".into(),
+                calib_windows: 2,
+                calib_seq_len: 64,
+                calibration_note: "",
+                resident_bytes: 1000,
+                resident_precision: "q4".into(),
+                memory_note: String::new(),
+                original_note: "",
+                bitstack_minimum_bytes: 30_000_000,
+                bitstack_full_bytes: 300_000_000,
+                original_f16_bytes: 270_000_000,
+                phases_seconds: None,
+            },
+            original: Some((270_000_000, ppl(20.0, 4))),
+            rows: vec![],
+            extra_stack_points: BTreeMap::new(),
+            ablations: vec![],
+            ablation_notes: vec![],
+            llama: Some(LlamaRows {
+                dir: PathBuf::from("/llama/bin"),
+                threads: 2,
+                chunks: Some(4),
+                f32: Some(llama_row(GgufQuant::F32, 540_000_000, 16.0, None)),
+                rows: vec![
+                    // llama.cpp 1.5x its F32, BitStack 1.25x our original: BitStack lower.
+                    llama_row(GgufQuant::Q2K, 80_000_000, 24.0, Some((79_900_000, 25.0))),
+                    // llama.cpp 1.0625x, BitStack 1.1x: llama.cpp lower.
+                    llama_row(
+                        GgufQuant::Q4KM,
+                        105_000_000,
+                        17.0,
+                        Some((104_000_000, 22.0)),
+                    ),
+                    // Below the stack's minimum.
+                    llama_row(GgufQuant::Q3KM, 20_000_000, 30.0, None),
+                ],
+            }),
+        }
+    }
+
+    #[test]
+    fn llama_rows_report_ratios_to_each_engines_own_reference() {
+        let r = report_with_llama(WindowSelection::First);
+        let json = serde_json::to_value(r.json()).unwrap();
+        let rows = json["llama_cpp"]["rows"].as_array().unwrap();
+        let close = |v: &Value, x: f64| (v.as_f64().unwrap() - x).abs() < 1e-12;
+        assert!(close(&rows[0]["ratio_to_llama_f32"], 1.5));
+        assert!(close(&rows[0]["bitstack_ratio_to_original"], 1.25));
+        assert_eq!(rows[0]["file_bytes"], 80_000_000);
+        assert_eq!(rows[0]["quant"], "Q2_K");
+        assert_eq!(rows[0]["bitstack"]["memory_bytes"], 79_900_000);
+        assert!(close(&rows[1]["ratio_to_llama_f32"], 17.0 / 16.0));
+        assert!(close(&rows[1]["bitstack_ratio_to_original"], 1.1));
+        assert!(rows[2]["bitstack"].is_null());
+        assert!(rows[2]["bitstack_ratio_to_original"].is_null());
+        assert_eq!(json["llama_cpp"]["f32"]["file_bytes"], 540_000_000);
+        assert_eq!(json["llama_cpp"]["window_selection"], "first");
+        assert_eq!(json["resident_precision"], "q4");
+        let md = r.markdown();
+        let line = |q: &str| {
+            md.lines()
+                .find(|l| l.starts_with(&format!("| {q} ")))
+                .unwrap_or_else(|| panic!("no {q} row in\n{md}"))
+                .to_owned()
+        };
+        let q2 = line("Q2_K");
+        assert!(
+            q2.contains("| 80.0 |") && q2.contains("| 1.500 |") && q2.contains("| 1.250 |"),
+            "{q2}"
+        );
+        assert!(q2.trim_end().ends_with("| BitStack |"), "{q2}");
+        let q4 = line("Q4_K_M");
+        assert!(q4.contains("| 1.062 |") && q4.contains("| 1.100 |"), "{q4}");
+        assert!(q4.trim_end().ends_with("| llama.cpp |"), "{q4}");
+        assert!(line("Q3_K_M").contains("below minimum"));
+        assert!(line("F32").contains("| 1.000 |"));
+        assert!(md.contains("GGUF file's size in bytes"), "{md}");
+        assert!(md.contains("--windows first"), "{md}");
+        // Spread windows are flagged as scoring other text than llama.cpp.
+        let md = report_with_llama(WindowSelection::EvenlySpaced).markdown();
+        assert!(md.contains("score different text"), "{md}");
+        // The plot carries the llama.cpp series on our scale (ratio x our original).
+        let svg = r.svg().unwrap();
+        assert!(svg.contains("llama.cpp GGUF"), "no llama.cpp series");
+    }
+
+    #[test]
+    fn llama_flags_are_checked_before_any_work() {
+        let dir = std::env::temp_dir().join(format!("bitstack-cmp-llama-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("m.gguf");
+        std::fs::write(&model, b"GGUF\x03\x00\x00\x00").unwrap();
+        let base = CompareOptions {
+            model: model.clone(),
+            calib: model.clone(),
+            text: model.clone(),
+            stack: Some(model.clone()),
+            out_dir: dir.join("out"),
+            llama_cpp: Some(dir.join("nothing")),
+            ..Default::default()
+        };
+        let e = check_args(&base).unwrap_err().to_string();
+        assert!(
+            e.contains(
+                &dir.join("nothing")
+                    .join("llama-quantize")
+                    .display()
+                    .to_string()
+            ),
+            "{e}"
+        );
+        let e = check_args(&CompareOptions {
+            skip_original: true,
+            ..base.clone()
+        })
+        .unwrap_err();
+        assert!(matches!(e, CompareError::Usage(_)), "{e}");
+        let e = check_args(&CompareOptions {
+            llama_quants: vec![GgufQuant::F32],
+            ..base.clone()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("F32 is always made"), "{e}");
+        assert!(!dir.join("out/llama-cpp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod compare;
 pub mod compress;
 pub mod gguf;
 pub mod llama;
+pub mod llama_cpp;
 pub mod memstat;
 pub mod output;
 pub mod perplexity;

@@ -5,7 +5,10 @@ use crate::common::{window_selections, Res};
 use bitstack_core::MemoryBudget;
 use bitstack_examples::baselines::Baseline;
 use bitstack_examples::compare::{parse_baseline, AblationKind, CompareError, CompareOptions};
+use bitstack_examples::llama::EmbeddingPrecision;
+use bitstack_examples::llama_cpp::GgufQuant;
 use bitstack_examples::outln;
+use bitstack_examples::output::UsageError;
 use bitstack_examples::perplexity::WindowSelection;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::Args;
@@ -51,9 +54,10 @@ pub(crate) struct CompareArgs {
     /// Group size of the grouped configurations (`wNg128`).
     #[arg(long, default_value_t = 128)]
     group_size: usize,
-    /// Baselines: rtn, gptq, gptq-act, awq.
-    #[arg(long, value_delimiter = ',', default_value = "rtn,gptq,awq", value_parser = parse_baseline)]
-    methods: Vec<Baseline>,
+    /// Baselines: rtn, gptq, gptq-act, awq; `none` for no baseline rows (e.g. only the
+    /// llama.cpp rows).
+    #[arg(long, value_delimiter = ',', default_value = "rtn,gptq,awq", value_parser = parse_method)]
+    methods: Vec<Option<Baseline>>,
     /// Skip the original model's row.
     #[arg(long)]
     skip_original: bool,
@@ -78,6 +82,36 @@ pub(crate) struct CompareArgs {
     /// Which ablations to run.
     #[arg(long, value_delimiter = ',', default_value = "no-scaling,no-avd,ranks", value_parser = ablation_kinds())]
     ablation_variants: Vec<AblationKind>,
+    /// Precision the baselines and BitStack hold the token embedding (and an untied head) in,
+    /// as `eval --resident`: f16 (as stored), q8, q4 or f32; the bytes saved buy BitStack
+    /// more blocks at the same memory. The original row keeps f16.
+    #[arg(long, default_value_t = EmbeddingPrecision::F16)]
+    resident: EmbeddingPrecision,
+    /// Folder of a llama.cpp build holding llama-quantize and llama-perplexity (e.g.
+    /// ~/.cache/bitstack-llama/build-11434.0.0/bin): adds llama.cpp rows. An F32 GGUF of the
+    /// original (GGUF input only) and --llama-quants made from it are cached in
+    /// OUT_DIR/llama-cpp, scored with llama-perplexity -c SEQ_LEN --chunks MAX_WINDOWS, and
+    /// BitStack is evaluated at each file's size in bytes.
+    #[arg(long)]
+    llama_cpp: Option<PathBuf>,
+    /// llama.cpp types of the llama.cpp rows (F32 is always made, as their reference).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "Q2_K,Q3_K_M,Q4_K_M,Q5_K_M,Q8_0"
+    )]
+    llama_quants: Vec<GgufQuant>,
+    /// Threads llama.cpp's tools run with.
+    #[arg(long, default_value_t = 2)]
+    llama_threads: usize,
+}
+
+/// `--methods`' parser: a baseline, or `none`.
+fn parse_method(s: &str) -> Result<Option<Baseline>, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    parse_baseline(s).map(Some)
 }
 
 /// `--ablation-variants`' parser: the kinds' names, each with its help line.
@@ -103,7 +137,7 @@ impl CompareArgs {
             calib_seq_len: self.calib_seq_len,
             bits: self.bits.clone(),
             group_size: self.group_size,
-            methods: self.methods.clone(),
+            methods: self.methods.iter().flatten().copied().collect(),
             skip_original: self.skip_original,
             ablations: self.ablations,
             ablations_only: self.ablations_only,
@@ -111,6 +145,10 @@ impl CompareArgs {
             ablation_windows: self.ablation_windows,
             ablation_budgets: self.ablation_budgets.clone(),
             ablation_variants: self.ablation_variants.clone(),
+            resident: self.resident,
+            llama_cpp: self.llama_cpp.clone(),
+            llama_quants: self.llama_quants.clone(),
+            llama_threads: self.llama_threads,
         }
     }
 }
@@ -121,6 +159,7 @@ pub(crate) fn run(a: &CompareArgs) -> Res<()> {
     let md = bitstack_examples::compare::run(&a.options()).map_err(|e| match e {
         CompareError::Usage(u) => Box::new(u) as Box<dyn std::error::Error>,
         CompareError::Output(o) => Box::new(o),
+        CompareError::LlamaCpp(l) if l.is_usage() => Box::new(UsageError(l.to_string())),
         e => Box::new(e),
     })?;
     outln!("{md}")?;
