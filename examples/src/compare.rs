@@ -7,13 +7,13 @@
 //!
 //! Every method is charged the same way: the bytes of the weights it holds plus the resident
 //! tensors the forward pass needs. The resident part is identical for all rows (the token
-//! embedding in f16, the f32 RMSNorm weights, biases, an untied head in f16:
-//! [`LlamaResident::held_bytes`] with [`EmbeddingPrecision::F16`]); a baseline adds its packed
-//! codes, f16 scales and zeros and (AWQ) its f16 per-input-column scale
+//! embedding and an untied head at [`CompareOptions::resident`] precision — q8 by default —,
+//! the f32 RMSNorm weights and biases: [`LlamaResident::held_bytes`]); a baseline adds its
+//! packed codes, f16 scales and zeros and (AWQ) its f16 per-input-column scale
 //! ([`QuantizedLinear::bytes`]); BitStack adds its f32 scale vectors and loaded blocks
 //! ([`ElasticModel::bytes_at_prefix`](bitstack_core::ElasticModel::bytes_at_prefix), whose
-//! resident part [`LoadedStack::open`] sets to the same `held_bytes`). The original row is the
-//! model with every parameter in f16.
+//! resident part [`LoadedStack::open_with`] sets to the same `held_bytes`). The original row
+//! is the model with every parameter in f16.
 //!
 //! # llama.cpp rows (`--llama-cpp DIR`)
 //!
@@ -285,7 +285,8 @@ pub struct CompareOptions {
     /// Which ablations to run.
     pub ablation_variants: Vec<AblationKind>,
     /// Precision the token embedding (and an untied head) is held in by the baselines and
-    /// BitStack (the original row always holds it in f16): f16 (as stored), q8, q4 or f32.
+    /// BitStack (the original row always holds it in f16): q8 (the default), f16 (as stored),
+    /// q4 or f32.
     pub resident: EmbeddingPrecision,
     /// A folder holding llama.cpp's `llama-quantize` and `llama-perplexity`: adds llama.cpp
     /// rows (an F32 GGUF of the original and `llama_quants` made from it, cached in
@@ -320,7 +321,7 @@ impl Default for CompareOptions {
             ablation_windows: None,
             ablation_budgets: vec![],
             ablation_variants: AblationKind::ALL.to_vec(),
-            resident: EmbeddingPrecision::F16,
+            resident: EmbeddingPrecision::default(),
             llama_cpp: None,
             llama_quants: GgufQuant::DEFAULT_QUANTS.to_vec(),
             llama_threads: 2,

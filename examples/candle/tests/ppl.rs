@@ -38,7 +38,21 @@ fn text() -> String {
 
 #[test]
 fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
-    let dir = std::env::temp_dir().join(format!("bitstack-candle-ppl-{}", std::process::id()));
+    check_at_three_budgets(bitstack_core::FactorDtype::F16);
+}
+
+/// The same with int8 factor vectors (the CLI's default, file format 2.0): candle restores
+/// through the public API, which dequantizes them.
+#[test]
+fn candle_llama_matches_bitstack_perplexity_with_int8_factors() {
+    check_at_three_budgets(bitstack_core::FactorDtype::I8);
+}
+
+fn check_at_three_budgets(factors: bitstack_core::FactorDtype) {
+    let dir = std::env::temp_dir().join(format!(
+        "bitstack-candle-ppl-{}-{factors}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let gguf = dir.join("tiny.gguf");
     tiny().write(&gguf).unwrap();
@@ -50,6 +64,7 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
         ..Default::default()
     };
     params.iavd.levels = 3;
+    params.iavd.factors = factors;
     params.rank = RankRule::Fixed(4);
     let out = compress(source.as_ref(), &text(), &params).unwrap();
     let path = dir.join("tiny.bitstack");
@@ -57,6 +72,7 @@ fn candle_llama_matches_bitstack_perplexity_at_three_budgets() {
 
     // As stored (f16), which is what candle reads.
     let loaded = LoadedStack::open_with(&path, None, EmbeddingPrecision::F16).unwrap();
+    assert_eq!(loaded.model.file().stacks()[0].factors, factors);
     let tokens = loaded.tokenizer.encode(&text(), false).unwrap();
     let ppl_params = PerplexityParams {
         seq_len: 40,

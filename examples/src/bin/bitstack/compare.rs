@@ -83,9 +83,9 @@ pub(crate) struct CompareArgs {
     #[arg(long, value_delimiter = ',', default_value = "no-scaling,no-avd,ranks", value_parser = ablation_kinds())]
     ablation_variants: Vec<AblationKind>,
     /// Precision the baselines and BitStack hold the token embedding (and an untied head) in,
-    /// as `eval --resident`: f16 (as stored), q8, q4 or f32; the bytes saved buy BitStack
-    /// more blocks at the same memory. The original row keeps f16.
-    #[arg(long, default_value_t = EmbeddingPrecision::F16)]
+    /// as `eval --resident`: q8 (the default, as eval's), f16 (as stored), q4 or f32; the
+    /// bytes saved buy BitStack more blocks at the same memory. The original row keeps f16.
+    #[arg(long, default_value_t = EmbeddingPrecision::default())]
     resident: EmbeddingPrecision,
     /// Folder of a llama.cpp build holding llama-quantize and llama-perplexity (e.g.
     /// ~/.cache/bitstack-llama/build-11434.0.0/bin): adds llama.cpp rows. An F32 GGUF of the
