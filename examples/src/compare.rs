@@ -1210,6 +1210,20 @@ impl Report {
 }
 
 /// Evaluates the stack at the largest prefix within `bytes`, reusing `cache` by prefix.
+/// The original model's perplexity (the reference of every ratio), with progress lines.
+fn original_perplexity(
+    model: &Llama<'_>,
+    tokens: &[u32],
+    params: &PerplexityParams,
+) -> Res<Perplexity> {
+    Ok(perplexity(
+        model,
+        tokens,
+        params,
+        &mut crate::report::perplexity_progress("original".into()),
+    )?)
+}
+
 fn eval_stack_within(
     loaded: &LoadedStack,
     bytes: u64,
@@ -1481,12 +1495,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
         let dense = LinearTable::dense_from_source(source.as_ref())?;
         let model = Llama::new(&resident_f16, &dense)?;
         if !args.skip_original {
-            let p = perplexity(
-                &model,
-                &tokens,
-                &params,
-                &mut crate::report::perplexity_progress("original".into()),
-            )?;
+            let p = original_perplexity(&model, &tokens, &params)?;
             report.original = Some((original_f16, p));
             report.write(&args.out_dir)?;
         }
@@ -1638,12 +1647,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
             let t = Instant::now();
             let dense = LinearTable::dense_from_source(source.as_ref())?;
             let model = Llama::new(&resident_f16, &dense)?;
-            let p = perplexity(
-                &model,
-                &tokens,
-                &params,
-                &mut crate::report::perplexity_progress("original".into()),
-            )?;
+            let p = original_perplexity(&model, &tokens, &params)?;
             report.original = Some((original_f16, p));
             phases.push(("original".into(), t.elapsed().as_secs_f64()));
         }
