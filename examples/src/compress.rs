@@ -250,13 +250,19 @@ pub struct CompressParams {
     pub order_settings: OrderSettings,
 }
 
+/// The `bitstack compress` defaults: 32 × 512 calibration tokens, activation scaling, 16
+/// levels with int8 factor vectors (chosen on validation text: lower perplexity than f16 at
+/// every budget measured), `k` for 0.5 bits per weight of vectors, the first-order order.
 impl Default for CompressParams {
     fn default() -> Self {
         Self {
             calib_windows: 32,
             calib_seq_len: 512,
             scale: Some(ScaleParams::default()),
-            iavd: IavdParams::default(),
+            iavd: IavdParams {
+                factors: bitstack_core::FactorDtype::I8,
+                ..IavdParams::default()
+            },
             rank: RankRule::Adaptive {
                 bits_per_weight: 0.5,
                 min: 4,
