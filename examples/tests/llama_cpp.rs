@@ -170,12 +170,15 @@ fn llama_cpp_tools_on_smollm2() {
     // 2-bit costs perplexity on a 135M model.
     assert!(pq2.ppl > p32.ppl * 1.2, "{} vs {}", pq2.ppl, p32.ppl);
 
-    // A failing run names the file and quotes llama.cpp's stderr.
+    // A failing run names the file and the exit status, and quotes whatever llama.cpp wrote
+    // to stderr. (Its log goes through a worker thread that can lose the last lines when the
+    // process exits early on a loaded machine, so the quote itself is not required here; the
+    // unit tests check the quoting with a fake tool.)
     let bogus = t.0.join("not-a-model.gguf");
     std::fs::write(&bogus, b"GGUF but not really").unwrap();
     let e = lc.perplexity(&bogus, &text, 128, Some(1), 2).unwrap_err();
     assert!(matches!(e, LlamaCppError::ToolFailed { .. }), "{e}");
     let msg = e.to_string();
     assert!(msg.contains("not-a-model.gguf"), "{msg}");
-    assert!(msg.lines().count() > 1, "no stderr tail: {msg}");
+    assert!(msg.contains("exit status"), "{msg}");
 }
