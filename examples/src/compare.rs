@@ -1224,6 +1224,14 @@ fn original_perplexity(
     )?)
 }
 
+/// A BitStack point for a progress line: its held MB and perplexity, or that the memory is
+/// below the stack's minimum.
+fn describe_point(point: Option<&StackPoint>) -> String {
+    point.map_or("below its minimum".into(), |s| {
+        format!("{:.2} MB ppl {:.3}", mb(s.held), s.ppl.ppl)
+    })
+}
+
 fn eval_stack_within(
     loaded: &LoadedStack,
     bytes: u64,
@@ -1618,13 +1626,7 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                     "{label}: {:.2} MB ppl {:.3} | BitStack {}",
                     mb(total),
                     ppl.ppl,
-                    bitstack
-                        .as_ref()
-                        .map_or("below its minimum".into(), |s| format!(
-                            "{:.2} MB ppl {:.3}",
-                            mb(s.held),
-                            s.ppl.ppl
-                        ))
+                    describe_point(bitstack.as_ref())
                 );
                 report.rows.push(Row {
                     config: *cfg,
@@ -1760,13 +1762,7 @@ fn run_llama_rows(
         crate::noteln!(
             "{label} ({:.2} MB file): {}",
             mb(f.bytes),
-            bitstack
-                .as_ref()
-                .map_or("below its minimum".into(), |s| format!(
-                    "{:.2} MB ppl {:.3}",
-                    mb(s.held),
-                    s.ppl.ppl
-                ))
+            describe_point(bitstack.as_ref())
         );
         if let Some(l) = report.llama.as_mut() {
             l.rows.push(LlamaRow {
