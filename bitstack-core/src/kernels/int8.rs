@@ -28,6 +28,59 @@ pub(super) const SCALE_WORDS: usize = 4;
 /// Bytes of one (item, level, word, rank) table: 16 groups × 16 entries.
 pub(super) const TABLE_BYTES: usize = 256;
 
+/// Groups of four columns per 64-column sign word (one multiplier each in grouped tables).
+pub(super) const GROUPS: usize = 16;
+
+/// Largest per-group multiplier of a grouped int8 table: `vpdpbusd` multiplies the looked-up
+/// signed bytes by *unsigned* bytes, so a per-byte multiplier of up to 255 costs nothing.
+pub(super) const MAX_MULT: f32 = 255.0;
+
+/// Scale and multipliers of the grouped int8 tables of one (block of words, rank) whose
+/// largest group range (`Σ_c |t_c|` over a group's four columns) is `maxabs`: the unit is
+/// `maxabs / (127·255)`, and a group of range `R` gets the smallest multiplier
+/// `m = ⌈255·R / maxabs⌉` (1..=255) with `R ≤ 127·m·unit`, so its entries are rounded at a
+/// step of `m·unit ≈ R / 127` instead of `maxabs / 127`. Groups far below the block's largest
+/// one (small activations, small singular-vector entries) keep their precision; the kernel's
+/// integer sum `Σ_g m_g·q_g` stays exact in int32 (at most 64·255·127 per block of words).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct GroupScale {
+    /// The unit (`scales[...]` of the table): `maxabs / (127·255)`, or 0 for an all-zero block.
+    pub unit: f32,
+    k: f32,
+}
+
+impl GroupScale {
+    #[inline(always)]
+    pub(super) fn new(maxabs: f32) -> Self {
+        if maxabs > 0.0 {
+            Self {
+                unit: maxabs / (127.0 * MAX_MULT),
+                k: MAX_MULT / maxabs,
+            }
+        } else {
+            Self { unit: 0.0, k: 0.0 }
+        }
+    }
+    /// The multiplier of a group of range `range` and the factor that turns its entries into
+    /// codes (`1 / (m·unit)`; 0 for an all-zero block). Written once, used by the generic and
+    /// the SIMD builds, so both round the same way.
+    #[inline(always)]
+    pub(super) fn group(&self, range: f32) -> (u8, f32) {
+        if self.unit == 0.0 {
+            return (1, 0.0);
+        }
+        #[allow(clippy::manual_clamp)]
+        let m = (range * self.k).ceil().max(1.0).min(MAX_MULT);
+        (m as u8, 1.0 / (m * self.unit))
+    }
+}
+
+/// `(|g0| + |g1|) + (|g2| + |g3|)`: a group's range, paired as the SIMD max loop pairs it.
+#[inline(always)]
+pub(super) fn group_range(g: &[f32]) -> f32 {
+    (g[0].abs() + g[1].abs()) + (g[2].abs() + g[3].abs())
+}
+
 /// Weight of the high table in a split (16-bit) table: an entry is `s·(254·H + L)/254`, with
 /// `H = round(T/s)` and `L = round(254·(T/s − H))`, both in −127..=127. `vpdpbusd` multiplies
 /// the looked-up bytes by an unsigned byte, so the kernel adds `254·H + L` into one int32
@@ -43,6 +96,8 @@ pub(super) struct Int8Layout {
     pub bf: usize,
     pub scales: usize,
     pub table_floats: usize,
+    /// Per-group multipliers of the grouped int8 tables ([`GROUPS`] bytes per table slot).
+    pub mult_floats: usize,
     pub yt: usize,
 }
 
@@ -67,11 +122,12 @@ impl Int8Layout {
             bf: slots * cols * rank,
             scales: tables,
             table_floats: (tables * TABLE_BYTES * halves).div_ceil(4),
+            mult_floats: (tables * GROUPS).div_ceil(4),
             yt: rows * batch,
         }
     }
     pub(super) fn total(&self) -> usize {
-        self.xs + self.t + self.bf + self.scales + self.table_floats + self.yt
+        self.xs + self.t + self.bf + self.scales + self.table_floats + self.mult_floats + self.yt
     }
 }
 
@@ -93,7 +149,8 @@ pub(super) const SIGN: [[f32; 16]; 4] = {
 /// Builds the int8 tables and scales of one (item, level): `blk` is the level's block (its
 /// `cols × rank` factor `B` is read), `xs` the scaled input row, `t` scratch of
 /// `rank · words · 64` floats, `bf` of `cols · rank`, `tables` `words · rank · 256 · halves`
-/// bytes and `scales` `words · rank` floats. With split tables (`halves == 2`) only ranks
+/// bytes, `scales` `words · rank` floats and `mults` `words · rank · 16` per-group multipliers
+/// (see [`GroupScale`]; 1 for split ranks). With split tables (`halves == 2`) only ranks
 /// `0..split_ranks` get their low halves written: the kernels read nothing else (see
 /// [`TileInput::split_ranks`]). For int8 factors the tables are built over
 /// `qb ⊙ (sa·sb) ⊙ xs` ([`ResidualBlockRef::kernel_b_into`]), so the tiles multiply by the
@@ -107,6 +164,7 @@ pub(super) fn build_tables(
     bf: &mut [f32],
     tables: &mut [i8],
     scales: &mut [f32],
+    mults: &mut [u8],
     halves: usize,
     split_ranks: usize,
 ) {
@@ -125,6 +183,7 @@ pub(super) fn build_tables(
                         t,
                         tables,
                         scales,
+                        mults,
                         halves,
                         split_ranks,
                     )
@@ -149,13 +208,14 @@ pub(super) fn build_tables(
                 t,
                 tables,
                 scales,
+                mults,
                 halves,
                 split_ranks,
             )
         };
         return;
     }
-    build_tables_generic(bf, rank, xs, t, tables, scales, halves, split_ranks)
+    build_tables_generic(bf, rank, xs, t, tables, scales, mults, halves, split_ranks)
 }
 
 /// [`build_tables`] in plain Rust from the widened factor `bf` (`cols × rank` f32).
@@ -168,6 +228,7 @@ pub(super) fn build_tables_generic(
     t: &mut [f32],
     tables: &mut [i8],
     scales: &mut [f32],
+    mults: &mut [u8],
     halves: usize,
     split_ranks: usize,
 ) {
@@ -192,21 +253,34 @@ pub(super) fn build_tables_generic(
             // Sums paired as the SIMD build pairs them, so both give the same bytes.
             let mut maxabs = 0.0f32;
             for g in block.chunks_exact(4) {
-                let s = (g[0].abs() + g[1].abs()) + (g[2].abs() + g[3].abs());
+                let s = group_range(g);
                 maxabs = if s > maxabs { s } else { maxabs };
             }
+            // Split ranks: one scale for the block (their low halves carry the precision);
+            // the others: grouped int8 tables (see [`GroupScale`]).
+            let split = halves == 2 && r < split_ranks;
             let (scale, inv) = if maxabs > 0.0 {
                 (maxabs / 127.0, 127.0 / maxabs)
             } else {
                 (0.0, 0.0)
             };
+            let grouped = GroupScale::new(maxabs);
             for (w, tw) in (w0..w1).zip(block.chunks_exact(64)) {
                 let idx = slot(w, r, rank, words);
-                scales[idx] = scale;
+                scales[idx] = if split { scale } else { grouped.unit };
                 let stride = TABLE_BYTES * halves;
                 let out = &mut tables[idx * stride..(idx + 1) * stride];
                 let (hi, lo) = out.split_at_mut(TABLE_BYTES);
+                let m_out = &mut mults[idx * GROUPS..(idx + 1) * GROUPS];
                 for (gi, g) in tw.chunks_exact(4).enumerate() {
+                    let inv = if split {
+                        m_out[gi] = 1;
+                        inv
+                    } else {
+                        let (m, inv_g) = grouped.group(group_range(g));
+                        m_out[gi] = m;
+                        inv_g
+                    };
                     // The signed sum first, then the scale: the order the SIMD build uses
                     // (products by ±1 are exact, so its fused adds round the same way).
                     let mut e = [0.0f32; 16];
@@ -219,7 +293,7 @@ pub(super) fn build_tables_generic(
                     for (hv, ev) in h.iter_mut().zip(&e) {
                         *hv = round_to_i8(*ev);
                     }
-                    if halves == 2 && r < split_ranks {
+                    if split {
                         let l = &mut lo[gi * 16..gi * 16 + 16];
                         for ((lv, ev), hv) in l.iter_mut().zip(&e).zip(h.iter()) {
                             *lv = round_to_i8((*ev - f32::from(*hv)) * SPLIT_WEIGHT as f32);
@@ -261,6 +335,8 @@ pub(super) struct TileInput<'a> {
     pub batch: usize,
     pub tables: &'a [i8],
     pub scales: &'a [f32],
+    /// [`GROUPS`] multipliers per table slot (same index as `scales`): 1 for split ranks.
+    pub mults: &'a [u8],
     /// 1: int8 tables; 2: split 16-bit tables (high then low half per slot).
     pub halves: usize,
     /// With split tables, ranks `0..split_ranks` use both halves; the others only the high
@@ -295,13 +371,14 @@ pub(super) fn tile_portable(inp: &TileInput<'_>, row0: usize, nrows: usize, yt: 
                         let stride = TABLE_BYTES * inp.halves;
                         let tab = &inp.tables[at * stride..][..stride];
                         let split = inp.halves == 2 && r < inp.split_ranks;
+                        let mult = &inp.mults[at * GROUPS..][..GROUPS];
                         let mut s = 0i32;
-                        for g in 0..16 {
+                        for (g, &m) in mult.iter().enumerate() {
                             let v = g * 16 + ((word >> (4 * g)) & 15) as usize;
                             s += if split {
                                 SPLIT_WEIGHT * tab[v] as i32 + tab[TABLE_BYTES + v] as i32
                             } else {
-                                tab[v] as i32
+                                i32::from(m) * tab[v] as i32
                             };
                         }
                         let unit = if split {

@@ -250,12 +250,15 @@ pub enum TablePrecision {
     #[default]
     Int16,
     /// Split 16-bit tables for the leading [`MIXED_SPLIT_RANKS`] ranks of each level, plain
-    /// int8 (the split tables' high half) for the others: the `r`-th singular pair of `|W|`
+    /// grouped int8 (as [`TablePrecision::Int8`]) for the others: the `r`-th singular pair of `|W|`
     /// carries less of the product the larger `r` is, so the cheap tables go where their
     /// rounding matters least. One lookup per entry beyond the leading ranks.
     Mixed,
-    /// Plain int8 tables (one lookup per entry): the fastest path, about 1 % relative error
-    /// per product on SmolLM2 (README, kernel section).
+    /// Grouped int8 tables (one lookup per entry): one scale per 256 input columns and rank
+    /// and one unsigned multiplier (1..=255) per group of four columns, applied by
+    /// `vpdpbusd`'s unsigned operand, so each group is rounded at about its own range / 127.
+    /// The fastest path; 2.1–3.7e-3 relative error per product on SmolLM2 (README, kernel
+    /// section), still above the 0.1 % perplexity bound at some budgets.
     Int8,
     /// Tables kept in f32 and summed in f32: the exact path, slower, kept selectable so the
     /// quantization error of [`TablePrecision::Int8`] can be measured against it.
@@ -572,6 +575,7 @@ fn fused_int8(
     let (bf, rest) = rest.split_at_mut(lay.bf);
     let (scales, rest) = rest.split_at_mut(lay.scales);
     let (tables, rest) = rest.split_at_mut(lay.table_floats);
+    let (mults, rest) = rest.split_at_mut(lay.mult_floats);
     let yt = &mut rest[..lay.yt];
     // Fold the activation scale into the input once: Ŵx = Ŵ_scaled (x ⊙ inv_scale).
     xs.copy_from_slice(x);
@@ -586,6 +590,8 @@ fn fused_int8(
     let per = lay.words * rank;
     let stride = int8::TABLE_BYTES * halves;
     let tables = &mut tables[..batch * levels * per * stride];
+    let mults: &mut [u8] = bytemuck::cast_slice_mut(mults);
+    let mults = &mut mults[..batch * levels * per * int8::GROUPS];
     let slots = pool::slots();
     let (t_per, bf_per) = (lay.t / slots, lay.bf / slots);
     {
@@ -593,6 +599,7 @@ fn fused_int8(
         // `t`/`bf` scratch of the slot it runs on.
         let tab_ptr = SyncPtr(tables.as_mut_ptr());
         let sc_ptr = SyncPtr(scales.as_mut_ptr());
+        let m_ptr = SyncPtr(mults.as_mut_ptr());
         let t_ptr = SyncPtr(t.as_mut_ptr());
         let bf_ptr = SyncPtr(bf.as_mut_ptr());
         let xs = &*xs;
@@ -608,9 +615,22 @@ fn fused_int8(
                     per * stride,
                 );
                 let sc = std::slice::from_raw_parts_mut(sc_ptr.get().add(i * per), per);
+                let groups = per * int8::GROUPS;
+                let mu = std::slice::from_raw_parts_mut(m_ptr.get().add(i * groups), groups);
                 let t = std::slice::from_raw_parts_mut(t_ptr.get().add(slot * t_per), t_per);
                 let bf = std::slice::from_raw_parts_mut(bf_ptr.get().add(slot * bf_per), bf_per);
-                int8::build_tables(&blocks[l], rank, xr, t, bf, tab, sc, halves, split_ranks);
+                int8::build_tables(
+                    &blocks[l],
+                    rank,
+                    xr,
+                    t,
+                    bf,
+                    tab,
+                    sc,
+                    mu,
+                    halves,
+                    split_ranks,
+                );
             }
         });
     }
@@ -622,6 +642,7 @@ fn fused_int8(
         batch,
         tables,
         scales,
+        mults,
         halves,
         split_ranks,
     };

@@ -14,7 +14,9 @@
 //! convert + FMA for the word's scale: the sign bits are loaded and unpacked once per word for
 //! all `k` ranks and all batch items, and nothing is widened by hand.
 
-use super::int8::{TileInput, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES};
+use super::int8::{
+    group_range, GroupScale, TileInput, GROUPS, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES,
+};
 use crate::block::FactorRef;
 use std::arch::x86_64::*;
 
@@ -167,15 +169,22 @@ pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
                         if split {
                             for (dw, idx_w) in idx[..nw].iter().enumerate() {
                                 let t = inp.tables.as_ptr().add((at + dw) * stride);
-                                lookup_accumulate(t, idx_w, w_hi, &mut acc);
+                                lookup_accumulate2(t, idx_w, w_hi, w_hi, &mut acc);
                                 // The low halves: same indices, weight 1.
-                                lookup_accumulate(t.add(TABLE_BYTES), idx_w, ones, &mut acc);
+                                let low = t.add(TABLE_BYTES);
+                                lookup_accumulate2(low, idx_w, ones, ones, &mut acc);
                             }
                         } else {
-                            // Plain int8 (or a split table's high half alone).
+                            // Grouped int8 (a split table's high half alone for the ranks
+                            // beyond the split ones): each group's multiplier is the
+                            // unsigned operand of `vpdpbusd`, so it costs two broadcasts.
                             for (dw, idx_w) in idx[..nw].iter().enumerate() {
                                 let t = inp.tables.as_ptr().add((at + dw) * stride);
-                                lookup_accumulate(t, idx_w, ones, &mut acc);
+                                let m = inp.mults.as_ptr().add((at + dw) * GROUPS);
+                                let m_lo = _mm512_set1_epi64(m.cast::<i64>().read_unaligned());
+                                let m_hi =
+                                    _mm512_set1_epi64(m.add(8).cast::<i64>().read_unaligned());
+                                lookup_accumulate2(t, idx_w, m_lo, m_hi, &mut acc);
                             }
                         }
                         // One convert-and-scale per block of words sharing a scale.
@@ -256,18 +265,21 @@ unsafe fn prefetch_rows(
     }
 }
 
-/// `acc[s] += weight · (the 64 table bytes each of sub-tile s's index pair selects)`, from the
+/// `acc[s] += w · (the 64 table bytes each of sub-tile s's index pair selects)`, from the
 /// 256-byte table of one (word, rank) at `t`: two `vpermi2b` lookups (groups 0..8, 8..16) and
-/// two `vpdpbusd` adds per sub-tile; the table is loaded once for all `SUB` sub-tiles.
+/// two `vpdpbusd` adds per sub-tile, the first weighted byte-wise by `w_lo` (byte `j` of each
+/// qword: group `j`), the second by `w_hi` (groups `8 + j`); the table is loaded once for all
+/// `SUB` sub-tiles.
 ///
 /// # Safety
 /// AVX-512 F, BW, VBMI and VNNI; `t` points at 256 readable bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
-unsafe fn lookup_accumulate<const SUB: usize>(
+unsafe fn lookup_accumulate2<const SUB: usize>(
     t: *const i8,
     idx: &[[__m512i; 2]; SUB],
-    weight: __m512i,
+    w_lo: __m512i,
+    w_hi: __m512i,
     acc: &mut [__m512i; SUB],
 ) {
     let t0 = _mm512_loadu_si512(t.cast());
@@ -277,8 +289,8 @@ unsafe fn lookup_accumulate<const SUB: usize>(
     for (acc_s, ix) in acc.iter_mut().zip(idx) {
         let v0 = _mm512_permutex2var_epi8(t0, ix[0], t1);
         let v1 = _mm512_permutex2var_epi8(t2, ix[1], t3);
-        *acc_s = _mm512_dpbusd_epi32(*acc_s, weight, v0);
-        *acc_s = _mm512_dpbusd_epi32(*acc_s, weight, v1);
+        *acc_s = _mm512_dpbusd_epi32(*acc_s, w_lo, v0);
+        *acc_s = _mm512_dpbusd_epi32(*acc_s, w_hi, v1);
     }
 }
 
@@ -313,6 +325,7 @@ pub(super) unsafe fn build_tables_avx512<const F32SRC: bool>(
     t: &mut [f32],
     tables: &mut [i8],
     scales: &mut [f32],
+    mults: &mut [u8],
     halves: usize,
     split_ranks: usize,
 ) {
@@ -323,7 +336,8 @@ pub(super) unsafe fn build_tables_avx512<const F32SRC: bool>(
         b_len >= cols * rank
             && t.len() >= rank * padded
             && tables.len() >= words * rank * TABLE_BYTES * halves
-            && scales.len() >= words * rank,
+            && scales.len() >= words * rank
+            && mults.len() >= words * rank * GROUPS,
         "table build buffers too small"
     );
     let bp = b.cast::<u16>();
@@ -390,11 +404,11 @@ pub(super) unsafe fn build_tables_avx512<const F32SRC: bool>(
             } else {
                 (0.0, 0.0)
             };
-            let invv = _mm512_set1_ps(inv);
             let low = halves == 2 && r < split_ranks;
+            let grouped = GroupScale::new(maxabs);
             for w in w0..w1 {
                 let idx = super::int8::slot(w, r, rank, words);
-                *scales.get_unchecked_mut(idx) = scale;
+                *scales.get_unchecked_mut(idx) = if low { scale } else { grouped.unit };
                 let out = tables.as_mut_ptr().add(idx * stride);
                 let tw = base.add(w * 64);
                 // Four groups at a time, so each half is one 64-byte store (a `vpmovdb` to
@@ -404,6 +418,19 @@ pub(super) unsafe fn build_tables_avx512<const F32SRC: bool>(
                     let mut los = [_mm512_setzero_si512(); 4];
                     for (k, (hi, lo)) in his.iter_mut().zip(los.iter_mut()).enumerate() {
                         let g = tw.add(16 * gq + 4 * k);
+                        // Split ranks: the block's scale; others: the group's own (see
+                        // `GroupScale`), computed as the generic build computes it.
+                        let m_at = mults.get_unchecked_mut(idx * GROUPS + 4 * gq + k);
+                        let inv = if low {
+                            *m_at = 1;
+                            inv
+                        } else {
+                            let (m, inv_g) =
+                                grouped.group(group_range(std::slice::from_raw_parts(g, 4)));
+                            *m_at = m;
+                            inv_g
+                        };
+                        let invv = _mm512_set1_ps(inv);
                         let mut e = _mm512_mul_ps(_mm512_set1_ps(*g), s0);
                         e = _mm512_fmadd_ps(_mm512_set1_ps(*g.add(1)), s1, e);
                         e = _mm512_fmadd_ps(_mm512_set1_ps(*g.add(2)), s2, e);
@@ -491,12 +518,13 @@ mod tests {
         xs: &[f32],
         halves: usize,
         split_ranks: usize,
-    ) -> (Vec<i8>, Vec<f32>) {
+    ) -> (Vec<i8>, Vec<f32>, Vec<u8>) {
         let words = words_per_row(xs.len());
         let mut t = vec![f32::NAN; rank * words * 64];
         let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
         let mut tables = vec![0x55i8; words * rank * TABLE_BYTES * halves];
         let mut scales = vec![f32::NAN; words * rank];
+        let mut mults = vec![0xAAu8; words * rank * GROUPS];
         match simd {
             // SAFETY: callers check `avx512_available`; the buffers have the documented sizes.
             Some(false) => unsafe {
@@ -508,6 +536,7 @@ mod tests {
                     &mut t,
                     &mut tables,
                     &mut scales,
+                    &mut mults,
                     halves,
                     split_ranks,
                 )
@@ -522,6 +551,7 @@ mod tests {
                     &mut t,
                     &mut tables,
                     &mut scales,
+                    &mut mults,
                     halves,
                     split_ranks,
                 )
@@ -533,11 +563,12 @@ mod tests {
                 &mut t,
                 &mut tables,
                 &mut scales,
+                &mut mults,
                 halves,
                 split_ranks,
             ),
         }
-        (tables, scales)
+        (tables, scales, mults)
     }
 
     proptest! {
@@ -578,6 +609,7 @@ mod tests {
                     got.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     want.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 );
+                prop_assert_eq!(&got.2, &want.2, "multipliers, f32 source: {}", f32src);
             }
         }
     }
