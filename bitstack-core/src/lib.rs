@@ -14,6 +14,11 @@
 //! * [`ElasticModel`]: holds the longest prefix that fits a budget and grows or shrinks in
 //!   place, thread-safely ([`runtime`]).
 //!
+//! Cargo features: `faer` (default) runs batched products (prefill, evaluation) on faer's
+//! parallel GEMM; without it (`default-features = false`) a plain row-tiled GEMM in this
+//! crate runs and faer is not compiled. `testutil` exposes the random blocks the examples
+//! below use; it is for tests, not part of the public API.
+//!
 //! Maths that *produce* blocks (scaling, SVD, decomposition) lives in `bitstack-linalg`;
 //! the on-disk stack file in `bitstack-format`.
 //!
@@ -54,7 +59,9 @@ pub mod runtime;
 pub mod signs;
 pub mod stack;
 // Test and benchmark helpers shared with the other crates' tests, examples and doc examples:
-// not part of the public API (hidden from the docs, may change in any release).
+// not part of the public API (behind the `testutil` feature, hidden from the docs, may change
+// in any release).
+#[cfg(any(test, feature = "testutil"))]
 #[doc(hidden)]
 pub mod testutil;
 
