@@ -16,6 +16,8 @@ use crate::block::ResidualBlockRef;
 use crate::error::{check_len, CoreError, Result};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 pub mod dense;
 mod exact;
 mod int8;
@@ -309,8 +311,12 @@ pub enum KernelIsa {
     Auto,
     /// Plain Rust, any CPU.
     Portable,
-    /// x86-64 AVX-512 F + BW + VBMI + VNNI (byte permutes and int8 dot-product adds).
+    /// x86-64 AVX-512 F, BW, VBMI and VNNI (byte permutes and int8 dot-product adds).
     Avx512Vbmi,
+    /// x86-64 AMX-INT8 tile products (Intel Xeon from Sapphire Rapids on): the ±1 sign tiles
+    /// times all `batch · k ≤ 16` activation columns of a level at once, activations in 16
+    /// bits (8 with [`TablePrecision::Int8`]); larger `batch · k` run the AVX-512 kernel.
+    Amx,
 }
 
 impl KernelIsa {
@@ -319,11 +325,13 @@ impl KernelIsa {
         match self {
             KernelIsa::Auto | KernelIsa::Portable => true,
             KernelIsa::Avx512Vbmi => avx512_available(),
+            KernelIsa::Amx => amx_available(),
         }
     }
     /// The kernel that will actually run for this request.
     pub fn resolve(self) -> KernelIsa {
         match self {
+            KernelIsa::Auto if amx_available() => KernelIsa::Amx,
             KernelIsa::Auto if avx512_available() => KernelIsa::Avx512Vbmi,
             KernelIsa::Auto => KernelIsa::Portable,
             isa if isa.is_available() => isa,
@@ -336,6 +344,7 @@ impl KernelIsa {
             KernelIsa::Auto => "auto",
             KernelIsa::Portable => "portable",
             KernelIsa::Avx512Vbmi => "avx512-vbmi",
+            KernelIsa::Amx => "amx-int8",
         }
     }
 }
@@ -344,6 +353,17 @@ fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         x86::avx512_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn amx_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -382,6 +402,29 @@ impl FusedParams {
     /// and on the stack); larger ranks use the f32 tables.
     fn int8_for(&self, rank: usize) -> bool {
         self.tables != TablePrecision::F32 && rank <= 64
+    }
+    /// Whether the AMX kernel serves this call: not the exact path, AMX resolved, and all
+    /// `batch · rank` activation columns in one tile.
+    fn amx_for(&self, rank: usize, batch: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.tables != TablePrecision::F32
+                && self.isa.resolve() == KernelIsa::Amx
+                && batch * rank <= amx::MAX_N
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (rank, batch);
+            false
+        }
+    }
+    /// Activation bytes of the AMX kernel: 2 (16-bit) or 1 (int8 tables requested).
+    fn amx_halves(&self) -> usize {
+        if self.tables == TablePrecision::Int8 {
+            1
+        } else {
+            2
+        }
     }
     /// Table halves of the lookup kernels: 1 (int8) or 2 (split 16-bit).
     fn halves(&self) -> usize {
@@ -423,10 +466,24 @@ pub fn fused_scratch_len_with(
 ) -> usize {
     if batch > FUSED_MAX_BATCH {
         rows * cols
+    } else if params.amx_for(rank, batch) {
+        amx_scratch_len(cols, levels.max(1), batch, params.amx_halves())
     } else if params.int8_for(rank) {
         int8::Int8Layout::new(rows, cols, rank, levels.max(1), batch, params.halves()).total()
     } else {
         exact::scratch_len(rows, cols, rank, batch)
+    }
+}
+
+fn amx_scratch_len(cols: usize, levels: usize, batch: usize, halves: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        amx::AmxLayout::new(cols, levels, batch, halves).total()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (cols, levels, batch, halves);
+        0
     }
 }
 
@@ -521,6 +578,20 @@ pub fn fused_matmul_with(
         let w = &mut scratch[..rows * cols];
         restore_into(blocks, rows, cols, inv_scale, w)?;
         crate::linear::gemm_xwt(x, w, rows, cols, y);
+    } else if params.amx_for(rank, batch) {
+        #[cfg(target_arch = "x86_64")]
+        amx::fused_amx(
+            blocks,
+            rows,
+            cols,
+            rank,
+            batch,
+            inv_scale,
+            x,
+            y,
+            params.amx_halves(),
+            scratch,
+        );
     } else if params.int8_for(rank) {
         fused_int8(
             blocks, rows, cols, rank, batch, inv_scale, x, y, params, scratch,
@@ -646,7 +717,12 @@ fn fused_int8(
         halves,
         split_ranks,
     };
-    let isa = params.isa.resolve();
+    // AMX calls that do not fit one tile (`batch · k > 16`) run the AVX-512 tiles.
+    let isa = match params.isa.resolve() {
+        KernelIsa::Amx if avx512_available() => KernelIsa::Avx512Vbmi,
+        KernelIsa::Amx => KernelIsa::Portable,
+        isa => isa,
+    };
     let task_rows = if rows >= INT8_WIDE_MIN_ROWS {
         2 * INT8_TASK_ROWS
     } else {
@@ -693,7 +769,7 @@ mod tests {
     use crate::block::FactorDtype;
     use crate::testutil::random_block_with;
 
-    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    pub(super) fn rel_err(a: &[f32], b: &[f32]) -> f64 {
         let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
         let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
         (num / den.max(1e-30)).sqrt()
@@ -727,6 +803,11 @@ mod tests {
         let mut isas = vec![KernelIsa::Portable];
         if KernelIsa::Avx512Vbmi.is_available() {
             isas.push(KernelIsa::Avx512Vbmi);
+        }
+        if KernelIsa::Amx.is_available() {
+            isas.push(KernelIsa::Amx);
+        } else {
+            println!("AMX-INT8 not on this CPU (or not permitted): its kernel is not tested here");
         }
         for isa in isas {
             for tables in [
@@ -959,6 +1040,35 @@ mod proptests {
                 for (g, w) in got.iter().zip(&want) {
                     prop_assert!((g - w).abs() <= tol * scale * (n as f32).sqrt(), "{:?} {}: {} vs {}", p, dt, g, w);
                 }
+            }
+        }
+
+        /// The AMX kernel (where this CPU has it) on the calls it serves, `batch · k ≤ 16`:
+        /// several 16-row tiles and 64-column blocks, ragged edges, 1–3 levels; 16-bit
+        /// activations to the int16 tables' bound, 8-bit ones to the int8 bound.
+        #[test]
+        fn amx_equals_reference(m in 1usize..80, n in 1usize..300, k in 1usize..=16,
+                                levels in 1usize..4, batch_pick in 0usize..16, seed in any::<u64>(),
+                                i8_factors in any::<bool>()) {
+            if !KernelIsa::Amx.is_available() {
+                return Ok(());
+            }
+            let batch = 1 + batch_pick % (16 / k);
+            let dt = if i8_factors { FactorDtype::I8 } else { FactorDtype::F16 };
+            let blocks: Vec<_> = (0..levels).map(|l| random_block_with(m, n, k, seed ^ l as u64, dt)).collect();
+            let refs: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+            let x: Vec<f32> = (0..batch * n).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 50.0).collect();
+            let s: Vec<f32> = (0..n).map(|j| 1.0 / (1.0 + j as f32 * 0.01)).collect();
+            let mut want = vec![0.0; batch * m];
+            matmul_reference(&refs, m, n, Some(&s), &x, &mut want).unwrap();
+            // 8-bit activations have one scale per whole column vector (not per 256 columns
+            // and group, as the int8 tables), so a single output row can miss by ~2 %.
+            for (tables, tol) in [(TablePrecision::Int16, 2e-4), (TablePrecision::Int8, 4e-2)] {
+                let p = FusedParams { tables, isa: KernelIsa::Amx };
+                prop_assert!(p.amx_for(k, batch));
+                let got = run_with(&refs, m, n, Some(&s), &x, p);
+                let e = super::tests::rel_err(&got, &want);
+                prop_assert!(e < tol, "{}x{} k{} batch {} {} {}: {}", m, n, k, batch, tables, dt, e);
             }
         }
     }

@@ -1,0 +1,584 @@
+//! The small-batch fused product on Intel AMX-INT8 tile units.
+//!
+//! One level contributes `Σ_r a_r ⊙ (S (b_r ⊙ x))`: a `rows × cols` ±1 matrix times the `N =
+//! batch · k ≤ 16` columns `t_n = b_r ⊙ x_item`. That is a small GEMM, and one AMX
+//! `tdpbssd` multiplies a 16 × 64 int8 tile by a 64 × 16 one (16,384 multiply-adds, all `k`
+//! ranks of 16 rows × 64 columns at once), where the look-up-table kernels need `k` lookups per
+//! group of four columns. So:
+//!
+//! * **Activations in 16 bits.** Each column `t_n` of each level is rounded to integers
+//!   `Q = round(t · 32767 / max|t|)` (one scale per level and column) and split exactly into
+//!   `Q = 256·H + L`, `H` signed, `L` unsigned bytes, stored in the VNNI tile layout (row `i`
+//!   of a 64-column block holds, for each `n`, the four bytes of columns `4i..4i+4`). With
+//!   [`TablePrecision::Int8`](super::TablePrecision::Int8) only `H = round(t · 127 / max|t|)`
+//!   is kept (one product instead of two).
+//! * **Signs as bytes, never stored.** A 64-column sign word becomes 64 bytes with one
+//!   `vpmovm2b` (`-1` where the bit is set, `0` elsewhere) into a 1 KB buffer the tile load
+//!   reads; with `b` the sign bits, `S·Q = Σ(2b − 1)·Q = −2·Σ(−b)·Q − ΣQ`, so the tile
+//!   products `C' = Σ(−b)·H` (`tdpbssd`) and `Σ(−b)·L` (`tdpbsud`) and one column sum per
+//!   (level, n) give the exact integer `S·Q`.
+//! * Row tiles of 16 run as pool tasks; each task configures its thread's tiles once.
+//!
+//! Everything the tiles compute is an exact integer, so the only rounding is that of `Q`,
+//! as in the int16 tables (whose scale is per 256 columns rather than per column vector).
+//! `AMX` needs the kernel's permission (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), requested once by
+//! [`available`].
+
+use super::pool;
+use super::SyncPtr;
+use crate::block::{FactorRef, ResidualBlockRef};
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Columns (`batch · rank`) one tile product serves.
+pub(super) const MAX_N: usize = 16;
+/// Rows of one tile.
+const TILE_ROWS: usize = 16;
+/// Bytes of one tile (16 rows × 64 bytes).
+const TILE_BYTES: usize = 1024;
+/// Rows per pool task (two tiles: load balance on 192-row weights over few cores).
+const TASK_ROWS: usize = 32;
+
+/// Whether this CPU and OS run AMX-INT8 tiles (plus AVX-512 BW for the sign expansion);
+/// requests the tile-data permission from Linux on first use.
+pub(super) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+            return false;
+        }
+        // cpuid is always available on x86-64; leaf 7 is checked against the maximum.
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        let (tile, int8) = ((edx >> 24) & 1 == 1, (edx >> 25) & 1 == 1);
+        tile && int8 && request_tile_permission()
+    })
+}
+
+/// `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`: Linux (5.16+) faults on AMX tile
+/// use until the process has asked for it; older kernels or other systems answer an error.
+#[cfg(target_os = "linux")]
+fn request_tile_permission() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: a plain system call with integer arguments; it only changes this process's
+    // permission to use the AMX state. rcx and r11 are clobbered by `syscall`.
+    unsafe {
+        asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_permission() -> bool {
+    false
+}
+
+/// Scratch floats of one call: the scaled input, the activation tiles and per (level, n) scales and column sums.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AmxLayout {
+    pub xs: usize,
+    pub tiles: usize,
+    pub scales: usize,
+    pub colsums: usize,
+    blocks: usize,
+}
+
+impl AmxLayout {
+    pub(super) fn new(cols: usize, levels: usize, batch: usize, halves: usize) -> Self {
+        let blocks = cols.div_ceil(64);
+        Self {
+            xs: batch * cols,
+            tiles: levels * blocks * halves * TILE_BYTES / 4,
+            scales: levels * MAX_N,
+            colsums: levels * MAX_N,
+            blocks,
+        }
+    }
+    pub(super) fn total(&self) -> usize {
+        self.xs + self.tiles + self.scales + self.colsums
+    }
+}
+
+/// The 64-byte tile configuration: palette 1, tiles 0..8 of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    const fn new() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            c[16 + 2 * t] = 64; // bytes per row (u16, little-endian)
+            c[48 + t] = TILE_ROWS as u8;
+            t += 1;
+        }
+        Self(c)
+    }
+}
+
+static TILE_CONFIG: TileConfig = TileConfig::new();
+
+/// A 64-byte-aligned tile buffer.
+#[repr(C, align(64))]
+struct TileBuf([u8; TILE_BYTES]);
+
+/// `y (batch × rows) += ...`: the fused product of `blocks` on AMX. `x` is the raw input
+/// (`batch × cols`); `inv_scale` is folded in here. `batch · rank ≤ MAX_N`; callers check
+/// [`available`]. `halves`: 2 for 16-bit activations, 1 for 8-bit.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn fused_amx(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    rank: usize,
+    batch: usize,
+    inv_scale: Option<&[f32]>,
+    x: &[f32],
+    y: &mut [f32],
+    halves: usize,
+    scratch: &mut [f32],
+) {
+    debug_assert!(batch * rank <= MAX_N && available());
+    let levels = blocks.len();
+    let lay = AmxLayout::new(cols, levels, batch, halves);
+    let (xs, rest) = scratch.split_at_mut(lay.xs);
+    let (tiles, rest) = rest.split_at_mut(lay.tiles);
+    let (scales, rest) = rest.split_at_mut(lay.scales);
+    let colsums: &mut [i32] = bytemuck::cast_slice_mut(&mut rest[..lay.colsums]);
+    xs.copy_from_slice(x);
+    if let Some(s) = inv_scale {
+        for xrow in xs.chunks_exact_mut(cols) {
+            for (v, &s) in xrow.iter_mut().zip(s) {
+                *v *= s;
+            }
+        }
+    }
+    let tiles: &mut [i8] = bytemuck::cast_slice_mut(tiles);
+    let per_level = lay.blocks * halves * TILE_BYTES;
+    {
+        // Phase 1: one task per level quantizes its activation columns into its own tiles.
+        let tiles_ptr = SyncPtr(tiles.as_mut_ptr());
+        let sc_ptr = SyncPtr(scales.as_mut_ptr());
+        let cs_ptr = SyncPtr(colsums.as_mut_ptr());
+        let xs = &*xs;
+        pool::run(levels, &|l, _slot| {
+            // SAFETY: task `l` alone writes level `l`'s tiles, scales and column sums; every
+            // region lies inside the scratch carved by `AmxLayout`.
+            let (t, sc, cs) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(tiles_ptr.get().add(l * per_level), per_level),
+                    std::slice::from_raw_parts_mut(sc_ptr.get().add(l * MAX_N), MAX_N),
+                    std::slice::from_raw_parts_mut(cs_ptr.get().add(l * MAX_N), MAX_N),
+                )
+            };
+            // SAFETY: `available()` (checked by the caller) includes AVX-512 F and BW.
+            unsafe { quantize_level_avx512(&blocks[l], xs, cols, batch, halves, t, sc, cs) };
+        });
+    }
+    let tiles = &*tiles;
+    let (scales, colsums) = (&*scales, &*colsums);
+    let y_ptr = SyncPtr(y.as_mut_ptr());
+    let tasks = rows.div_ceil(TASK_ROWS);
+    pool::run(tasks, &|task, _slot| {
+        let row0 = task * TASK_ROWS;
+        let nrows = TASK_ROWS.min(rows - row0);
+        // SAFETY: `available()` holds (checked by the caller); task `task` alone writes rows
+        // row0..row0 + nrows of every batch item of `y`; the tiles were sized by `AmxLayout`.
+        unsafe {
+            rows_amx(
+                blocks, rows, rank, batch, halves, &lay, tiles, scales, colsums, row0, nrows, y_ptr,
+            )
+        }
+    });
+}
+
+/// Level `l`'s activation tiles: for each `n = item·rank + r`, `t = bf[·, r] ⊙ xs[item]`
+/// rounded at `max|t| / QMAX` into the VNNI layout (high bytes, then low bytes with
+/// `halves == 2`), its scale `max|t| / QMAX` and its integer column sum.
+/// The plain reference of [`quantize_level_avx512`] (tests compare their bytes).
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+fn quantize_level(
+    bf: &[f32],
+    xs: &[f32],
+    cols: usize,
+    rank: usize,
+    batch: usize,
+    halves: usize,
+    tiles: &mut [i8],
+    scales: &mut [f32],
+    colsums: &mut [i32],
+) {
+    let qmax = qmax(halves);
+    tiles.fill(0);
+    scales.fill(0.0);
+    colsums.fill(0);
+    for bi in 0..batch {
+        let xr = &xs[bi * cols..(bi + 1) * cols];
+        for r in 0..rank {
+            let n = bi * rank + r;
+            let t = |c: usize| bf[c * rank + r] * xr[c];
+            let maxabs = (0..cols).fold(0.0f32, |m, c| m.max(t(c).abs()));
+            if !(maxabs > 0.0 && maxabs.is_finite()) {
+                continue;
+            }
+            let inv = qmax / maxabs;
+            scales[n] = maxabs / qmax;
+            let mut sum = 0i32;
+            for c in 0..cols {
+                let q = (t(c) * inv).round_ties_even() as i32;
+                sum += q;
+                // Block `c / 64`, tile row `(c % 64) / 4`, byte `4n + c % 4`.
+                let at = (c / 64) * halves * TILE_BYTES + ((c % 64) / 4) * 64 + 4 * n + c % 4;
+                if halves == 2 {
+                    tiles[at] = (q >> 8) as i8;
+                    tiles[at + TILE_BYTES] = (q & 0xFF) as u8 as i8;
+                } else {
+                    tiles[at] = q as i8;
+                }
+            }
+            colsums[n] = sum;
+        }
+    }
+}
+
+/// Largest code of an activation: 32767 (16-bit, split into two bytes) or 127 (8-bit).
+fn qmax(halves: usize) -> f32 {
+    if halves == 2 {
+        32767.0
+    } else {
+        127.0
+    }
+}
+
+/// [`quantize_level`] in AVX-512, all `n` at once in the 16 lanes of one register, writing
+/// the same bytes (a proptest checks it): per column `c`, lane `n` holds
+/// `bf[c][n % rank] · xs[n / rank][c]`; one pass finds the lanes' maxima, a second rounds
+/// (ties to even, like the reference) and writes four columns' codes per 64-byte tile row.
+/// Padding columns and lanes `n ≥ batch · rank` are written as zeros, so nothing is filled
+/// first.
+///
+/// # Safety
+/// AVX-512 F and BW; the slices sized as for [`quantize_level`], `batch · rank ≤ 16`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_level_avx512(
+    blk: &ResidualBlockRef<'_>,
+    xs: &[f32],
+    cols: usize,
+    batch: usize,
+    halves: usize,
+    tiles: &mut [i8],
+    scales: &mut [f32],
+    colsums: &mut [i32],
+) {
+    let rank = blk.rank;
+    let n_used = batch * rank;
+    debug_assert!(n_used <= MAX_N && blk.cols() == cols && xs.len() >= batch * cols);
+    let blocks = cols.div_ceil(64);
+    debug_assert!(tiles.len() >= blocks * halves * TILE_BYTES);
+    let lanes: __mmask16 = if n_used == 16 {
+        !0
+    } else {
+        (1u16 << n_used) - 1
+    };
+    let rank_mask: __mmask16 = if rank >= 16 { !0 } else { (1u16 << rank) - 1 };
+    let mut r_idx = [0i32; 16];
+    let mut x_idx = [0i32; 16];
+    for n in 0..n_used {
+        r_idx[n] = (n % rank) as i32;
+        x_idx[n] = ((n / rank) * cols) as i32;
+    }
+    let r_idx = _mm512_loadu_si512(r_idx.as_ptr().cast());
+    let x_idx = _mm512_loadu_si512(x_idx.as_ptr().cast());
+    // Row c of B as the kernels read it (`ResidualBlockRef::kernel_b_into`: the f16 values,
+    // or the int8 codes times `sa·sb`), straight from the block: lanes r < rank.
+    let (f16_b, i8_b, fold) = match (blk.a, blk.b) {
+        (FactorRef::I8 { scale: sa, .. }, FactorRef::I8 { q, scale: sb }) => {
+            let mut fold = [0.0f32; 16];
+            for (r, f) in fold.iter_mut().enumerate().take(rank) {
+                *f = sa[r] * sb[r];
+            }
+            (None, Some(q), _mm512_loadu_ps(fold.as_ptr()))
+        }
+        (_, FactorRef::F16(b)) => (Some(b), None, _mm512_setzero_ps()),
+        (_, FactorRef::I8 { q, scale: sb }) => {
+            // (Not built by this crate: callers reject mixed factor types.)
+            let mut fold = [0.0f32; 16];
+            fold[..rank].copy_from_slice(&sb[..rank]);
+            (None, Some(q), _mm512_loadu_ps(fold.as_ptr()))
+        }
+    };
+    let mask32 = u32::from(rank_mask);
+    let mask64 = u64::from(rank_mask);
+    let b_at = |c: usize| match (f16_b, i8_b) {
+        (Some(b), _) => _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(
+            mask32,
+            b.as_ptr().add(c * rank).cast(),
+        ))),
+        (_, Some(q)) => {
+            let codes = _mm512_maskz_loadu_epi8(mask64, q.as_ptr().add(c * rank));
+            let codes = _mm512_cvtepi8_epi32(_mm512_castsi512_si128(codes));
+            _mm512_mul_ps(_mm512_cvtepi32_ps(codes), fold)
+        }
+        _ => _mm512_setzero_ps(),
+    };
+    // t for column c (c < cols), lanes beyond n_used zero.
+    let t_at = |c: usize| {
+        let b = _mm512_permutexvar_ps(r_idx, b_at(c));
+        let x = _mm512_mask_i32gather_ps::<4>(
+            _mm512_setzero_ps(),
+            lanes,
+            x_idx,
+            xs.as_ptr().add(c).cast(),
+        );
+        _mm512_maskz_mul_ps(lanes, b, x)
+    };
+    let mut maxv = _mm512_setzero_ps();
+    for c in 0..cols {
+        maxv = _mm512_max_ps(maxv, _mm512_abs_ps(t_at(c)));
+    }
+    let mut maxabs = [0.0f32; 16];
+    _mm512_storeu_ps(maxabs.as_mut_ptr(), maxv);
+    let qmax = qmax(halves);
+    let mut inv = [0.0f32; 16];
+    for n in 0..MAX_N {
+        let m = maxabs[n];
+        let ok = n < n_used && m > 0.0 && m.is_finite();
+        scales[n] = if ok { m / qmax } else { 0.0 };
+        inv[n] = if ok { qmax / m } else { 0.0 };
+    }
+    let invv = _mm512_loadu_ps(inv.as_ptr());
+    let byte = _mm512_set1_epi32(0xFF);
+    let mut sum = _mm512_setzero_si512();
+    for cb in 0..blocks {
+        let out = tiles.as_mut_ptr().add(cb * halves * TILE_BYTES);
+        for i in 0..16 {
+            let (mut hi, mut lo) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for j in 0..4 {
+                let c = cb * 64 + 4 * i + j;
+                if c >= cols {
+                    break;
+                }
+                let q = _mm512_cvtps_epi32(_mm512_mul_ps(t_at(c), invv));
+                sum = _mm512_add_epi32(sum, q);
+                let shift = _mm512_set1_epi32(8 * j as i32);
+                if halves == 2 {
+                    let h = _mm512_and_si512(_mm512_srai_epi32::<8>(q), byte);
+                    hi = _mm512_or_si512(hi, _mm512_sllv_epi32(h, shift));
+                    let l = _mm512_and_si512(q, byte);
+                    lo = _mm512_or_si512(lo, _mm512_sllv_epi32(l, shift));
+                } else {
+                    let h = _mm512_and_si512(q, byte);
+                    hi = _mm512_or_si512(hi, _mm512_sllv_epi32(h, shift));
+                }
+            }
+            _mm512_storeu_si512(out.add(i * 64).cast(), hi);
+            if halves == 2 {
+                _mm512_storeu_si512(out.add(TILE_BYTES + i * 64).cast(), lo);
+            }
+        }
+    }
+    _mm512_storeu_si512(colsums.as_mut_ptr().cast(), sum);
+}
+
+/// Rows `row0..row0 + nrows` (at most [`TASK_ROWS`]) of every item of `y` (`batch × rows`).
+///
+/// Two 16-row tiles share each activation tile load: tmm0/tmm1 (high / low products) and
+/// tmm2/tmm3 accumulate the two row tiles, tmm4 and tmm7 hold their sign bytes (two
+/// buffers, so one tile's stores do not wait on the other's load), tmm5/tmm6 the level's
+/// activation tiles of one 64-column block. The epilogue turns each row's 16 integer
+/// products into f32 in one register: `S·Q = −2·(256·C_hi + C_lo) − ΣQ`, times the column
+/// scales and the row of `A`.
+///
+/// # Safety
+/// AMX-INT8 and AVX-512 BW available with the tile permission granted ([`available`]); the
+/// caller owns those rows of `y` exclusively; `tiles`, `scales`, `colsums` laid out by
+/// `lay` for `blocks`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn rows_amx(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    rank: usize,
+    batch: usize,
+    halves: usize,
+    lay: &AmxLayout,
+    tiles: &[i8],
+    scales: &[f32],
+    colsums: &[i32],
+    row0: usize,
+    nrows: usize,
+    y: SyncPtr<f32>,
+) {
+    debug_assert!(nrows <= TASK_ROWS && batch * rank <= MAX_N);
+    let mut signs = [TileBuf([0; TILE_BYTES]), TileBuf([0; TILE_BYTES])];
+    // c[0], c[1]: high / low products of row tile 0; c[2], c[3]: of row tile 1.
+    let mut c = [[[0i32; MAX_N]; TILE_ROWS]; 4];
+    let mut a_row = [0.0f32; MAX_N];
+    let mut acc = [_mm512_setzero_ps(); TASK_ROWS];
+    let mut r_idx = [0i32; MAX_N];
+    for (n, v) in r_idx.iter_mut().enumerate() {
+        *v = (n % rank) as i32;
+    }
+    let r_idx = _mm512_loadu_si512(r_idx.as_ptr().cast());
+    let n_used = batch * rank;
+    let lanes: __mmask16 = if n_used == 16 {
+        !0
+    } else {
+        (1u16 << n_used) - 1
+    };
+    let hi_weight = _mm512_set1_ps(if halves == 2 { 256.0 } else { 1.0 });
+    let per_level = lay.blocks * halves * TILE_BYTES;
+    let wpr = lay.blocks;
+    let stride = 64usize;
+    asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
+    for (l, blk) in blocks.iter().enumerate() {
+        let words = blk.signs.words();
+        let lt = tiles.as_ptr().add(l * per_level);
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem)
+        );
+        for cb in 0..lay.blocks {
+            let hi = lt.add(cb * halves * TILE_BYTES);
+            asm!(
+                "tileloadd tmm5, [{h} + {st}]",
+                h = in(reg) hi,
+                st = in(reg) stride,
+                options(nostack, readonly)
+            );
+            if halves == 2 {
+                asm!(
+                    "tileloadd tmm6, [{lo} + {st}]",
+                    lo = in(reg) hi.add(TILE_BYTES),
+                    st = in(reg) stride,
+                    options(nostack, readonly)
+                );
+            }
+            for (t, buf) in signs.iter_mut().enumerate() {
+                // The tile's 16 rows' sign words of this block as bytes (-1: bit set).
+                for m in 0..TILE_ROWS {
+                    let r = 16 * t + m;
+                    let w = if r < nrows {
+                        *words.get_unchecked((row0 + r) * wpr + cb)
+                    } else {
+                        0
+                    };
+                    _mm512_store_si512(buf.0.as_mut_ptr().add(m * 64).cast(), _mm512_movm_epi8(w));
+                }
+            }
+            asm!(
+                "tileloadd tmm4, [{s0} + {st}]",
+                "tdpbssd tmm0, tmm4, tmm5",
+                "tileloadd tmm7, [{s1} + {st}]",
+                "tdpbssd tmm2, tmm7, tmm5",
+                s0 = in(reg) signs[0].0.as_ptr(),
+                s1 = in(reg) signs[1].0.as_ptr(),
+                st = in(reg) stride,
+                options(nostack, readonly)
+            );
+            if halves == 2 {
+                asm!(
+                    "tdpbsud tmm1, tmm4, tmm6",
+                    "tdpbsud tmm3, tmm7, tmm6",
+                    options(nostack, nomem)
+                );
+            }
+        }
+        asm!(
+            "tilestored [{c0} + {st}], tmm0",
+            "tilestored [{c1} + {st}], tmm1",
+            "tilestored [{c2} + {st}], tmm2",
+            "tilestored [{c3} + {st}], tmm3",
+            c0 = in(reg) c[0].as_mut_ptr(),
+            c1 = in(reg) c[1].as_mut_ptr(),
+            c2 = in(reg) c[2].as_mut_ptr(),
+            c3 = in(reg) c[3].as_mut_ptr(),
+            st = in(reg) stride,
+            options(nostack)
+        );
+        let sc = _mm512_loadu_ps(scales.as_ptr().add(l * MAX_N));
+        let cs = _mm512_cvtepi32_ps(_mm512_loadu_si512(colsums.as_ptr().add(l * MAX_N).cast()));
+        let minus_two = _mm512_set1_ps(-2.0);
+        for (r, acc_r) in acc.iter_mut().enumerate().take(nrows) {
+            let (t, m) = (r / TILE_ROWS, r % TILE_ROWS);
+            let c_hi = _mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * t][m].as_ptr().cast()));
+            let c_lo = _mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * t + 1][m].as_ptr().cast()));
+            // −2·(w·C_hi + C_lo) − ΣQ (exact below 2^24 per part; the sum rounds in f32).
+            let neg_bq = _mm512_fmadd_ps(hi_weight, c_hi, c_lo);
+            let sq = _mm512_fmsub_ps(minus_two, neg_bq, cs);
+            blk.kernel_a_row(row0 + r, &mut a_row);
+            let a = _mm512_permutexvar_ps(r_idx, _mm512_loadu_ps(a_row.as_ptr()));
+            *acc_r = _mm512_mask3_fmadd_ps(_mm512_mul_ps(a, sc), sq, *acc_r, lanes);
+        }
+    }
+    asm!("tilerelease", options(nostack, nomem));
+    let mut out = [0.0f32; MAX_N];
+    for (r, acc_r) in acc.iter().enumerate().take(nrows) {
+        _mm512_storeu_ps(out.as_mut_ptr(), *acc_r);
+        for bi in 0..batch {
+            let v: f32 = out[bi * rank..(bi + 1) * rank].iter().sum();
+            *y.get().add(bi * rows + row0 + r) = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::FactorDtype;
+    use crate::testutil::{random_block_with, XorShift};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// The AVX-512 quantization writes exactly the reference's tiles, scales and sums.
+        #[test]
+        fn simd_quantization_equals_reference(cols in 1usize..300, rank in 1usize..=16,
+                                              batch_pick in 0usize..16, halves in 1usize..=2,
+                                              seed: u64) {
+            if !available() {
+                return Ok(());
+            }
+            let batch = 1 + batch_pick % (16 / rank);
+            let mut rng = XorShift::new(seed);
+            let dt = if seed % 2 == 0 { FactorDtype::F16 } else { FactorDtype::I8 };
+            let blk = random_block_with(3, cols, rank, seed, dt);
+            let mut bf = vec![0.0f32; cols * rank];
+            blk.view().kernel_b_into(&mut bf);
+            let mut xs: Vec<f32> = (0..batch * cols).map(|_| rng.next_gaussian()).collect();
+            xs[0] = 0.0;
+            let len = cols.div_ceil(64) * halves * TILE_BYTES;
+            let (mut t1, mut t2) = (vec![0x55i8; len], vec![0x33i8; len]);
+            let (mut s1, mut s2) = (vec![f32::NAN; MAX_N], vec![f32::NAN; MAX_N]);
+            let (mut c1, mut c2) = (vec![7i32; MAX_N], vec![9i32; MAX_N]);
+            quantize_level(&bf, &xs, cols, rank, batch, halves, &mut t1, &mut s1, &mut c1);
+            // SAFETY: `available()` holds; the buffers have the documented sizes.
+            unsafe {
+                quantize_level_avx512(&blk.view(), &xs, cols, batch, halves, &mut t2, &mut s2, &mut c2)
+            };
+            prop_assert_eq!(t1, t2);
+            prop_assert_eq!(s1, s2);
+            prop_assert_eq!(c1, c2);
+        }
+    }
+}
