@@ -999,9 +999,19 @@ impl Report {
         s
     }
 
+    /// compare.md: the caption, the baseline table, the ablations, the llama.cpp table.
     fn markdown(&self) -> String {
+        let mut s = self.markdown_caption();
+        s.push_str(&self.baseline_markdown());
+        s.push_str(&self.ablation_markdown());
+        s.push_str(&self.llama_markdown());
+        s
+    }
+
+    /// compare.md's caption: the text, windows, memory rule, stack and calibration.
+    fn markdown_caption(&self) -> String {
         let h = &self.header;
-        let mut s = format!(
+        format!(
             "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors ({} embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
             h.text,
             windows_text(h.max_windows),
@@ -1021,7 +1031,12 @@ impl Report {
             h.calib_windows,
             h.calib_seq_len,
             h.calib,
-        );
+        )
+    }
+
+    /// compare.md's baseline table: the original row, then each baseline and BitStack at its
+    /// memory.
+    fn baseline_markdown(&self) -> String {
         let mut rows = Vec::new();
         if let Some((b, p)) = &self.original {
             rows.push(vec![
@@ -1062,7 +1077,7 @@ impl Report {
                 win,
             ]);
         }
-        s.push_str(&markdown_table(
+        markdown_table(
             &[
                 "config",
                 "method",
@@ -1073,118 +1088,54 @@ impl Report {
                 "lower ppl",
             ],
             &rows,
-        ));
-        if !self.ablations.is_empty() || !self.ablation_notes.is_empty() {
-            s.push_str(&format!(
-                "\nBitStack ablations ({} windows):\n\n",
-                windows_text(h.ablation_windows)
-            ));
-            let rows: Vec<Vec<String>> = self
-                .ablations
-                .iter()
-                .map(|a| {
-                    vec![
-                        a.variant.clone(),
-                        a.config.clone(),
-                        format!("{:.1}", mb(a.budget)),
-                        a.point
-                            .as_ref()
-                            .map_or("n/a".into(), |p| format!("{:.1}", mb(p.held))),
-                        a.point.as_ref().map_or_else(
-                            || a.note.clone().unwrap_or_default(),
-                            |p| format!("{:.3}", p.ppl.ppl),
-                        ),
-                    ]
-                })
-                .collect();
-            s.push_str(&markdown_table(
-                &["variant", "at memory of", "budget MB", "held MB", "ppl"],
-                &rows,
-            ));
-            for n in &self.ablation_notes {
-                s.push_str(&format!("\n* {n}"));
-            }
-            s.push('\n');
+        )
+    }
+
+    /// compare.md's ablation table and notes (empty without ablations).
+    fn ablation_markdown(&self) -> String {
+        if self.ablations.is_empty() && self.ablation_notes.is_empty() {
+            return String::new();
         }
-        s.push_str(&self.llama_markdown());
+        let mut s = format!(
+            "\nBitStack ablations ({} windows):\n\n",
+            windows_text(self.header.ablation_windows)
+        );
+        let rows: Vec<Vec<String>> = self
+            .ablations
+            .iter()
+            .map(|a| {
+                vec![
+                    a.variant.clone(),
+                    a.config.clone(),
+                    format!("{:.1}", mb(a.budget)),
+                    a.point
+                        .as_ref()
+                        .map_or("n/a".into(), |p| format!("{:.1}", mb(p.held))),
+                    a.point.as_ref().map_or_else(
+                        || a.note.clone().unwrap_or_default(),
+                        |p| format!("{:.3}", p.ppl.ppl),
+                    ),
+                ]
+            })
+            .collect();
+        s.push_str(&markdown_table(
+            &["variant", "at memory of", "budget MB", "held MB", "ppl"],
+            &rows,
+        ));
+        for n in &self.ablation_notes {
+            s.push_str(&format!("\n* {n}"));
+        }
+        s.push('\n');
         s
     }
 
+    /// compare.svg: perplexity against memory for each baseline, BitStack, each ablation and
+    /// llama.cpp, with the original as a horizontal line.
     fn svg(&self) -> Result<String, PlotError> {
-        let mut series: Vec<Series> = Vec::new();
-        let mut methods: Vec<Baseline> = Vec::new();
-        for r in &self.rows {
-            if !methods.contains(&r.method) {
-                methods.push(r.method);
-            }
-        }
-        for m in methods {
-            let mut points: Vec<(f64, f64)> = self
-                .rows
-                .iter()
-                .filter(|r| r.method == m)
-                .map(|r| (mb(r.total), r.ppl.ppl))
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            series.push(Series {
-                name: m.name().into(),
-                points,
-            });
-        }
-        let mut bs: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
-        let llama_rows = self.llama.iter().flat_map(|l| &l.rows);
-        for s in self
-            .rows
-            .iter()
-            .filter_map(|r| r.bitstack.as_ref())
-            .chain(self.extra_stack_points.values())
-            .chain(llama_rows.filter_map(|r| r.bitstack.as_ref()))
-        {
-            bs.insert(s.prefix, (mb(s.held), s.ppl.ppl));
-        }
-        if !bs.is_empty() {
-            series.push(Series {
-                name: "BitStack".into(),
-                points: bs.into_values().collect(),
-            });
-        }
-        let mut variants: Vec<&str> = Vec::new();
-        for a in &self.ablations {
-            if !variants.contains(&a.variant.as_str()) {
-                variants.push(&a.variant);
-            }
-        }
-        for v in variants {
-            let mut points: Vec<(f64, f64)> = self
-                .ablations
-                .iter()
-                .filter(|a| a.variant == v)
-                .filter_map(|a| a.point.as_ref().map(|p| (mb(p.held), p.ppl.ppl)))
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if !points.is_empty() {
-                series.push(Series {
-                    name: v.to_owned(),
-                    points,
-                });
-            }
-        }
-        // llama.cpp's points on our scale: its ratio to its own F32 times our original's
-        // perplexity (the raw numbers score other tokens, see the notes).
-        if let (Some(l), Some((_, o))) = (&self.llama, &self.original) {
-            let mut points: Vec<(f64, f64)> = l
-                .rows
-                .iter()
-                .filter_map(|r| Some((mb(r.file.bytes), l.llama_ratio(r)? * o.ppl)))
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if !points.is_empty() {
-                series.push(Series {
-                    name: "llama.cpp GGUF (file size; ppl ratio to its F32 x our original)".into(),
-                    points,
-                });
-            }
-        }
+        let mut series = self.baseline_series();
+        series.extend(self.bitstack_series());
+        series.extend(self.ablation_series());
+        series.extend(self.llama_series());
         let hlines: Vec<(String, f64)> = self
             .original
             .as_ref()
@@ -1199,6 +1150,87 @@ impl Report {
         )
     }
 
+    /// One series per baseline method (in the order the rows first name them).
+    fn baseline_series(&self) -> Vec<Series> {
+        let mut methods: Vec<Baseline> = Vec::new();
+        for r in &self.rows {
+            if !methods.contains(&r.method) {
+                methods.push(r.method);
+            }
+        }
+        methods
+            .into_iter()
+            .filter_map(|m| {
+                let points = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.method == m)
+                    .map(|r| (mb(r.total), r.ppl.ppl))
+                    .collect();
+                sorted_series(m.name().into(), points)
+            })
+            .collect()
+    }
+
+    /// BitStack's points, by prefix: at the baselines', the extra and the llama.cpp rows'
+    /// memories (`None` when there are none).
+    fn bitstack_series(&self) -> Option<Series> {
+        let mut bs: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+        let llama_rows = self.llama.iter().flat_map(|l| &l.rows);
+        for s in self
+            .rows
+            .iter()
+            .filter_map(|r| r.bitstack.as_ref())
+            .chain(self.extra_stack_points.values())
+            .chain(llama_rows.filter_map(|r| r.bitstack.as_ref()))
+        {
+            bs.insert(s.prefix, (mb(s.held), s.ppl.ppl));
+        }
+        (!bs.is_empty()).then(|| Series {
+            name: "BitStack".into(),
+            points: bs.into_values().collect(),
+        })
+    }
+
+    /// One series per ablation variant that has points (in the order they first appear).
+    fn ablation_series(&self) -> Vec<Series> {
+        let mut variants: Vec<&str> = Vec::new();
+        for a in &self.ablations {
+            if !variants.contains(&a.variant.as_str()) {
+                variants.push(&a.variant);
+            }
+        }
+        variants
+            .into_iter()
+            .filter_map(|v| {
+                let points = self
+                    .ablations
+                    .iter()
+                    .filter(|a| a.variant == v)
+                    .filter_map(|a| a.point.as_ref().map(|p| (mb(p.held), p.ppl.ppl)))
+                    .collect();
+                sorted_series(v.to_owned(), points)
+            })
+            .collect()
+    }
+
+    /// llama.cpp's points on our scale: its ratio to its own F32 times our original's
+    /// perplexity (the raw numbers score other tokens, see the notes).
+    fn llama_series(&self) -> Option<Series> {
+        let (Some(l), Some((_, o))) = (&self.llama, &self.original) else {
+            return None;
+        };
+        let points = l
+            .rows
+            .iter()
+            .filter_map(|r| Some((mb(r.file.bytes), l.llama_ratio(r)? * o.ppl)))
+            .collect();
+        sorted_series(
+            "llama.cpp GGUF (file size; ppl ratio to its F32 x our original)".into(),
+            points,
+        )
+    }
+
     fn write(&self, out_dir: &Path) -> Res<()> {
         write_atomic(
             &out_dir.join("compare.json"),
@@ -1208,6 +1240,12 @@ impl Report {
         write_atomic(&out_dir.join("compare.svg"), self.svg()?.as_bytes())?;
         Ok(())
     }
+}
+
+/// A plot series of `points` sorted by memory (`None` when there are none).
+fn sorted_series(name: String, mut points: Vec<(f64, f64)>) -> Option<Series> {
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (!points.is_empty()).then_some(Series { name, points })
 }
 
 /// The original model's perplexity (the reference of every ratio), with progress lines.
