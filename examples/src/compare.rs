@@ -43,7 +43,8 @@ use crate::gguf::ModelError;
 use crate::gguf::{open_model, ModelSource};
 use crate::llama::LlamaError;
 use crate::llama::{
-    ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaResident,
+    ActivationObserver, EmbeddingPrecision, LinearKind, LinearProvider, LinearTable, Llama,
+    LlamaResident,
 };
 use crate::llama_cpp::{ratio, GgufQuant, LlamaCpp, LlamaCppError, LlamaPerplexity, QuantizedFile};
 use crate::output::{OutputError, UsageError};
@@ -998,9 +999,19 @@ impl Report {
         s
     }
 
+    /// compare.md: the caption, the baseline table, the ablations, the llama.cpp table.
     fn markdown(&self) -> String {
+        let mut s = self.markdown_caption();
+        s.push_str(&self.baseline_markdown());
+        s.push_str(&self.ablation_markdown());
+        s.push_str(&self.llama_markdown());
+        s
+    }
+
+    /// compare.md's caption: the text, windows, memory rule, stack and calibration.
+    fn markdown_caption(&self) -> String {
         let h = &self.header;
-        let mut s = format!(
+        format!(
             "Perplexity on {} ({} windows of {} tokens, picked by --windows {}, of {} available); memory in MB (10^6 bytes) = weights + scales + zeros + resident tensors ({} embedding, f32 norms). BitStack is the largest prefix of {} that does not exceed the baseline's memory. Baselines calibrated on {} windows of {} tokens of {} (statistics from one pass of the original model).\n\n",
             h.text,
             windows_text(h.max_windows),
@@ -1020,7 +1031,12 @@ impl Report {
             h.calib_windows,
             h.calib_seq_len,
             h.calib,
-        );
+        )
+    }
+
+    /// compare.md's baseline table: the original row, then each baseline and BitStack at its
+    /// memory.
+    fn baseline_markdown(&self) -> String {
         let mut rows = Vec::new();
         if let Some((b, p)) = &self.original {
             rows.push(vec![
@@ -1061,7 +1077,7 @@ impl Report {
                 win,
             ]);
         }
-        s.push_str(&markdown_table(
+        markdown_table(
             &[
                 "config",
                 "method",
@@ -1072,118 +1088,54 @@ impl Report {
                 "lower ppl",
             ],
             &rows,
-        ));
-        if !self.ablations.is_empty() || !self.ablation_notes.is_empty() {
-            s.push_str(&format!(
-                "\nBitStack ablations ({} windows):\n\n",
-                windows_text(h.ablation_windows)
-            ));
-            let rows: Vec<Vec<String>> = self
-                .ablations
-                .iter()
-                .map(|a| {
-                    vec![
-                        a.variant.clone(),
-                        a.config.clone(),
-                        format!("{:.1}", mb(a.budget)),
-                        a.point
-                            .as_ref()
-                            .map_or("n/a".into(), |p| format!("{:.1}", mb(p.held))),
-                        a.point.as_ref().map_or_else(
-                            || a.note.clone().unwrap_or_default(),
-                            |p| format!("{:.3}", p.ppl.ppl),
-                        ),
-                    ]
-                })
-                .collect();
-            s.push_str(&markdown_table(
-                &["variant", "at memory of", "budget MB", "held MB", "ppl"],
-                &rows,
-            ));
-            for n in &self.ablation_notes {
-                s.push_str(&format!("\n* {n}"));
-            }
-            s.push('\n');
+        )
+    }
+
+    /// compare.md's ablation table and notes (empty without ablations).
+    fn ablation_markdown(&self) -> String {
+        if self.ablations.is_empty() && self.ablation_notes.is_empty() {
+            return String::new();
         }
-        s.push_str(&self.llama_markdown());
+        let mut s = format!(
+            "\nBitStack ablations ({} windows):\n\n",
+            windows_text(self.header.ablation_windows)
+        );
+        let rows: Vec<Vec<String>> = self
+            .ablations
+            .iter()
+            .map(|a| {
+                vec![
+                    a.variant.clone(),
+                    a.config.clone(),
+                    format!("{:.1}", mb(a.budget)),
+                    a.point
+                        .as_ref()
+                        .map_or("n/a".into(), |p| format!("{:.1}", mb(p.held))),
+                    a.point.as_ref().map_or_else(
+                        || a.note.clone().unwrap_or_default(),
+                        |p| format!("{:.3}", p.ppl.ppl),
+                    ),
+                ]
+            })
+            .collect();
+        s.push_str(&markdown_table(
+            &["variant", "at memory of", "budget MB", "held MB", "ppl"],
+            &rows,
+        ));
+        for n in &self.ablation_notes {
+            s.push_str(&format!("\n* {n}"));
+        }
+        s.push('\n');
         s
     }
 
+    /// compare.svg: perplexity against memory for each baseline, BitStack, each ablation and
+    /// llama.cpp, with the original as a horizontal line.
     fn svg(&self) -> Result<String, PlotError> {
-        let mut series: Vec<Series> = Vec::new();
-        let mut methods: Vec<Baseline> = Vec::new();
-        for r in &self.rows {
-            if !methods.contains(&r.method) {
-                methods.push(r.method);
-            }
-        }
-        for m in methods {
-            let mut points: Vec<(f64, f64)> = self
-                .rows
-                .iter()
-                .filter(|r| r.method == m)
-                .map(|r| (mb(r.total), r.ppl.ppl))
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            series.push(Series {
-                name: m.name().into(),
-                points,
-            });
-        }
-        let mut bs: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
-        let llama_rows = self.llama.iter().flat_map(|l| &l.rows);
-        for s in self
-            .rows
-            .iter()
-            .filter_map(|r| r.bitstack.as_ref())
-            .chain(self.extra_stack_points.values())
-            .chain(llama_rows.filter_map(|r| r.bitstack.as_ref()))
-        {
-            bs.insert(s.prefix, (mb(s.held), s.ppl.ppl));
-        }
-        if !bs.is_empty() {
-            series.push(Series {
-                name: "BitStack".into(),
-                points: bs.into_values().collect(),
-            });
-        }
-        let mut variants: Vec<&str> = Vec::new();
-        for a in &self.ablations {
-            if !variants.contains(&a.variant.as_str()) {
-                variants.push(&a.variant);
-            }
-        }
-        for v in variants {
-            let mut points: Vec<(f64, f64)> = self
-                .ablations
-                .iter()
-                .filter(|a| a.variant == v)
-                .filter_map(|a| a.point.as_ref().map(|p| (mb(p.held), p.ppl.ppl)))
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if !points.is_empty() {
-                series.push(Series {
-                    name: v.to_owned(),
-                    points,
-                });
-            }
-        }
-        // llama.cpp's points on our scale: its ratio to its own F32 times our original's
-        // perplexity (the raw numbers score other tokens, see the notes).
-        if let (Some(l), Some((_, o))) = (&self.llama, &self.original) {
-            let mut points: Vec<(f64, f64)> = l
-                .rows
-                .iter()
-                .filter_map(|r| Some((mb(r.file.bytes), l.llama_ratio(r)? * o.ppl)))
-                .collect();
-            points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            if !points.is_empty() {
-                series.push(Series {
-                    name: "llama.cpp GGUF (file size; ppl ratio to its F32 x our original)".into(),
-                    points,
-                });
-            }
-        }
+        let mut series = self.baseline_series();
+        series.extend(self.bitstack_series());
+        series.extend(self.ablation_series());
+        series.extend(self.llama_series());
         let hlines: Vec<(String, f64)> = self
             .original
             .as_ref()
@@ -1198,6 +1150,87 @@ impl Report {
         )
     }
 
+    /// One series per baseline method (in the order the rows first name them).
+    fn baseline_series(&self) -> Vec<Series> {
+        let mut methods: Vec<Baseline> = Vec::new();
+        for r in &self.rows {
+            if !methods.contains(&r.method) {
+                methods.push(r.method);
+            }
+        }
+        methods
+            .into_iter()
+            .filter_map(|m| {
+                let points = self
+                    .rows
+                    .iter()
+                    .filter(|r| r.method == m)
+                    .map(|r| (mb(r.total), r.ppl.ppl))
+                    .collect();
+                sorted_series(m.name().into(), points)
+            })
+            .collect()
+    }
+
+    /// BitStack's points, by prefix: at the baselines', the extra and the llama.cpp rows'
+    /// memories (`None` when there are none).
+    fn bitstack_series(&self) -> Option<Series> {
+        let mut bs: BTreeMap<usize, (f64, f64)> = BTreeMap::new();
+        let llama_rows = self.llama.iter().flat_map(|l| &l.rows);
+        for s in self
+            .rows
+            .iter()
+            .filter_map(|r| r.bitstack.as_ref())
+            .chain(self.extra_stack_points.values())
+            .chain(llama_rows.filter_map(|r| r.bitstack.as_ref()))
+        {
+            bs.insert(s.prefix, (mb(s.held), s.ppl.ppl));
+        }
+        (!bs.is_empty()).then(|| Series {
+            name: "BitStack".into(),
+            points: bs.into_values().collect(),
+        })
+    }
+
+    /// One series per ablation variant that has points (in the order they first appear).
+    fn ablation_series(&self) -> Vec<Series> {
+        let mut variants: Vec<&str> = Vec::new();
+        for a in &self.ablations {
+            if !variants.contains(&a.variant.as_str()) {
+                variants.push(&a.variant);
+            }
+        }
+        variants
+            .into_iter()
+            .filter_map(|v| {
+                let points = self
+                    .ablations
+                    .iter()
+                    .filter(|a| a.variant == v)
+                    .filter_map(|a| a.point.as_ref().map(|p| (mb(p.held), p.ppl.ppl)))
+                    .collect();
+                sorted_series(v.to_owned(), points)
+            })
+            .collect()
+    }
+
+    /// llama.cpp's points on our scale: its ratio to its own F32 times our original's
+    /// perplexity (the raw numbers score other tokens, see the notes).
+    fn llama_series(&self) -> Option<Series> {
+        let (Some(l), Some((_, o))) = (&self.llama, &self.original) else {
+            return None;
+        };
+        let points = l
+            .rows
+            .iter()
+            .filter_map(|r| Some((mb(r.file.bytes), l.llama_ratio(r)? * o.ppl)))
+            .collect();
+        sorted_series(
+            "llama.cpp GGUF (file size; ppl ratio to its F32 x our original)".into(),
+            points,
+        )
+    }
+
     fn write(&self, out_dir: &Path) -> Res<()> {
         write_atomic(
             &out_dir.join("compare.json"),
@@ -1209,7 +1242,12 @@ impl Report {
     }
 }
 
-/// Evaluates the stack at the largest prefix within `bytes`, reusing `cache` by prefix.
+/// A plot series of `points` sorted by memory (`None` when there are none).
+fn sorted_series(name: String, mut points: Vec<(f64, f64)>) -> Option<Series> {
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (!points.is_empty()).then_some(Series { name, points })
+}
+
 /// The original model's perplexity (the reference of every ratio), with progress lines.
 fn original_perplexity(
     model: &Llama<'_>,
@@ -1232,6 +1270,7 @@ fn describe_point(point: Option<&StackPoint>) -> String {
     })
 }
 
+/// Evaluates the stack at the largest prefix within `bytes`, reusing `cache` by prefix.
 fn eval_stack_within(
     loaded: &LoadedStack,
     bytes: u64,
@@ -1368,37 +1407,90 @@ pub fn run(args: &CompareOptions) -> Res<String> {
     let t_all = Instant::now();
     check_args(args)?;
     let llama = args.llama_cpp.as_ref().map(LlamaCpp::find).transpose()?;
+    let inputs = load_inputs(args)?;
+    let stack = open_stack(args, &inputs)?;
+    let residents = Residents::load(args, inputs.source.as_ref(), &stack.loaded)?;
+    let s = Session::new(args, &inputs, &stack, &residents);
+    let mut out = Outcome {
+        report: s.new_report(),
+        cache: BTreeMap::new(),
+        phases: Vec::new(),
+    };
+    s.note_start();
+    let cfgs = configs(&args.bits, args.group_size);
+    if !args.ablations_only {
+        run_baselines(&s, &cfgs, &mut out)?;
+    }
+    if let Some(lc) = &llama {
+        if out.report.original.is_none() {
+            // --ablations-only skips the baseline block; the llama.cpp rows' BitStack ratios
+            // still need the original.
+            original_row_alone(&s, &mut out)?;
+        }
+        run_llama_rows(&s, lc, &mut out)?;
+    }
+    if args.ablations || args.ablations_only {
+        run_ablations(&s, &cfgs, &mut out)?;
+    }
+    out.phases
+        .push(("total".into(), t_all.elapsed().as_secs_f64()));
+    out.report.header.phases_seconds = Some(out.phases);
+    out.report.write(&args.out_dir)?;
+    Ok(out.report.markdown())
+}
+
+/// The model [`run`] compares and its texts, tokenized.
+struct Inputs {
+    source: Box<dyn ModelSource>,
+    /// The calibration text (also compressed from, for the stack and the ablations).
+    calib_text: String,
+    /// The evaluation text's tokens.
+    tokens: Vec<u32>,
+    /// The calibration text's tokens.
+    calib_tokens: Vec<u32>,
+}
+
+/// Opens `--model` and reads and tokenizes `--text` and `--calib`.
+fn load_inputs(args: &CompareOptions) -> Res<Inputs> {
     let model_err = |source| CompareError::OpenModel {
         path: args.model.clone(),
         source,
     };
     let source = open_model(&args.model).map_err(model_err)?;
-    let c = source.config().clone();
     let tokenizer = source.tokenizer().map_err(model_err)?;
-    let read = |flag, path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| CompareError::ReadText {
-            flag,
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let text = read("--text", &args.text)?;
-    let calib_text = read("--calib", &args.calib)?;
+    let text = read_text("--text", &args.text)?;
+    let calib_text = read_text("--calib", &args.calib)?;
     let tokens = tokenizer.encode(&text, false)?;
     let calib_tokens = tokenizer.encode(&calib_text, false)?;
-    let params = PerplexityParams {
-        seq_len: args.seq_len,
-        max_windows: (args.max_windows > 0).then_some(args.max_windows),
-        selection: args.windows,
-        ..Default::default()
-    };
-    let ablation_params = PerplexityParams {
-        max_windows: args.ablation_windows.or(params.max_windows),
-        ..params.clone()
-    };
+    Ok(Inputs {
+        source,
+        calib_text,
+        tokens,
+        calib_tokens,
+    })
+}
 
-    // The stack file: given, or compressed with default settings (reused when present).
-    let stack_path = match &args.stack {
+/// The text of the file `flag` names.
+fn read_text(flag: &'static str, path: &Path) -> Res<String> {
+    std::fs::read_to_string(path).map_err(|source| CompareError::ReadText {
+        flag,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The stack [`run`] compares against.
+struct MainStack {
+    path: PathBuf,
+    loaded: LoadedStack,
+    /// Its `bitstack.compression` record (null when absent or unreadable).
+    compression: Value,
+}
+
+/// Opens the stack file: `--stack`, or OUT_DIR/stack.bitstack, compressed from the model with
+/// the default settings when it is not there yet; held at `--resident`.
+fn open_stack(args: &CompareOptions, inputs: &Inputs) -> Res<MainStack> {
+    let path = match &args.stack {
         Some(p) => p.clone(),
         None => {
             let p = args.out_dir.join("stack.bitstack");
@@ -1408,372 +1500,549 @@ pub fn run(args: &CompareOptions) -> Res<String> {
                     args.model.display(),
                     p.display()
                 );
-                let out = compress(source.as_ref(), &calib_text, &CompressParams::default())?;
+                let out = compress(
+                    inputs.source.as_ref(),
+                    &inputs.calib_text,
+                    &CompressParams::default(),
+                )?;
                 write_compressed(&out, &p)?;
             }
             p
         }
     };
-    let loaded = LoadedStack::open_with(&stack_path, None, args.resident).map_err(|source| {
+    let loaded = LoadedStack::open_with(&path, None, args.resident).map_err(|source| {
         CompareError::OpenStack {
-            path: stack_path.clone(),
+            path: path.clone(),
             source: Box::new(source),
         }
     })?;
-    let stack_compression = loaded
+    let compression = loaded
         .model
         .file()
         .metadata_str(META_COMPRESSION)
         .and_then(|s| serde_json::from_str::<Value>(s).ok())
         .unwrap_or(Value::Null);
+    Ok(MainStack {
+        path,
+        loaded,
+        compression,
+    })
+}
 
-    // The original row holds the embedding in f16; the baselines and BitStack at
-    // `--resident` (the same tensors when that is f16).
-    let resident_f16 = LlamaResident::from_source_with(source.as_ref(), EmbeddingPrecision::F16)?;
-    let resident_other = match args.resident {
-        EmbeddingPrecision::F16 => None,
-        p => Some(LlamaResident::from_source_with(source.as_ref(), p)?),
+/// The resident tensors of the rows: the original row holds the embedding in f16; the
+/// baselines and BitStack at `--resident` (the same tensors when that is f16).
+struct Residents {
+    f16: LlamaResident,
+    other: Option<LlamaResident>,
+}
+
+impl Residents {
+    /// Loads them from `source`, refusing a stack whose resident bytes differ from the
+    /// baselines' (the rows would not be charged alike).
+    fn load(args: &CompareOptions, source: &dyn ModelSource, loaded: &LoadedStack) -> Res<Self> {
+        let f16 = LlamaResident::from_source_with(source, EmbeddingPrecision::F16)?;
+        let other = match args.resident {
+            EmbeddingPrecision::F16 => None,
+            p => Some(LlamaResident::from_source_with(source, p)?),
+        };
+        let r = Self { f16, other };
+        let (model, stack) = (
+            r.held().held_bytes(),
+            loaded.elastic.layout().resident_bytes,
+        );
+        if model != stack {
+            return Err(CompareError::ResidentMismatch { model, stack });
+        }
+        Ok(r)
+    }
+
+    /// The resident tensors the baselines and BitStack hold (`--resident`).
+    fn held(&self) -> &LlamaResident {
+        self.other.as_ref().unwrap_or(&self.f16)
+    }
+}
+
+/// What every phase of [`run`] reads: the options, the inputs, the stack, the resident
+/// tensors and what follows from them.
+struct Session<'a> {
+    args: &'a CompareOptions,
+    source: &'a dyn ModelSource,
+    calib_text: &'a str,
+    tokens: &'a [u32],
+    calib_tokens: &'a [u32],
+    stack: &'a MainStack,
+    loaded: &'a LoadedStack,
+    residents: &'a Residents,
+    /// The evaluation settings of the rows.
+    params: PerplexityParams,
+    /// Those of the ablations (`--ablation-windows`).
+    ablation_params: PerplexityParams,
+    n_layers: usize,
+    /// `(rows, cols)` of every linear, in [`weight_index`] order.
+    shapes: Vec<(usize, usize)>,
+    /// Bytes of the resident tensors the baselines and BitStack hold.
+    resident_bytes: u64,
+    /// The original row's memory: every parameter in f16.
+    original_f16: u64,
+}
+
+impl<'a> Session<'a> {
+    fn new(
+        args: &'a CompareOptions,
+        inputs: &'a Inputs,
+        stack: &'a MainStack,
+        residents: &'a Residents,
+    ) -> Self {
+        let c = inputs.source.config();
+        let n_weights = c.n_layers * LinearKind::ALL.len();
+        let shapes: Vec<(usize, usize)> = (0..n_weights)
+            .map(|w| weight_of_index(w).1.shape(c))
+            .collect();
+        let resident = residents.held();
+        let original_f16 = 2
+            * (shapes.iter().map(|&(r, cc)| (r * cc) as u64).sum::<u64>()
+                + resident.param_count() as u64);
+        let params = PerplexityParams {
+            seq_len: args.seq_len,
+            max_windows: (args.max_windows > 0).then_some(args.max_windows),
+            selection: args.windows,
+            ..Default::default()
+        };
+        let ablation_params = PerplexityParams {
+            max_windows: args.ablation_windows.or(params.max_windows),
+            ..params.clone()
+        };
+        Self {
+            args,
+            source: inputs.source.as_ref(),
+            calib_text: &inputs.calib_text,
+            tokens: &inputs.tokens,
+            calib_tokens: &inputs.calib_tokens,
+            stack,
+            loaded: &stack.loaded,
+            residents,
+            params,
+            ablation_params,
+            n_layers: c.n_layers,
+            shapes,
+            resident_bytes: resident.held_bytes(),
+            original_f16,
+        }
+    }
+
+    /// The report before any row: its header.
+    fn new_report(&self) -> Report {
+        let args = self.args;
+        Report {
+            header: Header {
+                model: args.model.display().to_string(),
+                stack: self.stack.path.display().to_string(),
+                stack_compression: self.stack.compression.clone(),
+                text: args.text.display().to_string(),
+                text_tokens: self.tokens.len(),
+                seq_len: args.seq_len,
+                max_windows: self.params.max_windows,
+                window_selection: args.windows,
+                ablation_windows: self.ablation_params.max_windows,
+                calib: args.calib.display().to_string(),
+                calib_windows: args.calib_windows,
+                calib_seq_len: args.calib_seq_len,
+                calibration_note: "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
+                resident_bytes: self.resident_bytes,
+                resident_precision: args.resident.to_string(),
+                memory_note: format!("weights + scales + zeros (+ AWQ input scale) + resident tensors ({} embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors", args.resident),
+                original_note: "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
+                bitstack_minimum_bytes: self.loaded.elastic.minimum_bytes(),
+                bitstack_full_bytes: self.loaded.elastic.full_bytes(),
+                original_f16_bytes: self.original_f16,
+                phases_seconds: None,
+            },
+            original: None,
+            rows: Vec::new(),
+            extra_stack_points: BTreeMap::new(),
+            ablations: Vec::new(),
+            ablation_notes: Vec::new(),
+            llama: None,
+        }
+    }
+
+    /// The progress line before the first row: text, memory range, windows.
+    fn note_start(&self) {
+        crate::noteln!(
+            "text {} tokens; resident {:.2} MB; BitStack {:.1}..{:.1} MB; evaluating {} windows of {}",
+            self.tokens.len(),
+            mb(self.resident_bytes),
+            mb(self.loaded.elastic.minimum_bytes()),
+            mb(self.loaded.elastic.full_bytes()),
+            self.params
+                .max_windows
+                .map_or("all".to_owned(), |w| w.to_string()),
+            self.args.seq_len
+        );
+    }
+}
+
+/// What the phases of [`run`] produce: the report (rewritten after every row), BitStack's
+/// points by prefix (shared by the baseline and llama.cpp rows) and the wall time per phase.
+struct Outcome {
+    report: Report,
+    cache: BTreeMap<usize, StackPoint>,
+    phases: Vec<(String, f64)>,
+}
+
+impl Outcome {
+    /// Records the wall time since `t` as phase `name`.
+    fn phase(&mut self, name: impl Into<String>, t: Instant) {
+        self.phases.push((name.into(), t.elapsed().as_secs_f64()));
+    }
+}
+
+/// The perplexity of the model of `resident` and `linears` on `tokens`, with progress lines
+/// labelled `label`.
+fn model_perplexity(
+    resident: &LlamaResident,
+    linears: &dyn LinearProvider,
+    tokens: &[u32],
+    params: &PerplexityParams,
+    label: String,
+) -> Res<Perplexity> {
+    let model = Llama::new(resident, linears)?;
+    Ok(perplexity(
+        &model,
+        tokens,
+        params,
+        &mut crate::report::perplexity_progress(label),
+    )?)
+}
+
+/// The linear table of `n_layers` layers from their 7 linears each, in [`weight_index`]
+/// order (`what`: the panic message should `ops` run short).
+fn layer_table(
+    ops: impl IntoIterator<Item = Box<dyn LinearOp>>,
+    n_layers: usize,
+    what: &str,
+) -> LinearTable {
+    let mut ops = ops.into_iter();
+    let layers: Vec<[Box<dyn LinearOp>; 7]> = (0..n_layers)
+        .map(|_| std::array::from_fn(|_| ops.next().expect(what)))
+        .collect();
+    LinearTable::new(layers)
+}
+
+/// Scores `model` (the source weights with the f16 resident tensors) as the original row.
+fn score_original(s: &Session<'_>, model: &Llama<'_>, out: &mut Outcome) -> Res<()> {
+    let p = original_perplexity(model, s.tokens, &s.params)?;
+    out.report.original = Some((s.original_f16, p));
+    Ok(())
+}
+
+/// The original row on its own, for when the baseline block (which scores it) is skipped.
+fn original_row_alone(s: &Session<'_>, out: &mut Outcome) -> Res<()> {
+    let t = Instant::now();
+    let dense = LinearTable::dense_from_source(s.source)?;
+    let model = Llama::new(&s.residents.f16, &dense)?;
+    score_original(s, &model, out)?;
+    out.phase("original", t);
+    Ok(())
+}
+
+/// The baseline rows: the original row, the baselines' calibration, then every method at
+/// every configuration with BitStack at its memory.
+fn run_baselines(s: &Session<'_>, cfgs: &[QuantConfig], out: &mut Outcome) -> Res<()> {
+    let stats = original_and_stats(s, out)?;
+    let t = Instant::now();
+    let weights = load_weights(s)?;
+    out.phase("load weights", t);
+    let q = QuantInputs {
+        weights: &weights,
+        stats: stats.as_deref(),
     };
-    let resident = resident_other.as_ref().unwrap_or(&resident_f16);
-    let resident_bytes = resident.held_bytes();
-    if resident_bytes != loaded.elastic.layout().resident_bytes {
-        return Err(CompareError::ResidentMismatch {
-            model: resident_bytes,
-            stack: loaded.elastic.layout().resident_bytes,
+    for cfg in cfgs {
+        for &method in &s.args.methods {
+            baseline_row(s, &q, cfg, method, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// From one dense model of the source weights: the original row (unless `--skip-original`)
+/// and the calibration statistics of the baselines (when a method needs them).
+fn original_and_stats(s: &Session<'_>, out: &mut Outcome) -> Res<Option<Vec<HessianAccumulator>>> {
+    let t = Instant::now();
+    let dense = LinearTable::dense_from_source(s.source)?;
+    let model = Llama::new(&s.residents.f16, &dense)?;
+    if !s.args.skip_original {
+        score_original(s, &model, out)?;
+        out.report.write(&s.args.out_dir)?;
+    }
+    out.phase("original", t);
+    let t = Instant::now();
+    let need_stats = s.args.methods.iter().any(|m| m.needs_calibration());
+    let stats = if need_stats {
+        Some(collect_stats(
+            s.source,
+            &model,
+            s.calib_tokens,
+            s.args.calib_windows,
+            s.args.calib_seq_len,
+        )?)
+    } else {
+        None
+    };
+    drop(dense);
+    out.phase("baseline calibration", t);
+    Ok(stats)
+}
+
+/// The original weights in f32 for quantizing, shapes checked (none without baselines:
+/// `--methods none`).
+fn load_weights(s: &Session<'_>) -> Res<Vec<Vec<f32>>> {
+    (0..s.shapes.len())
+        .filter(|_| !s.args.methods.is_empty())
+        .map(|w| {
+            let (layer, kind) = weight_of_index(w);
+            let (shape, data) = s.source.tensor_f32(&kind.tensor_name(layer))?;
+            let (r, cc) = s.shapes[w];
+            if shape != [r, cc] {
+                return Err(CompareError::TensorShape {
+                    tensor: kind.tensor_name(layer),
+                    shape,
+                    rows: r,
+                    cols: cc,
+                });
+            }
+            Ok(data)
+        })
+        .collect()
+}
+
+/// What the baselines quantize: the original weights and their calibration statistics.
+struct QuantInputs<'a> {
+    weights: &'a [Vec<f32>],
+    stats: Option<&'a [HessianAccumulator]>,
+}
+
+/// One baseline row: `method` at `cfg`, its memory checked against the storage format,
+/// scored, and BitStack at that memory; the report is rewritten after it.
+fn baseline_row(
+    s: &Session<'_>,
+    q: &QuantInputs<'_>,
+    cfg: &QuantConfig,
+    method: Baseline,
+    out: &mut Outcome,
+) -> Res<()> {
+    let label = format!("{} {}", method.name(), cfg.label());
+    let t = Instant::now();
+    let quantized = quantize_all(s, q, cfg, method, &label)?;
+    let quantize_seconds = t.elapsed().as_secs_f64();
+    let bytes = sum_bytes(&quantized);
+    let total = s.resident_bytes + bytes.total();
+    let predicted = baseline_model_bytes(&s.shapes, cfg, method, s.resident_bytes)?;
+    if predicted != total {
+        return Err(CompareError::BytesMismatch {
+            config: label.clone(),
+            held: total,
+            predicted,
         });
     }
-    let n_weights = c.n_layers * LinearKind::ALL.len();
-    let shapes: Vec<(usize, usize)> = (0..n_weights)
-        .map(|w| weight_of_index(w).1.shape(&c))
-        .collect();
-    let original_f16 = 2
-        * (shapes.iter().map(|&(r, cc)| (r * cc) as u64).sum::<u64>()
-            + resident.param_count() as u64);
-
-    let mut report = Report {
-        header: Header {
-            model: args.model.display().to_string(),
-            stack: stack_path.display().to_string(),
-            stack_compression: stack_compression.clone(),
-            text: args.text.display().to_string(),
-            text_tokens: tokens.len(),
-            seq_len: args.seq_len,
-            max_windows: params.max_windows,
-            window_selection: args.windows,
-            ablation_windows: ablation_params.max_windows,
-            calib: args.calib.display().to_string(),
-            calib_windows: args.calib_windows,
-            calib_seq_len: args.calib_seq_len,
-            calibration_note: "baseline statistics (X^T X, sum |x|) from one forward pass of the original model; Q/K/V and Gate/Up share them",
-            resident_bytes,
-            resident_precision: args.resident.to_string(),
-            memory_note: format!("weights + scales + zeros (+ AWQ input scale) + resident tensors ({} embedding, f32 norms); BitStack: blocks + f32 scale vectors + the same resident tensors", args.resident),
-            original_note: "the original row runs the source weights (dequantized to f32) with the f16 embedding; its memory counts every parameter in f16",
-            bitstack_minimum_bytes: loaded.elastic.minimum_bytes(),
-            bitstack_full_bytes: loaded.elastic.full_bytes(),
-            original_f16_bytes: original_f16,
-            phases_seconds: None,
-        },
-        original: None,
-        rows: Vec::new(),
-        extra_stack_points: BTreeMap::new(),
-        ablations: Vec::new(),
-        ablation_notes: Vec::new(),
-        llama: None,
-    };
+    let ops = quantized
+        .into_iter()
+        .map(|q| Box::new(q) as Box<dyn LinearOp>);
+    let table = layer_table(ops, s.n_layers, "7 per layer");
+    debug_assert_eq!(weight_index(1, LinearKind::Q), 7);
+    let ppl = model_perplexity(
+        s.residents.held(),
+        &table,
+        s.tokens,
+        &s.params,
+        format!("{label} ({:.2} MB)", mb(total)),
+    )?;
+    drop(table);
+    out.phases
+        .push((format!("{label} quantize"), quantize_seconds));
+    out.phases.push((format!("{label} eval"), ppl.seconds));
+    let t = Instant::now();
+    let bitstack = eval_stack_within(
+        s.loaded,
+        total,
+        s.tokens,
+        &s.params,
+        &format!("BitStack at {label}"),
+        &mut out.cache,
+    )?;
+    out.phase(format!("BitStack at {label}"), t);
     crate::noteln!(
-        "text {} tokens; resident {:.2} MB; BitStack {:.1}..{:.1} MB; evaluating {} windows of {}",
-        tokens.len(),
-        mb(resident_bytes),
-        mb(loaded.elastic.minimum_bytes()),
-        mb(loaded.elastic.full_bytes()),
-        params
-            .max_windows
-            .map_or("all".to_owned(), |w| w.to_string()),
-        args.seq_len
+        "{label}: {:.2} MB ppl {:.3} | BitStack {}",
+        mb(total),
+        ppl.ppl,
+        describe_point(bitstack.as_ref())
     );
-    let mut cache: BTreeMap<usize, StackPoint> = BTreeMap::new();
-    let mut phases: Vec<(String, f64)> = Vec::new();
+    out.report.rows.push(Row {
+        config: *cfg,
+        method,
+        bytes,
+        total,
+        quantize_seconds,
+        ppl,
+        bitstack,
+    });
+    out.report.write(&s.args.out_dir)
+}
 
-    let cfgs = configs(&args.bits, args.group_size);
-    if !args.ablations_only {
-        // Original weights, kept in f32 for quantizing; the dense model for the FP16 row and
-        // the calibration pass.
-        let t = Instant::now();
-        let dense = LinearTable::dense_from_source(source.as_ref())?;
-        let model = Llama::new(&resident_f16, &dense)?;
-        if !args.skip_original {
-            let p = original_perplexity(&model, &tokens, &params)?;
-            report.original = Some((original_f16, p));
-            report.write(&args.out_dir)?;
-        }
-        phases.push(("original".into(), t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        let need_stats = args.methods.iter().any(|m| m.needs_calibration());
-        let stats = if need_stats {
-            Some(collect_stats(
-                source.as_ref(),
-                &model,
-                &calib_tokens,
-                args.calib_windows,
-                args.calib_seq_len,
-            )?)
-        } else {
-            None
-        };
-        drop(dense);
-        phases.push(("baseline calibration".into(), t.elapsed().as_secs_f64()));
-        let t = Instant::now();
-        // No baselines (`--methods none`): no weights to quantize.
-        let weights: Vec<Vec<f32>> = (0..n_weights)
-            .filter(|_| !args.methods.is_empty())
-            .map(|w| {
-                let (layer, kind) = weight_of_index(w);
-                let (shape, data) = source.tensor_f32(&kind.tensor_name(layer))?;
-                let (r, cc) = shapes[w];
-                if shape != [r, cc] {
-                    return Err(CompareError::TensorShape {
+/// Every linear quantized by `method` at `cfg` (in parallel, with a progress line labelled
+/// `label`).
+fn quantize_all(
+    s: &Session<'_>,
+    q: &QuantInputs<'_>,
+    cfg: &QuantConfig,
+    method: Baseline,
+    label: &str,
+) -> Res<Vec<crate::baselines::QuantizedLinear>> {
+    let (shapes, n_weights) = (&s.shapes, s.shapes.len());
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let progress = Mutex::new(Progress::new(format!("{label}: quantizing"), n_weights));
+    (0..n_weights)
+        .into_par_iter()
+        .map(|w| -> Res<_> {
+            let (layer, kind) = weight_of_index(w);
+            let (r, cc) = shapes[w];
+            let view = WeightView::new(&q.weights[w], r, cc)?;
+            let st = q.stats.map(|s| &s[layer * 4 + stats_slot(kind)]);
+            let quantized =
+                method
+                    .quantize(view, st, *cfg)
+                    .map_err(|source| CompareError::Quantize {
+                        config: label.to_owned(),
                         tensor: kind.tensor_name(layer),
-                        shape,
-                        rows: r,
-                        cols: cc,
-                    });
-                }
-                Ok(data)
-            })
-            .collect::<Res<_>>()?;
-        phases.push(("load weights".into(), t.elapsed().as_secs_f64()));
-
-        for cfg in &cfgs {
-            for &method in &args.methods {
-                let label = format!("{} {}", method.name(), cfg.label());
-                let t = Instant::now();
-                let done = std::sync::atomic::AtomicUsize::new(0);
-                let progress = Mutex::new(Progress::new(format!("{label}: quantizing"), n_weights));
-                let quantized: Vec<crate::baselines::QuantizedLinear> = (0..n_weights)
-                    .into_par_iter()
-                    .map(|w| -> Res<_> {
-                        let (layer, kind) = weight_of_index(w);
-                        let (r, cc) = shapes[w];
-                        let view = WeightView::new(&weights[w], r, cc)?;
-                        let st = stats.as_ref().map(|s| &s[layer * 4 + stats_slot(kind)]);
-                        let q = method.quantize(view, st, *cfg).map_err(|source| {
-                            CompareError::Quantize {
-                                config: label.clone(),
-                                tensor: kind.tensor_name(layer),
-                                source,
-                            }
-                        })?;
-                        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                        if let Ok(mut p) = progress.lock() {
-                            p.update(n);
-                        }
-                        Ok(q)
-                    })
-                    .collect::<Res<_>>()?;
-                let quantize_seconds = t.elapsed().as_secs_f64();
-                let mut bytes = QuantBytes::default();
-                for q in &quantized {
-                    let b = q.bytes();
-                    bytes.codes += b.codes;
-                    bytes.scales += b.scales;
-                    bytes.zeros += b.zeros;
-                    bytes.input_scale += b.input_scale;
-                }
-                let total = resident_bytes + bytes.total();
-                let predicted = baseline_model_bytes(&shapes, cfg, method, resident_bytes)?;
-                if predicted != total {
-                    return Err(CompareError::BytesMismatch {
-                        config: label.clone(),
-                        held: total,
-                        predicted,
-                    });
-                }
-                let mut it = quantized.into_iter();
-                let layers: Vec<[Box<dyn LinearOp>; 7]> = (0..c.n_layers)
-                    .map(|_| {
-                        std::array::from_fn(|_| {
-                            Box::new(it.next().expect("7 per layer")) as Box<dyn LinearOp>
-                        })
-                    })
-                    .collect();
-                debug_assert_eq!(weight_index(1, LinearKind::Q), 7);
-                let table = LinearTable::new(layers);
-                let model = Llama::new(resident, &table)?;
-                let ppl = perplexity(
-                    &model,
-                    &tokens,
-                    &params,
-                    &mut crate::report::perplexity_progress(format!(
-                        "{label} ({:.2} MB)",
-                        mb(total)
-                    )),
-                )?;
-                drop(table);
-                phases.push((format!("{label} quantize"), quantize_seconds));
-                phases.push((format!("{label} eval"), ppl.seconds));
-                let t = Instant::now();
-                let bitstack = eval_stack_within(
-                    &loaded,
-                    total,
-                    &tokens,
-                    &params,
-                    &format!("BitStack at {label}"),
-                    &mut cache,
-                )?;
-                phases.push((format!("BitStack at {label}"), t.elapsed().as_secs_f64()));
-                crate::noteln!(
-                    "{label}: {:.2} MB ppl {:.3} | BitStack {}",
-                    mb(total),
-                    ppl.ppl,
-                    describe_point(bitstack.as_ref())
-                );
-                report.rows.push(Row {
-                    config: *cfg,
-                    method,
-                    bytes,
-                    total,
-                    quantize_seconds,
-                    ppl,
-                    bitstack,
-                });
-                report.write(&args.out_dir)?;
+                        source,
+                    })?;
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if let Ok(mut p) = progress.lock() {
+                p.update(n);
             }
-        }
-    }
+            Ok(quantized)
+        })
+        .collect()
+}
 
-    if let Some(lc) = &llama {
-        if report.original.is_none() {
-            // --ablations-only skips the baseline block; the llama.cpp rows' BitStack ratios
-            // still need the original.
-            let t = Instant::now();
-            let dense = LinearTable::dense_from_source(source.as_ref())?;
-            let model = Llama::new(&resident_f16, &dense)?;
-            let p = original_perplexity(&model, &tokens, &params)?;
-            report.original = Some((original_f16, p));
-            phases.push(("original".into(), t.elapsed().as_secs_f64()));
-        }
-        run_llama_rows(
-            args,
-            lc,
-            &loaded,
-            &tokens,
-            &params,
-            &mut report,
-            &mut cache,
-            &mut phases,
-        )?;
+/// The bytes `quantized` holds, by part.
+fn sum_bytes(quantized: &[crate::baselines::QuantizedLinear]) -> QuantBytes {
+    let mut bytes = QuantBytes::default();
+    for q in quantized {
+        let b = q.bytes();
+        bytes.codes += b.codes;
+        bytes.scales += b.scales;
+        bytes.zeros += b.zeros;
+        bytes.input_scale += b.input_scale;
     }
-
-    if args.ablations || args.ablations_only {
-        run_ablations(
-            args,
-            source.as_ref(),
-            &calib_text,
-            &loaded,
-            &stack_compression,
-            &cfgs,
-            &shapes,
-            resident_bytes,
-            &tokens,
-            &ablation_params,
-            &mut report,
-            &mut phases,
-        )?;
-    }
-    phases.push(("total".into(), t_all.elapsed().as_secs_f64()));
-    report.header.phases_seconds = Some(phases);
-    report.write(&args.out_dir)?;
-    Ok(report.markdown())
+    bytes
 }
 
 /// The llama.cpp rows: the F32 GGUF of the original and `args.llama_quants` made from it
 /// (cached in OUT_DIR/llama-cpp), each scored by llama-perplexity on the same text, window
 /// length and window count, and BitStack at each quantized file's size in bytes.
-#[allow(clippy::too_many_arguments)]
-fn run_llama_rows(
-    args: &CompareOptions,
-    lc: &LlamaCpp,
-    loaded: &LoadedStack,
-    tokens: &[u32],
-    params: &PerplexityParams,
-    report: &mut Report,
-    cache: &mut BTreeMap<usize, StackPoint>,
-    phases: &mut Vec<(String, f64)>,
-) -> Res<()> {
-    let dir = llama_cache_dir(args);
-    let threads = args.llama_threads;
-    report.llama = Some(LlamaRows {
+fn run_llama_rows(s: &Session<'_>, lc: &LlamaCpp, out: &mut Outcome) -> Res<()> {
+    out.report.llama = Some(LlamaRows {
         dir: lc.dir.clone(),
-        threads,
-        chunks: params.max_windows,
+        threads: s.args.llama_threads,
+        chunks: s.params.max_windows,
         f32: None,
         rows: Vec::new(),
     });
-    let path = |q| crate::llama_cpp::cached_path(&dir, &args.model, q);
-    let f32_path = path(GgufQuant::F32);
-    let f32_file = lc.quantize_cached(&args.model, &f32_path, GgufQuant::F32, true, threads)?;
-    phases.push(("llama.cpp F32 GGUF".into(), f32_file.seconds));
-    let mut files = Vec::new();
-    for &q in &args.llama_quants {
-        let f = lc.quantize_cached(&f32_path, &path(q), q, false, threads)?;
-        phases.push((format!("llama.cpp {q} GGUF"), f.seconds));
-        files.push(f);
-    }
-    let score = |f: &QuantizedFile| -> Res<LlamaPerplexity> {
-        crate::noteln!(
-            "llama.cpp: llama-perplexity on {} ({:.1} MB)",
-            f.path.display(),
-            mb(f.bytes)
-        );
-        let p = lc.perplexity(
-            &f.path,
-            &args.text,
-            args.seq_len,
-            params.max_windows,
-            threads,
-        )?;
-        crate::noteln!(
-            "llama.cpp {}: ppl {:.4} +/- {:.5} ({:.0} s)",
-            f.quant,
-            p.ppl,
-            p.plus_minus,
-            p.seconds
-        );
-        Ok(p)
-    };
-    let ppl = score(&f32_file)?;
-    phases.push(("llama.cpp F32 perplexity".into(), ppl.seconds));
-    if let Some(l) = report.llama.as_mut() {
+    let (f32_file, files) = make_llama_files(s, lc, out)?;
+    let ppl = score_llama_file(s, lc, &f32_file)?;
+    out.phases
+        .push(("llama.cpp F32 perplexity".into(), ppl.seconds));
+    if let Some(l) = out.report.llama.as_mut() {
         l.f32 = Some(LlamaRow {
             file: f32_file,
             ppl,
             bitstack: None,
         });
     }
-    report.write(&args.out_dir)?;
+    out.report.write(&s.args.out_dir)?;
     for f in files {
-        let ppl = score(&f)?;
-        phases.push((format!("llama.cpp {} perplexity", f.quant), ppl.seconds));
-        let t = Instant::now();
-        let label = format!("BitStack at llama.cpp {}", f.quant);
-        let bitstack = eval_stack_within(loaded, f.bytes, tokens, params, &label, cache)?;
-        phases.push((label.clone(), t.elapsed().as_secs_f64()));
-        crate::noteln!(
-            "{label} ({:.2} MB file): {}",
-            mb(f.bytes),
-            describe_point(bitstack.as_ref())
-        );
-        if let Some(l) = report.llama.as_mut() {
-            l.rows.push(LlamaRow {
-                file: f,
-                ppl,
-                bitstack,
-            });
-        }
-        report.write(&args.out_dir)?;
+        llama_row(s, lc, f, out)?;
     }
     Ok(())
+}
+
+/// The F32 GGUF of the original and the quantized files made from it (made by
+/// llama-quantize, or reused from OUT_DIR/llama-cpp).
+fn make_llama_files(
+    s: &Session<'_>,
+    lc: &LlamaCpp,
+    out: &mut Outcome,
+) -> Res<(QuantizedFile, Vec<QuantizedFile>)> {
+    let (args, threads) = (s.args, s.args.llama_threads);
+    let dir = llama_cache_dir(args);
+    let path = |q| crate::llama_cpp::cached_path(&dir, &args.model, q);
+    let f32_path = path(GgufQuant::F32);
+    let f32_file = lc.quantize_cached(&args.model, &f32_path, GgufQuant::F32, true, threads)?;
+    out.phases
+        .push(("llama.cpp F32 GGUF".into(), f32_file.seconds));
+    let mut files = Vec::new();
+    for &q in &args.llama_quants {
+        let f = lc.quantize_cached(&f32_path, &path(q), q, false, threads)?;
+        out.phases.push((format!("llama.cpp {q} GGUF"), f.seconds));
+        files.push(f);
+    }
+    Ok((f32_file, files))
+}
+
+/// `f` scored by llama-perplexity on the evaluation text, with progress lines.
+fn score_llama_file(s: &Session<'_>, lc: &LlamaCpp, f: &QuantizedFile) -> Res<LlamaPerplexity> {
+    crate::noteln!(
+        "llama.cpp: llama-perplexity on {} ({:.1} MB)",
+        f.path.display(),
+        mb(f.bytes)
+    );
+    let p = lc.perplexity(
+        &f.path,
+        &s.args.text,
+        s.args.seq_len,
+        s.params.max_windows,
+        s.args.llama_threads,
+    )?;
+    crate::noteln!(
+        "llama.cpp {}: ppl {:.4} +/- {:.5} ({:.0} s)",
+        f.quant,
+        p.ppl,
+        p.plus_minus,
+        p.seconds
+    );
+    Ok(p)
+}
+
+/// One llama.cpp row: `f` scored, and BitStack at its size; the report is rewritten after it.
+fn llama_row(s: &Session<'_>, lc: &LlamaCpp, f: QuantizedFile, out: &mut Outcome) -> Res<()> {
+    let ppl = score_llama_file(s, lc, &f)?;
+    out.phases
+        .push((format!("llama.cpp {} perplexity", f.quant), ppl.seconds));
+    let t = Instant::now();
+    let label = format!("BitStack at llama.cpp {}", f.quant);
+    let bitstack = eval_stack_within(
+        s.loaded,
+        f.bytes,
+        s.tokens,
+        &s.params,
+        &label,
+        &mut out.cache,
+    )?;
+    out.phase(label.clone(), t);
+    crate::noteln!(
+        "{label} ({:.2} MB file): {}",
+        mb(f.bytes),
+        describe_point(bitstack.as_ref())
+    );
+    if let Some(l) = out.report.llama.as_mut() {
+        l.rows.push(LlamaRow {
+            file: f,
+            ppl,
+            bitstack,
+        });
+    }
+    out.report.write(&s.args.out_dir)
 }
 
 /// The "w/o absolute value decomposition" ablation: every linear decomposed by the plain
@@ -1782,61 +2051,176 @@ fn run_llama_rows(
 /// scaled weight's energy, the plain-SVD counterpart of [`bitstack_sort::sort_proxy`] with
 /// [`bitstack_sort::ActivationStats::FromScale`]), charged like BitStack (resident tensors +
 /// f32 scale vectors + `2·k'·(m+n)` bytes per level) and evaluated on the restored weights.
-#[allow(clippy::too_many_arguments)]
 fn eval_plain_svd_ablation(
-    source: &dyn ModelSource,
-    calib_text: &str,
-    loaded: &LoadedStack,
+    s: &Session<'_>,
     base: &CompressParams,
     budgets: &[(String, u64)],
-    tokens: &[u32],
-    params: &PerplexityParams,
-    report: &mut Report,
-    phases: &mut Vec<(String, f64)>,
+    out: &mut Outcome,
 ) -> Res<()> {
-    use crate::compress::calibrate;
-    use bitstack_linalg::{decompose_plain_slice, same_size_rank, IavdParams};
-    use bitstack_sort::SortMethod;
-    let name = "BitStack w/o AVD (plain SVD, same bits)".to_owned();
     let t = Instant::now();
-    let c = source.config().clone();
-    let calib_tokens = source.tokenizer()?.encode(calib_text, false)?;
-    let scales = match base.scale {
-        Some(sp) => Some(calibrate(
-            source,
-            &calib_tokens,
-            base.calib_windows,
-            base.calib_seq_len,
-            sp,
-        )?),
-        None => None,
-    };
-    let n = c.n_layers * LinearKind::ALL.len();
-    let mut decs = Vec::with_capacity(n);
-    let mut progress = Progress::new("w/o AVD: plain SVD of every linear", n);
-    for w in 0..n {
-        let (layer, kind) = weight_of_index(w);
-        let (rows, cols) = kind.shape(&c);
-        let tensor = kind.tensor_name(layer);
-        let (_, data) = source.tensor_f32(&tensor)?;
-        let p = IavdParams {
-            rank: same_size_rank(rows, cols, base.rank.rank_for(rows, cols)),
-            ..base.iavd
+    let plain = PlainSvd::decompose(s, base)?;
+    out.phase(format!("{} decompose", plain.name), t);
+    let n = plain.decs.len();
+    let mut cache: BTreeMap<usize, StackPoint> = BTreeMap::new();
+    for (cfg, budget) in budgets {
+        let Some(prefix) = largest_prefix_within(&plain.cumulative, n, *budget)? else {
+            out.report.ablations.push(AblationPoint {
+                variant: plain.name.clone(),
+                config: cfg.clone(),
+                budget: *budget,
+                point: None,
+                note: Some(format!(
+                    "below this variant's minimum {:.1} MB",
+                    mb(plain.cumulative[n])
+                )),
+            });
+            continue;
         };
-        let scale = scales.as_ref().map(|s| s[w].as_slice());
-        decs.push(
-            decompose_plain_slice(&data, rows, cols, scale, &p).map_err(|source| {
-                CompareError::Decompose {
-                    tensor: tensor.clone(),
-                    source,
-                }
-            })?,
+        let point = match cache.get(&prefix) {
+            Some(p) => p.clone(),
+            None => {
+                let t = Instant::now();
+                let p = plain.point_at(s, prefix)?;
+                out.phase(format!("{} at {cfg}", plain.name), t);
+                cache.insert(prefix, p.clone());
+                p
+            }
+        };
+        crate::noteln!(
+            "{} at {cfg}: {:.2} MB ppl {:.3}",
+            plain.name,
+            mb(point.held),
+            point.ppl.ppl
         );
-        progress.update(w + 1);
+        out.report.ablations.push(AblationPoint {
+            variant: plain.name.clone(),
+            config: cfg.clone(),
+            budget: *budget,
+            point: Some(point),
+            note: None,
+        });
     }
-    phases.push((format!("{name} decompose"), t.elapsed().as_secs_f64()));
+    out.report.ablation_notes.push(format!(
+        "w/o absolute value decomposition: plain iterative SVD of the scaled weight with k' = k + round(mn/(16(m+n))) per level (f16 factors, residual against the stored factors), {} levels, the main stack's calibration and order rule; memory = resident tensors + f32 scale vectors + 2·k'·(m+n) bytes per level (minimum, one level per weight: {:.1} MB); perplexity of the restored dense weights",
+        base.iavd.levels,
+        mb(plain.cumulative[n])
+    ));
+    Ok(())
+}
+
+/// The plain-SVD model of the "w/o AVD" ablation: every linear's levels, their order and the
+/// bytes held after each prefix of it.
+struct PlainSvd {
+    name: String,
+    decs: Vec<bitstack_linalg::PlainDecomposition>,
+    scales: Option<Vec<Vec<f32>>>,
+    order: bitstack_core::UniversalOrder,
+    /// Bytes held by each prefix of `order` (index: the prefix length).
+    cumulative: Vec<u64>,
+}
+
+impl PlainSvd {
+    /// Calibrates as `base`, decomposes every linear by the plain iterative SVD, orders the
+    /// levels and charges each prefix.
+    fn decompose(s: &Session<'_>, base: &CompressParams) -> Res<Self> {
+        use bitstack_linalg::{decompose_plain_slice, same_size_rank, IavdParams};
+        let name = "BitStack w/o AVD (plain SVD, same bits)".to_owned();
+        let c = s.source.config();
+        let calib_tokens = s.source.tokenizer()?.encode(s.calib_text, false)?;
+        let scales = crate::compress::calibrate_scales(s.source, &calib_tokens, base)?;
+        let n = c.n_layers * LinearKind::ALL.len();
+        let mut decs = Vec::with_capacity(n);
+        let mut progress = Progress::new("w/o AVD: plain SVD of every linear", n);
+        for w in 0..n {
+            let (layer, kind) = weight_of_index(w);
+            let (rows, cols) = kind.shape(c);
+            let tensor = kind.tensor_name(layer);
+            let (_, data) = s.source.tensor_f32(&tensor)?;
+            let p = IavdParams {
+                rank: same_size_rank(rows, cols, base.rank.rank_for(rows, cols)),
+                ..base.iavd
+            };
+            let scale = scales.as_ref().map(|s| s[w].as_slice());
+            decs.push(
+                decompose_plain_slice(&data, rows, cols, scale, &p).map_err(|source| {
+                    CompareError::Decompose {
+                        tensor: tensor.clone(),
+                        source,
+                    }
+                })?,
+            );
+            progress.update(w + 1);
+        }
+        let order = plain_svd_order(&decs, base)?;
+        let fixed = s.loaded.elastic.layout().resident_bytes
+            + scales
+                .as_ref()
+                .map_or(0, |s| s.iter().map(|v| 4 * v.len() as u64).sum());
+        let mut cumulative = vec![fixed];
+        for id in order.as_slice() {
+            let last = *cumulative.last().unwrap_or(&fixed);
+            cumulative.push(last + decs[id.weight as usize].level_bytes());
+        }
+        Ok(Self {
+            name,
+            decs,
+            scales,
+            order,
+            cumulative,
+        })
+    }
+
+    /// The point at the first `prefix` levels of the order: the restored dense weights scored.
+    fn point_at(&self, s: &Session<'_>, prefix: usize) -> Res<StackPoint> {
+        let mut counts = vec![0usize; self.decs.len()];
+        for id in &self.order.as_slice()[..prefix] {
+            // A prefix of a level-major order: counts are levels.
+            counts[id.weight as usize] += 1;
+        }
+        let ops = self
+            .decs
+            .iter()
+            .zip(&counts)
+            .enumerate()
+            .map(|(w, (d, &count))| -> Res<Box<dyn LinearOp>> {
+                let mut dense = vec![0f32; d.rows * d.cols];
+                let scale = self.scales.as_ref().map(|s| s[w].as_slice());
+                d.restore_into(count, scale, &mut dense)?;
+                Ok(Box::new(bitstack_core::DenseLinear::new(
+                    d.rows, d.cols, dense,
+                )?))
+            })
+            .collect::<Res<Vec<_>>>()?;
+        let table = layer_table(ops, s.n_layers, "7 restored linears per layer");
+        let ppl = model_perplexity(
+            &s.loaded.resident,
+            &table,
+            s.tokens,
+            &s.ablation_params,
+            format!(
+                "{} ({:.2} MB, {prefix} levels)",
+                self.name,
+                mb(self.cumulative[prefix])
+            ),
+        )?;
+        Ok(StackPoint {
+            prefix,
+            held: self.cumulative[prefix],
+            ppl,
+        })
+    }
+}
+
+/// The order of the plain-SVD levels for the main stack's order method: proxy by each level's
+/// share of the scaled weight's energy, random as the main stack's seed, round robin for the
+/// rest (the evaluated orders score residual blocks, which the sign-free levels are not).
+fn plain_svd_order(
+    decs: &[bitstack_linalg::PlainDecomposition],
+    base: &CompressParams,
+) -> Res<bitstack_core::UniversalOrder> {
+    use bitstack_sort::SortMethod;
     let levels: Vec<u16> = decs.iter().map(|d| d.levels.len() as u16).collect();
-    let order = match base.order {
+    Ok(match base.order {
         SortMethod::Proxy => {
             let scores: Vec<Vec<Option<f64>>> = decs
                 .iter()
@@ -1864,197 +2248,132 @@ fn eval_plain_svd_ablation(
         | SortMethod::Greedy
         | SortMethod::Import => bitstack_core::UniversalOrder::round_robin(levels.clone())?,
         SortMethod::Random => bitstack_sort::sort_random(&levels, base.order_settings.seed)?,
-    };
-    let resident = loaded.elastic.layout().resident_bytes;
-    let fixed = resident
-        + scales
-            .as_ref()
-            .map_or(0, |s| s.iter().map(|v| 4 * v.len() as u64).sum());
-    let mut cumulative = vec![fixed];
-    for id in order.as_slice() {
-        let last = *cumulative.last().unwrap_or(&fixed);
-        cumulative.push(last + decs[id.weight as usize].level_bytes());
-    }
-    let mut cache: BTreeMap<usize, StackPoint> = BTreeMap::new();
-    for (cfg, budget) in budgets {
-        let Some(prefix) = largest_prefix_within(&cumulative, n, *budget)? else {
-            report.ablations.push(AblationPoint {
-                variant: name.clone(),
-                config: cfg.clone(),
-                budget: *budget,
-                point: None,
-                note: Some(format!(
-                    "below this variant's minimum {:.1} MB",
-                    mb(cumulative[n])
-                )),
-            });
-            continue;
-        };
-        let point = match cache.get(&prefix) {
-            Some(p) => p.clone(),
-            None => {
-                let t = Instant::now();
-                let mut counts = vec![0usize; n];
-                for id in &order.as_slice()[..prefix] {
-                    // A prefix of a level-major order: counts are levels.
-                    counts[id.weight as usize] += 1;
-                }
-                let mut ops = decs
-                    .iter()
-                    .zip(&counts)
-                    .enumerate()
-                    .map(|(w, (d, &count))| -> Res<Box<dyn LinearOp>> {
-                        let mut dense = vec![0f32; d.rows * d.cols];
-                        let scale = scales.as_ref().map(|s| s[w].as_slice());
-                        d.restore_into(count, scale, &mut dense)?;
-                        Ok(Box::new(bitstack_core::DenseLinear::new(
-                            d.rows, d.cols, dense,
-                        )?))
-                    })
-                    .collect::<Res<Vec<_>>>()?
-                    .into_iter();
-                let layers: Vec<[Box<dyn LinearOp>; 7]> = (0..c.n_layers)
-                    .map(|_| {
-                        std::array::from_fn(|_| ops.next().expect("7 restored linears per layer"))
-                    })
-                    .collect();
-                let table = LinearTable::new(layers);
-                let model = Llama::new(&loaded.resident, &table)?;
-                let ppl = perplexity(
-                    &model,
-                    tokens,
-                    params,
-                    &mut crate::report::perplexity_progress(format!(
-                        "{name} ({:.2} MB, {prefix} levels)",
-                        mb(cumulative[prefix])
-                    )),
-                )?;
-                phases.push((format!("{name} at {cfg}"), t.elapsed().as_secs_f64()));
-                let p = StackPoint {
-                    prefix,
-                    held: cumulative[prefix],
-                    ppl,
-                };
-                cache.insert(prefix, p.clone());
-                p
-            }
-        };
-        crate::noteln!(
-            "{name} at {cfg}: {:.2} MB ppl {:.3}",
-            mb(point.held),
-            point.ppl.ppl
-        );
-        report.ablations.push(AblationPoint {
-            variant: name.clone(),
-            config: cfg.clone(),
-            budget: *budget,
-            point: Some(point),
-            note: None,
-        });
-    }
-    report.ablation_notes.push(format!(
-        "w/o absolute value decomposition: plain iterative SVD of the scaled weight with k' = k + round(mn/(16(m+n))) per level (f16 factors, residual against the stored factors), {} levels, the main stack's calibration and order rule; memory = resident tensors + f32 scale vectors + 2·k'·(m+n) bytes per level (minimum, one level per weight: {:.1} MB); perplexity of the restored dense weights",
-        base.iavd.levels,
-        mb(cumulative[n])
-    ));
-    Ok(())
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_ablations(
-    args: &CompareOptions,
-    source: &dyn ModelSource,
-    calib_text: &str,
-    loaded: &LoadedStack,
-    stack_compression: &Value,
-    cfgs: &[QuantConfig],
-    shapes: &[(usize, usize)],
-    resident_bytes: u64,
-    tokens: &[u32],
-    params: &PerplexityParams,
-    report: &mut Report,
-    phases: &mut Vec<(String, f64)>,
-) -> Res<()> {
-    // Budgets: the memory of the first method (RTN by default) at the grouped configurations,
-    // from the storage format (identical to the measured bytes, checked above).
-    let method = args.methods.first().copied().unwrap_or(Baseline::Rtn);
-    let mut budgets: Vec<(String, u64)> = cfgs
-        .iter()
-        .filter(|q| matches!(q.grouping, Grouping::Groups(_)))
-        .map(|q| {
-            Ok((
-                format!("{} {}", method.name(), q.label()),
-                baseline_model_bytes(shapes, q, method, resident_bytes)?,
-            ))
-        })
-        .collect::<Res<_>>()?;
-    budgets.extend(
-        args.ablation_budgets
-            .iter()
-            .map(|b| (format!("{:.1} MB", b.mb()), b.bytes())),
-    );
-    let main_rank = stack_compression.get("rank").and_then(Value::as_u64);
-    let main_scaled = stack_compression
-        .get("activation_scaling")
-        .and_then(Value::as_bool);
-    let main_name = format!(
-        "BitStack k={} (main stack)",
-        main_rank.map_or("?".into(), |k| k.to_string())
-    );
-    report.ablation_notes.push(format!(
+/// The ablations: the main stack, the plain-SVD variant and stacks compressed afresh with
+/// one setting changed, each at the ablation budgets.
+fn run_ablations(s: &Session<'_>, cfgs: &[QuantConfig], out: &mut Outcome) -> Res<()> {
+    let args = s.args;
+    let budgets = ablation_budgets(s, cfgs)?;
+    let main = MainSettings::of(&s.stack.compression);
+    out.report.ablation_notes.push(format!(
         "ablation stacks are compressed with the main stack's k and order and the default calibration ({} calibration windows of {} tokens, 16 levels), changing only the ablated setting; the main stack's settings: {}",
         CompressParams::default().calib_windows,
         CompressParams::default().calib_seq_len,
-        stack_compression
+        s.stack.compression
     ));
     // The main stack at the ablation budgets (same windows as the ablations).
+    let main_name = format!(
+        "BitStack k={} (main stack)",
+        main.rank.map_or("?".into(), |k| k.to_string())
+    );
     let mut main_cache = BTreeMap::new();
     for (cfg, b) in &budgets {
-        let point = eval_stack_within(loaded, *b, tokens, params, &main_name, &mut main_cache)?;
-        report.ablations.push(AblationPoint {
+        let point = eval_stack_within(
+            s.loaded,
+            *b,
+            s.tokens,
+            &s.ablation_params,
+            &main_name,
+            &mut main_cache,
+        )?;
+        out.report.ablations.push(AblationPoint {
             variant: main_name.clone(),
             config: cfg.clone(),
             budget: *b,
             note: point.is_none().then(|| "below minimum".into()),
             point,
         });
-        report.write(&args.out_dir)?;
+        out.report.write(&args.out_dir)?;
     }
-    // Ablations change one setting of the main stack's: its k (when fixed) and its order.
-    // Files store the order as its display text (`first-order (…)`); older ones as Debug text.
-    use bitstack_sort::SortMethod;
-    let main_order = match stack_compression.get("order").and_then(Value::as_str) {
-        Some("Proxy" | "proxy") => SortMethod::Proxy,
-        Some(o) if o.starts_with("ProxySensitive") || o.starts_with("proxy-sensitive") => {
-            SortMethod::ProxySensitive
-        }
-        Some(o) if o.starts_with("FirstOrder") || o.starts_with("first-order") => {
-            SortMethod::FirstOrder
-        }
-        Some(o) if o.starts_with("Random") || o.starts_with("random") => SortMethod::Random,
-        _ => SortMethod::RoundRobin,
-    };
-    let base = CompressParams {
-        rank: main_rank.map_or(CompressParams::default().rank, |k| {
-            crate::compress::RankRule::Fixed(k as usize)
-        }),
-        order: main_order,
-        order_settings: crate::compress::OrderSettings::for_method(main_order),
-        ..Default::default()
-    };
     if args.ablation_variants.contains(&AblationKind::NoAvd) {
-        eval_plain_svd_ablation(
-            source, calib_text, loaded, &base, &budgets, tokens, params, report, phases,
-        )?;
-        report.write(&args.out_dir)?;
+        eval_plain_svd_ablation(s, &main.base, &budgets, out)?;
+        out.report.write(&args.out_dir)?;
     }
+    for (name, p) in ablation_variants(args, &main) {
+        run_variant(s, &name, &p, &budgets, out)?;
+    }
+    Ok(())
+}
+
+/// The ablation budgets: the memory of the first method (RTN by default) at the grouped
+/// configurations, from the storage format (identical to the measured bytes, checked in the
+/// baseline rows), then `--ablation-budgets`.
+fn ablation_budgets(s: &Session<'_>, cfgs: &[QuantConfig]) -> Res<Vec<(String, u64)>> {
+    let method = s.args.methods.first().copied().unwrap_or(Baseline::Rtn);
+    let mut budgets: Vec<(String, u64)> = cfgs
+        .iter()
+        .filter(|q| matches!(q.grouping, Grouping::Groups(_)))
+        .map(|q| {
+            Ok((
+                format!("{} {}", method.name(), q.label()),
+                baseline_model_bytes(&s.shapes, q, method, s.resident_bytes)?,
+            ))
+        })
+        .collect::<Res<_>>()?;
+    budgets.extend(
+        s.args
+            .ablation_budgets
+            .iter()
+            .map(|b| (format!("{:.1} MB", b.mb()), b.bytes())),
+    );
+    Ok(budgets)
+}
+
+/// The main stack's settings the ablations keep, from its compression record.
+struct MainSettings {
+    /// Its k, when fixed.
+    rank: Option<u64>,
+    /// Whether it was compressed with activation scaling (`None`: not recorded).
+    scaled: Option<bool>,
+    /// The compression settings of an ablation stack before its one change: the main
+    /// stack's k (when fixed) and order, the default calibration.
+    base: CompressParams,
+}
+
+impl MainSettings {
+    /// Reads them from `compression`. Files store the order as its display text
+    /// (`first-order (…)`); older ones as Debug text.
+    fn of(compression: &Value) -> Self {
+        use bitstack_sort::SortMethod;
+        let rank = compression.get("rank").and_then(Value::as_u64);
+        let scaled = compression
+            .get("activation_scaling")
+            .and_then(Value::as_bool);
+        let order = match compression.get("order").and_then(Value::as_str) {
+            Some("Proxy" | "proxy") => SortMethod::Proxy,
+            Some(o) if o.starts_with("ProxySensitive") || o.starts_with("proxy-sensitive") => {
+                SortMethod::ProxySensitive
+            }
+            Some(o) if o.starts_with("FirstOrder") || o.starts_with("first-order") => {
+                SortMethod::FirstOrder
+            }
+            Some(o) if o.starts_with("Random") || o.starts_with("random") => SortMethod::Random,
+            _ => SortMethod::RoundRobin,
+        };
+        let base = CompressParams {
+            rank: rank.map_or(CompressParams::default().rank, |k| {
+                crate::compress::RankRule::Fixed(k as usize)
+            }),
+            order,
+            order_settings: crate::compress::OrderSettings::for_method(order),
+            ..Default::default()
+        };
+        Self { rank, scaled, base }
+    }
+}
+
+/// The ablation stacks to compress: without scaling (when the main stack scales) and each
+/// `--ablation-ranks` k other than the main stack's, as `--ablation-variants` asks.
+fn ablation_variants(args: &CompareOptions, main: &MainSettings) -> Vec<(String, CompressParams)> {
     let mut variants: Vec<(String, CompressParams)> = Vec::new();
-    if main_scaled != Some(false) && args.ablation_variants.contains(&AblationKind::NoScaling) {
+    if main.scaled != Some(false) && args.ablation_variants.contains(&AblationKind::NoScaling) {
         variants.push((
             "BitStack w/o scaling".into(),
             CompressParams {
                 scale: None,
-                ..base.clone()
+                ..main.base.clone()
             },
         ));
     }
@@ -2064,51 +2383,69 @@ fn run_ablations(
         &[]
     };
     for &k in ranks {
-        if Some(k as u64) == main_rank {
+        if Some(k as u64) == main.rank {
             continue;
         }
         let p = CompressParams {
             rank: crate::compress::RankRule::Fixed(k),
-            ..base.clone()
+            ..main.base.clone()
         };
         variants.push((format!("BitStack k={k}"), p));
     }
-    for (name, p) in variants {
+    variants
+}
+
+/// One ablation stack: compressed with `p` into OUT_DIR, evaluated at every budget, deleted.
+fn run_variant(
+    s: &Session<'_>,
+    name: &str,
+    p: &CompressParams,
+    budgets: &[(String, u64)],
+    out: &mut Outcome,
+) -> Res<()> {
+    let t = Instant::now();
+    crate::noteln!("ablation {name}: compressing");
+    let compressed = compress(s.source, s.calib_text, p)?;
+    let path = s.args.out_dir.join(format!(
+        "ablation-{}.bitstack",
+        name.replace(|ch: char| !ch.is_ascii_alphanumeric(), "-")
+    ));
+    write_compressed(&compressed, &path)?;
+    drop(compressed);
+    out.phase(format!("{name} compress"), t);
+    let result = eval_variant(s, name, &path, budgets, out);
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// The ablation stack at `path` evaluated at every budget; the report is rewritten after
+/// each point.
+fn eval_variant(
+    s: &Session<'_>,
+    name: &str,
+    path: &Path,
+    budgets: &[(String, u64)],
+    out: &mut Outcome,
+) -> Res<()> {
+    let ab = LoadedStack::open(path, None)?;
+    let mut cache = BTreeMap::new();
+    for (cfg, b) in budgets {
         let t = Instant::now();
-        crate::noteln!("ablation {name}: compressing");
-        let out = compress(source, calib_text, &p)?;
-        let path = args.out_dir.join(format!(
-            "ablation-{}.bitstack",
-            name.replace(|ch: char| !ch.is_ascii_alphanumeric(), "-")
-        ));
-        write_compressed(&out, &path)?;
-        drop(out);
-        phases.push((format!("{name} compress"), t.elapsed().as_secs_f64()));
-        let result = (|| -> Res<()> {
-            let ab = LoadedStack::open(&path, None)?;
-            let mut c = BTreeMap::new();
-            for (cfg, b) in &budgets {
-                let t = Instant::now();
-                let point = eval_stack_within(&ab, *b, tokens, params, &name, &mut c)?;
-                phases.push((format!("{name} at {cfg}"), t.elapsed().as_secs_f64()));
-                report.ablations.push(AblationPoint {
-                    variant: name.clone(),
-                    config: cfg.clone(),
-                    budget: *b,
-                    note: point.is_none().then(|| {
-                        format!(
-                            "below this stack's minimum {:.1} MB",
-                            mb(ab.elastic.minimum_bytes())
-                        )
-                    }),
-                    point,
-                });
-                report.write(&args.out_dir)?;
-            }
-            Ok(())
-        })();
-        let _ = std::fs::remove_file(&path);
-        result?;
+        let point = eval_stack_within(&ab, *b, s.tokens, &s.ablation_params, name, &mut cache)?;
+        out.phase(format!("{name} at {cfg}"), t);
+        out.report.ablations.push(AblationPoint {
+            variant: name.to_owned(),
+            config: cfg.clone(),
+            budget: *b,
+            note: point.is_none().then(|| {
+                format!(
+                    "below this stack's minimum {:.1} MB",
+                    mb(ab.elastic.minimum_bytes())
+                )
+            }),
+            point,
+        });
+        out.report.write(&s.args.out_dir)?;
     }
     Ok(())
 }

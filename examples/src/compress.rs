@@ -18,20 +18,21 @@
 //! * Level-major round robin order: of the orders that need no forward passes it was the best
 //!   at 6 of 8 budgets; `bitstack sort` computes the paper's Average.
 
-use crate::gguf::{ModelError, ModelSource};
+use crate::gguf::{LlamaConfig, ModelError, ModelSource};
 use crate::llama::{
     ActivationObserver, EmbeddingPrecision, LinearKind, LinearTable, Llama, LlamaError,
     LlamaResident,
 };
 use crate::report::Progress;
 use crate::stackmodel::{weight_index, weight_of_index, META_COMPRESSION, TOKENIZER_TENSOR};
-use crate::tokenizer::TokenizerError;
+use crate::tokenizer::{Tokenizer, TokenizerError};
 use bitstack_core::{ResidualBlock, StackMeta, UniversalOrder};
 use bitstack_format::model::{ContractError, ModelConfig, ModelContract, QkLayout};
 use bitstack_format::{FormatError, ResidentTensor, StackFileContents};
 use bitstack_linalg::{ActivationNorms, IavdParams, LinalgError, ScaleParams};
 use bitstack_sort::{ActivationStats, ProxyConfig, ProxyWeight, SortError, SortMethod};
 use half::f16;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -440,102 +441,194 @@ pub fn compress(
     }
     let c = source.config().clone();
     let mut phases = Vec::new();
+    let (tokenizer, calib_tokens) = timed(&mut phases, "tokenize calibration text", || {
+        let tokenizer = source.tokenizer()?;
+        let tokens = tokenizer.encode(calib_text, false)?;
+        Ok((tokenizer, tokens))
+    })?;
+    let scales = timed(&mut phases, "calibration (activation norms)", || {
+        calibrate_scales(source, &calib_tokens, params)
+    })?;
+    let decomposed = timed(&mut phases, "decomposition (IAVD of every linear)", || {
+        decompose_all(source, &c, scales.as_deref(), params)
+    })?;
+    let order = timed(&mut phases, "universal order", || {
+        universal_order(source, &decomposed, &calib_tokens, params)
+    })?;
+    let Decomposed {
+        originals,
+        stacks,
+        blocks,
+        error_sums,
+    } = decomposed;
+    drop(originals);
+    // The model contract of the file.
+    let contract_config = ModelConfig::try_from(&c)?;
+    let residents = resident_tensors(source, &contract_config, &tokenizer)?;
+    let metadata = file_metadata(&contract_config, params)?;
+    let n_weights = c.n_layers * LinearKind::ALL.len();
+    Ok(Compressed {
+        contents: StackFileContents {
+            metadata,
+            residents,
+            stacks,
+            blocks,
+            order,
+        },
+        mean_relative_errors: error_sums.iter().map(|s| s / n_weights as f64).collect(),
+        phases,
+        calib_tokens: params.calib_windows * params.calib_seq_len,
+    })
+}
+
+/// Runs `f` and, when it succeeds, records its wall time in `phases` as `name`.
+fn timed<T>(
+    phases: &mut Vec<Phase>,
+    name: &'static str,
+    f: impl FnOnce() -> Result<T, CompressError>,
+) -> Result<T, CompressError> {
     let t = Instant::now();
-    let tokenizer = source.tokenizer()?;
-    let calib_tokens = tokenizer.encode(calib_text, false)?;
+    let value = f()?;
     phases.push(Phase {
-        name: "tokenize calibration text",
+        name,
         seconds: t.elapsed().as_secs_f64(),
     });
+    Ok(value)
+}
 
-    let t = Instant::now();
-    let scales = match params.scale {
-        Some(sp) => Some(calibrate(
-            source,
-            &calib_tokens,
-            params.calib_windows,
-            params.calib_seq_len,
-            sp,
-        )?),
-        None => None,
-    };
-    phases.push(Phase {
-        name: "calibration (activation norms)",
-        seconds: t.elapsed().as_secs_f64(),
-    });
+/// The activation scales of every linear ([`calibrate`] on `params`' calibration windows),
+/// or `None` when `params` decomposes the raw weights.
+pub fn calibrate_scales(
+    source: &dyn ModelSource,
+    calib_tokens: &[u32],
+    params: &CompressParams,
+) -> Result<Option<Vec<Vec<f32>>>, CompressError> {
+    params
+        .scale
+        .map(|sp| {
+            calibrate(
+                source,
+                calib_tokens,
+                params.calib_windows,
+                params.calib_seq_len,
+                sp,
+            )
+        })
+        .transpose()
+}
 
-    let t = Instant::now();
+/// Every linear decomposed, in [`weight_index`] order.
+struct Decomposed {
+    /// The original weights, kept only for orders that read them.
+    originals: Vec<Vec<f32>>,
+    /// The stacks' descriptions (shape, levels, scale vector).
+    stacks: Vec<StackMeta>,
+    /// The residual blocks of every weight.
+    blocks: Vec<Vec<ResidualBlock>>,
+    /// Per level, the sum over weights of the relative error after it.
+    error_sums: Vec<f64>,
+}
+
+/// Decomposes every linear of `source` (IAVD with `params`, scaled by `scales` when given),
+/// keeping the original weights when `params.order` needs them.
+fn decompose_all(
+    source: &dyn ModelSource,
+    c: &LlamaConfig,
+    scales: Option<&[Vec<f32>]>,
+    params: &CompressParams,
+) -> Result<Decomposed, CompressError> {
     let n_weights = c.n_layers * LinearKind::ALL.len();
     let keep_originals = params.order.needs_original_weights();
-    let mut originals: Vec<Vec<f32>> = Vec::new();
-    let mut blocks: Vec<Vec<ResidualBlock>> = Vec::with_capacity(n_weights);
-    let mut stacks: Vec<StackMeta> = Vec::with_capacity(n_weights);
-    let mut error_sums = vec![0f64; params.iavd.levels];
+    let mut out = Decomposed {
+        originals: Vec::new(),
+        stacks: Vec::with_capacity(n_weights),
+        blocks: Vec::with_capacity(n_weights),
+        error_sums: vec![0f64; params.iavd.levels],
+    };
     let mut progress = Progress::new("decomposing weights", n_weights);
     for w in 0..n_weights {
-        let (layer, kind) = weight_of_index(w);
-        let name = kind.tensor_name(layer);
-        let (rows, cols) = kind.shape(&c);
-        let (shape, data) = source.tensor_f32(&name)?;
-        if shape != [rows, cols] {
-            return Err(LlamaError::TensorShape {
-                name,
-                expected: vec![rows, cols],
-                actual: shape,
-            }
-            .into());
-        }
-        let scale = scales.as_ref().map(|s| s[w].as_slice());
-        let iavd = IavdParams {
-            rank: params.rank.rank_for(rows, cols),
-            ..params.iavd
-        };
-        let d = bitstack_linalg::decompose_slice(&data, rows, cols, scale, &iavd).map_err(
-            |source| CompressError::Linalg {
-                weight: name.clone(),
-                source,
-            },
-        )?;
-        for (sum, e) in error_sums.iter_mut().zip(&d.relative_errors) {
+        let scale = scales.map(|s| s[w].as_slice());
+        let (name, data, d) = decompose_weight(source, c, w, scale, params)?;
+        for (sum, e) in out.error_sums.iter_mut().zip(&d.relative_errors) {
             *sum += e;
         }
-        stacks.push(d.stack_meta(name, scale.map(<[f32]>::to_vec)));
-        blocks.push(d.blocks);
+        out.stacks
+            .push(d.stack_meta(name, scale.map(<[f32]>::to_vec)));
+        out.blocks.push(d.blocks);
         if keep_originals {
-            originals.push(data);
+            out.originals.push(data);
         }
         progress.update(w + 1);
     }
-    phases.push(Phase {
-        name: "decomposition (IAVD of every linear)",
-        seconds: t.elapsed().as_secs_f64(),
-    });
+    Ok(out)
+}
 
-    let t = Instant::now();
-    let levels: Vec<u16> = stacks.iter().map(|m| m.levels).collect();
+/// Reads weight `w` of `source`, checks its shape and decomposes it with `params` (k from
+/// `params.rank`); returns its tensor name, its original values and the decomposition.
+fn decompose_weight(
+    source: &dyn ModelSource,
+    c: &LlamaConfig,
+    w: usize,
+    scale: Option<&[f32]>,
+    params: &CompressParams,
+) -> Result<(String, Vec<f32>, bitstack_linalg::Decomposition), CompressError> {
+    let (layer, kind) = weight_of_index(w);
+    let name = kind.tensor_name(layer);
+    let (rows, cols) = kind.shape(c);
+    let (shape, data) = source.tensor_f32(&name)?;
+    if shape != [rows, cols] {
+        return Err(LlamaError::TensorShape {
+            name,
+            expected: vec![rows, cols],
+            actual: shape,
+        }
+        .into());
+    }
+    let iavd = IavdParams {
+        rank: params.rank.rank_for(rows, cols),
+        ..params.iavd
+    };
+    let d =
+        bitstack_linalg::decompose_slice(&data, rows, cols, scale, &iavd).map_err(|source| {
+            CompressError::Linalg {
+                weight: name.clone(),
+                source,
+            }
+        })?;
+    Ok((name, data, d))
+}
+
+/// The universal order of `params.order` over the decomposed stacks: the orders computed
+/// from the blocks alone here, the ones that evaluate the model by [`evaluated_order`].
+fn universal_order(
+    source: &dyn ModelSource,
+    d: &Decomposed,
+    calib_tokens: &[u32],
+    params: &CompressParams,
+) -> Result<UniversalOrder, CompressError> {
+    let levels: Vec<u16> = d.stacks.iter().map(|m| m.levels).collect();
     let proxy_weights = || -> Vec<ProxyWeight<'_>> {
-        (0..n_weights)
+        (0..d.stacks.len())
             .map(|w| ProxyWeight {
-                original: &originals[w],
-                rows: stacks[w].rows,
-                cols: stacks[w].cols,
-                blocks: &blocks[w],
-                scale: stacks[w].scale.as_deref(),
+                original: &d.originals[w],
+                rows: d.stacks[w].rows,
+                cols: d.stacks[w].cols,
+                blocks: &d.blocks[w],
+                scale: d.stacks[w].scale.as_deref(),
                 stats: ActivationStats::FromScale,
             })
             .collect()
     };
-    let scoring = |n_seqs, seq_len| ScoringInputs {
-        source,
-        stacks: &stacks,
-        blocks: &blocks,
-        calib_tokens: &calib_tokens,
-        n_seqs,
-        seq_len,
-    };
     let settings = &params.order_settings;
-    let (scoring_seqs, seq_len) = (settings.scoring_seqs, settings.seq_len);
-    let order = match params.order {
+    let scoring = ScoringInputs {
+        source,
+        stacks: &d.stacks,
+        blocks: &d.blocks,
+        calib_tokens,
+        n_seqs: settings.scoring_seqs,
+        seq_len: settings.seq_len,
+    };
+    Ok(match params.order {
         SortMethod::RoundRobin => UniversalOrder::round_robin(levels)
             .map_err(|e| CompressError::Sort(SortError::from(e)))?,
         SortMethod::Random => bitstack_sort::sort_random(&levels, settings.seed)?,
@@ -544,9 +637,9 @@ pub fn compress(
             bitstack_sort::sort_proxy(&weights, &ProxyConfig::default())?.order
         }
         SortMethod::ProxySensitive => {
-            let mut progress = Progress::new("sensitivity evaluations", n_weights + 1);
+            let mut progress = Progress::new("sensitivity evaluations", d.stacks.len() + 1);
             let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
-            let sensitivity = with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
+            let sensitivity = with_evaluator(&scoring, |ev| {
                 Ok(bitstack_sort::measure_sensitivity(
                     ev,
                     settings.probe,
@@ -557,42 +650,68 @@ pub fn compress(
             bitstack_sort::sort_proxy_sensitive(&weights, &sensitivity, &ProxyConfig::default())?
                 .order
         }
-        SortMethod::FirstOrder => {
-            let mut progress = Progress::new("order gradients", settings.bases.len());
-            let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
-            let config = bitstack_sort::FirstOrderConfig {
-                bases: settings.bases.clone(),
-            };
-            with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
-                Ok(bitstack_sort::sort_first_order(ev, &config, &mut observer)?.order)
-            })?
+        SortMethod::FirstOrder | SortMethod::Average | SortMethod::Greedy => {
+            evaluated_order(&scoring, &levels, params)?
         }
-        SortMethod::Average | SortMethod::Greedy => {
-            let total: usize = levels.iter().map(|&l| l as usize - 1).sum();
-            let mut progress = Progress::new("order evaluations", total);
-            let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
-            let config = bitstack_sort::SortConfig::default();
-            with_evaluator(&scoring(scoring_seqs, seq_len), |ev| {
-                Ok(if params.order == SortMethod::Average {
-                    bitstack_sort::sort_average(ev, &config, &mut observer)?.order
-                } else {
-                    ev.prepare_greedy()?;
-                    bitstack_sort::sort_greedy(ev, &config, &mut observer)?.order
-                })
-            })?
-        }
-        // Refused before any work (above).
+        // Refused before any work (in `compress`).
         SortMethod::Import => return Err(import_refused()),
-    };
-    drop(originals);
-    phases.push(Phase {
-        name: "universal order",
-        seconds: t.elapsed().as_secs_f64(),
-    });
+    })
+}
 
-    // The model contract of the file: the config, and the Q/K layout the rows have here
-    // (the sources un-permute GGUF's interleaved rows, so always rotate-half).
-    let contract_config = ModelConfig::try_from(&c)?;
+/// The orders that score the decomposed model on calibration windows and need no
+/// sensitivities: first-order, Average and greedy.
+fn evaluated_order(
+    scoring: &ScoringInputs<'_>,
+    levels: &[u16],
+    params: &CompressParams,
+) -> Result<UniversalOrder, CompressError> {
+    let settings = &params.order_settings;
+    if params.order == SortMethod::FirstOrder {
+        let mut progress = Progress::new("order gradients", settings.bases.len());
+        let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
+        let config = bitstack_sort::FirstOrderConfig {
+            bases: settings.bases.clone(),
+        };
+        return with_evaluator(scoring, |ev| {
+            Ok(bitstack_sort::sort_first_order(ev, &config, &mut observer)?.order)
+        });
+    }
+    let total: usize = levels.iter().map(|&l| l as usize - 1).sum();
+    let mut progress = Progress::new("order evaluations", total);
+    let mut observer = |p: &bitstack_sort::SortProgress| progress.update(p.done);
+    let config = bitstack_sort::SortConfig::default();
+    with_evaluator(scoring, |ev| {
+        Ok(if params.order == SortMethod::Average {
+            bitstack_sort::sort_average(ev, &config, &mut observer)?.order
+        } else {
+            ev.prepare_greedy()?;
+            bitstack_sort::sort_greedy(ev, &config, &mut observer)?.order
+        })
+    })
+}
+
+/// The file's metadata: the model contract (the config, and the Q/K layout the rows have
+/// here — the sources un-permute GGUF's interleaved rows, so always rotate-half) and the
+/// compression record.
+fn file_metadata(
+    contract_config: &ModelConfig,
+    params: &CompressParams,
+) -> Result<BTreeMap<String, Vec<u8>>, CompressError> {
+    let mut metadata = ModelContract::metadata(contract_config, QkLayout::RotateHalf)?;
+    metadata.insert(
+        META_COMPRESSION.to_owned(),
+        serde_json::to_vec(&CompressionRecord::of(params))?,
+    );
+    Ok(metadata)
+}
+
+/// The resident tensors the contract names, read from `source` and stored in f16 (refused
+/// when a finite value overflows f16), then the tokenizer.
+fn resident_tensors(
+    source: &dyn ModelSource,
+    contract_config: &ModelConfig,
+    tokenizer: &Tokenizer,
+) -> Result<Vec<ResidentTensor>, CompressError> {
     let mut residents = Vec::new();
     for slot in contract_config.residents() {
         let name = slot.role.tensor_name();
@@ -612,38 +731,7 @@ pub fn compress(
         residents.push(ResidentTensor::from_f16(name, shape, &half)?);
     }
     residents.push(ResidentTensor::blob(TOKENIZER_TENSOR, tokenizer.to_json()?));
-
-    let mut metadata = ModelContract::metadata(&contract_config, QkLayout::RotateHalf)?;
-    let compression = CompressionRecord {
-        activation_scaling: params.scale.is_some(),
-        calib_seq_len: params.calib_seq_len,
-        calib_windows: params.calib_windows,
-        factors: params.iavd.factors.name(),
-        levels: params.iavd.levels,
-        order: params.order_settings.describe(params.order),
-        rank: match params.rank {
-            RankRule::Fixed(k) => RankRecord::Fixed(k),
-            RankRule::Adaptive { .. } => RankRecord::Adaptive(params.rank.to_string()),
-        },
-        tool: concat!("bitstack-rs ", env!("CARGO_PKG_VERSION")),
-    };
-    metadata.insert(
-        META_COMPRESSION.to_owned(),
-        serde_json::to_vec(&compression)?,
-    );
-
-    Ok(Compressed {
-        contents: StackFileContents {
-            metadata,
-            residents,
-            stacks,
-            blocks,
-            order,
-        },
-        mean_relative_errors: error_sums.iter().map(|s| s / n_weights as f64).collect(),
-        phases,
-        calib_tokens: params.calib_windows * params.calib_seq_len,
-    })
+    Ok(residents)
 }
 
 /// The [`META_COMPRESSION`] record of a file: the settings it was made with. The fields are
@@ -662,6 +750,25 @@ struct CompressionRecord {
     order: String,
     rank: RankRecord,
     tool: &'static str,
+}
+
+impl CompressionRecord {
+    /// The record of a file compressed with `params`.
+    fn of(params: &CompressParams) -> Self {
+        Self {
+            activation_scaling: params.scale.is_some(),
+            calib_seq_len: params.calib_seq_len,
+            calib_windows: params.calib_windows,
+            factors: params.iavd.factors.name(),
+            levels: params.iavd.levels,
+            order: params.order_settings.describe(params.order),
+            rank: match params.rank {
+                RankRule::Fixed(k) => RankRecord::Fixed(k),
+                RankRule::Adaptive { .. } => RankRecord::Adaptive(params.rank.to_string()),
+            },
+            tool: concat!("bitstack-rs ", env!("CARGO_PKG_VERSION")),
+        }
+    }
 }
 
 fn is_f16(name: &&'static str) -> bool {
