@@ -342,6 +342,21 @@ fn tick_label(v: f64) -> String {
     }
 }
 
+/// The exit status of a helper binary's `main`: success, or failure after printing the error
+/// to stderr as `prefix: error` (one definition for the measurement binaries).
+pub fn exit_status(
+    prefix: &str,
+    result: Result<(), Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{prefix}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A progress callback for [`crate::perplexity::perplexity`] that prints
 /// `label: window i/n running ppl …, elapsed, ETA` on one stderr line.
 pub fn perplexity_progress(label: String) -> impl FnMut(&crate::perplexity::PerplexityProgress) {

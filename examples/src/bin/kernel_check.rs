@@ -16,6 +16,7 @@ use bitstack_core::kernels::{FusedParams, KernelIsa, TablePrecision};
 use bitstack_core::{MemoryBudget, ResidualBlockRef};
 use bitstack_examples::llama::{ActivationObserver, LinearKind, Llama};
 use bitstack_examples::perplexity::cached_window_nll;
+use bitstack_examples::report::exit_status;
 use bitstack_examples::stackmodel::{weight_index, LoadedStack};
 use clap::Parser;
 use std::collections::HashMap;
@@ -78,13 +79,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 }
 
 fn main() -> ExitCode {
-    match run(&Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status("error", run(&Args::parse()))
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {

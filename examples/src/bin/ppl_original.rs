@@ -15,6 +15,7 @@ use std::time::Instant;
 use bitstack_examples::gguf::open_model;
 use bitstack_examples::llama::{LinearTable, Llama, LlamaResident};
 use bitstack_examples::perplexity::{perplexity, PerplexityParams, WindowSelection};
+use bitstack_examples::report::exit_status;
 use clap::Parser;
 
 /// Perplexity of the original model on a text (non-overlapping windows, no BOS).
@@ -86,12 +87,5 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status("error", run(&Args::parse()))
 }

@@ -220,6 +220,15 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// The `(scale, min)` of the two 32-value halves of 64-value chunk `chunk` of a Q4_K/Q5_K
+/// super-block: its two packed 6-bit pairs times the block's `d` and `dmin`.
+fn chunk_scales_k4(d: f32, dmin: f32, scales: &[u8], chunk: usize) -> [(f32, f32); 2] {
+    [2 * chunk, 2 * chunk + 1].map(|j| {
+        let (sc, m) = scale_min_k4(j, scales);
+        (d * sc as f32, dmin * m as f32)
+    })
+}
+
 fn dequant_q2k(b: &[u8], y: &mut [f32]) {
     // Layout: scales[16], qs[64], d: f16, dmin: f16.
     let scales = &b[0..16];
@@ -252,10 +261,7 @@ fn dequant_q4k(b: &[u8], y: &mut [f32]) {
     let scales = &b[4..16];
     let qs = &b[16..144];
     for (chunk, (q, ys)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+        let [(d1, m1), (d2, m2)] = chunk_scales_k4(d, dmin, scales, chunk);
         for l in 0..32 {
             ys[l] = d1 * (q[l] & 0x0F) as f32 - m1;
             ys[l + 32] = d2 * (q[l] >> 4) as f32 - m2;
@@ -271,10 +277,7 @@ fn dequant_q5k(b: &[u8], y: &mut [f32]) {
     let qh = &b[16..48];
     let qs = &b[48..176];
     for (chunk, (q, ys)) in qs.chunks_exact(32).zip(y.chunks_exact_mut(64)).enumerate() {
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+        let [(d1, m1), (d2, m2)] = chunk_scales_k4(d, dmin, scales, chunk);
         let u1 = 1u8 << (2 * chunk);
         let u2 = 2u8 << (2 * chunk);
         for l in 0..32 {

@@ -137,24 +137,24 @@ pub enum GgufValueType {
 }
 
 impl GgufValueType {
-    fn from_id(id: u32) -> Option<Self> {
+    /// Every type, at the index of its spec number (the discriminants above).
+    const BY_ID: [Self; 13] = {
         use GgufValueType::*;
-        Some(match id {
-            0 => U8,
-            1 => I8,
-            2 => U16,
-            3 => I16,
-            4 => U32,
-            5 => I32,
-            6 => F32,
-            7 => Bool,
-            8 => String,
-            9 => Array,
-            10 => U64,
-            11 => I64,
-            12 => F64,
-            _ => return None,
-        })
+        [
+            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
+        ]
+    };
+
+    fn from_id(id: u32) -> Option<Self> {
+        // Checked when compiling: the table is in spec order.
+        const _: () = {
+            let mut i = 0;
+            while i < GgufValueType::BY_ID.len() {
+                assert!(GgufValueType::BY_ID[i] as usize == i);
+                i += 1;
+            }
+        };
+        Self::BY_ID.get(usize::try_from(id).ok()?).copied()
     }
 
     /// The smallest encoded size of one value of this type, used to reject absurd array counts

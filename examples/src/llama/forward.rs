@@ -4,7 +4,7 @@ use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-use super::resident::LlamaResident;
+use super::resident::{LlamaResident, QkvBias};
 use super::{
     check_len, ActivationObserver, LinearKind, LinearProvider, LlamaConfig, LlamaError, Result,
 };
@@ -415,13 +415,7 @@ impl<'a> Llama<'a> {
         lin(LinearKind::Q).forward(&xn, &mut q)?;
         lin(LinearKind::K).forward(&xn, &mut k)?;
         lin(LinearKind::V).forward(&xn, &mut v)?;
-        if let Some(bias) = &b.bias {
-            add_bias(&mut q, &bias.q);
-            add_bias(&mut k, &bias.k);
-            add_bias(&mut v, &bias.v);
-        }
-        rope(&mut q, c.n_heads, c.head_dim, seqs);
-        rope(&mut k, c.n_kv_heads, c.head_dim, seqs);
+        bias_and_rope(&mut q, &mut k, &mut v, b.bias.as_ref(), c, seqs);
 
         let shape = AttnShape {
             n_heads: c.n_heads,
@@ -540,7 +534,27 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     out
 }
 
-pub(crate) fn add_bias(x: &mut [f32], b: &[f32]) {
+/// What follows the Q/K/V projections of a block, in place: the optional biases, then RoPE on
+/// Q and K. One definition for the forward pass and the gradient pass (whose bias step passes
+/// gradients through unchanged), so the two cannot drift apart.
+pub(crate) fn bias_and_rope(
+    q: &mut [f32],
+    k: &mut [f32],
+    v: &mut [f32],
+    bias: Option<&QkvBias>,
+    c: &LlamaConfig,
+    seqs: &SeqBatch,
+) {
+    if let Some(bias) = bias {
+        add_bias(q, &bias.q);
+        add_bias(k, &bias.k);
+        add_bias(v, &bias.v);
+    }
+    rope(q, c.n_heads, c.head_dim, seqs);
+    rope(k, c.n_kv_heads, c.head_dim, seqs);
+}
+
+fn add_bias(x: &mut [f32], b: &[f32]) {
     clear_upper_simd();
     for row in x.chunks_mut(b.len()) {
         for (v, &bb) in row.iter_mut().zip(b) {

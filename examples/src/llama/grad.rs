@@ -20,7 +20,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use super::forward::{add_bias, clear_upper_simd, rms_norm, rope, SeqBatch};
+use super::forward::{bias_and_rope, clear_upper_simd, rms_norm, SeqBatch};
 use super::resident::{LlamaResident, TokenEmbedding};
 use super::{check_len, LinearKind, LlamaError, Result};
 
@@ -107,7 +107,7 @@ fn rms_norm_backward(x: &[f32], gain: &[f32], eps: f32, dy: &[f32], dx: &mut [f3
         });
 }
 
-/// Backward of [`rope`] (a rotation: its transpose rotates by the opposite angle), in place.
+/// Backward of [`rope`](super::forward::rope) (a rotation: its transpose rotates by the opposite angle), in place.
 fn rope_backward(dx: &mut [f32], n_heads: usize, d: usize, seqs: &SeqBatch) {
     let half = d / 2;
     let (cos, sin) = seqs.tables();
@@ -505,14 +505,8 @@ fn layer_pass<'w>(
     let mut q = lin(LinearKind::Q, &xn1);
     let mut k = lin(LinearKind::K, &xn1);
     let mut v = lin(LinearKind::V, &xn1);
-    // As in the forward pass: bias, then RoPE. A bias passes gradients through unchanged.
-    if let Some(bias) = &b.bias {
-        add_bias(&mut q, &bias.q);
-        add_bias(&mut k, &bias.k);
-        add_bias(&mut v, &bias.v);
-    }
-    rope(&mut q, c.n_heads, c.head_dim, seqs);
-    rope(&mut k, c.n_kv_heads, c.head_dim, seqs);
+    // The forward pass's bias, then RoPE. A bias passes gradients through unchanged.
+    bias_and_rope(&mut q, &mut k, &mut v, b.bias.as_ref(), c, seqs);
     let (attn, _) = attention_fwd_bwd(&q, &k, &v, seqs, heads, None);
     let o = lin(LinearKind::O, &attn);
     let mut x_mid = x.to_vec();

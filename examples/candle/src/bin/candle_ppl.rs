@@ -10,6 +10,7 @@ use bitstack_candle::{candle_perplexity, CandleLlama};
 use bitstack_core::{MemoryBudget, MB, MIB};
 use bitstack_examples::llama::{EmbeddingPrecision, Llama};
 use bitstack_examples::perplexity::{perplexity, PerplexityParams, WindowSelection};
+use bitstack_examples::report::exit_status;
 use bitstack_examples::stackmodel::{LoadedStack, SnapshotLinears};
 use clap::Parser;
 
@@ -153,12 +154,5 @@ fn run(args: &Args) -> Res<()> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(&args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("candle_ppl: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    exit_status("candle_ppl", run(&Args::parse()))
 }
