@@ -427,7 +427,10 @@ unsafe fn rows_amx(
     y: SyncPtr<f32>,
 ) {
     debug_assert!(nrows <= TASK_ROWS && batch * rank <= MAX_N);
-    let mut signs = [TileBuf([0; TILE_BYTES]), TileBuf([0; TILE_BYTES])];
+    // Two stages of two tiles' sign bytes: block cb + 1 is expanded while block cb's tile
+    // products run, so a tile load never waits on the stores just before it.
+    let new_buf = || TileBuf([0; TILE_BYTES]);
+    let mut signs = [[new_buf(), new_buf()], [new_buf(), new_buf()]];
     // c[0], c[1]: high / low products of row tile 0; c[2], c[3]: of row tile 1.
     let mut c = [[[0i32; MAX_N]; TILE_ROWS]; 4];
     let mut a_row = [0.0f32; MAX_N];
@@ -458,6 +461,21 @@ unsafe fn rows_amx(
             "tilezero tmm3",
             options(nostack, nomem)
         );
+        // The tile's 16 rows' sign words of block cb as bytes (-1: bit set).
+        let expand = |cb: usize, stage: &mut [TileBuf; 2]| {
+            for (t, buf) in stage.iter_mut().enumerate() {
+                for m in 0..TILE_ROWS {
+                    let r = 16 * t + m;
+                    let w = if r < nrows {
+                        *words.get_unchecked((row0 + r) * wpr + cb)
+                    } else {
+                        0
+                    };
+                    _mm512_store_si512(buf.0.as_mut_ptr().add(m * 64).cast(), _mm512_movm_epi8(w));
+                }
+            }
+        };
+        expand(0, &mut signs[0]);
         for cb in 0..lay.blocks {
             let hi = lt.add(cb * halves * TILE_BYTES);
             asm!(
@@ -474,25 +492,19 @@ unsafe fn rows_amx(
                     options(nostack, readonly)
                 );
             }
-            for (t, buf) in signs.iter_mut().enumerate() {
-                // The tile's 16 rows' sign words of this block as bytes (-1: bit set).
-                for m in 0..TILE_ROWS {
-                    let r = 16 * t + m;
-                    let w = if r < nrows {
-                        *words.get_unchecked((row0 + r) * wpr + cb)
-                    } else {
-                        0
-                    };
-                    _mm512_store_si512(buf.0.as_mut_ptr().add(m * 64).cast(), _mm512_movm_epi8(w));
-                }
-            }
+            let (cur, next) = signs.split_at_mut(1);
+            let (cur, next) = if cb % 2 == 0 {
+                (&cur[0], &mut next[0])
+            } else {
+                (&next[0], &mut cur[0])
+            };
             asm!(
                 "tileloadd tmm4, [{s0} + {st}]",
                 "tdpbssd tmm0, tmm4, tmm5",
                 "tileloadd tmm7, [{s1} + {st}]",
                 "tdpbssd tmm2, tmm7, tmm5",
-                s0 = in(reg) signs[0].0.as_ptr(),
-                s1 = in(reg) signs[1].0.as_ptr(),
+                s0 = in(reg) cur[0].0.as_ptr(),
+                s1 = in(reg) cur[1].0.as_ptr(),
                 st = in(reg) stride,
                 options(nostack, readonly)
             );
@@ -502,6 +514,9 @@ unsafe fn rows_amx(
                     "tdpbsud tmm3, tmm7, tmm6",
                     options(nostack, nomem)
                 );
+            }
+            if cb + 1 < lay.blocks {
+                expand(cb + 1, next);
             }
         }
         asm!(
