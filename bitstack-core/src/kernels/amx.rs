@@ -9,9 +9,9 @@
 //! * **Activations in 16 bits.** Each column `t_n` of each level is rounded to integers
 //!   `Q = round(t · 32767 / max|t|)` (one scale per level and column) and split exactly into
 //!   `Q = 256·H + L`, `H` signed, `L` unsigned bytes, stored in the VNNI tile layout (row `i`
-//!   of a 64-column block holds, for each `n`, the four bytes of columns `4i..4i+4`). With
-//!   [`TablePrecision::Int8`](super::TablePrecision::Int8) only `H = round(t · 127 / max|t|)`
-//!   is kept (one product instead of two).
+//!   of a 64-column block holds, for each `n`, the four bytes of columns `4i..4i+4`). Int8
+//!   activations were tried and dropped: one scale per column vector leaves 2–7 % error per
+//!   product on real inputs, worse than the grouped int8 tables.
 //! * **Signs as bytes, never stored.** A 64-column sign word becomes 64 bytes with one
 //!   `vpmovm2b` (`-1` where the bit is set, `0` elsewhere) into a 1 KB buffer the tile load
 //!   reads; with `b` the sign bits, `S·Q = Σ(2b − 1)·Q = −2·Σ(−b)·Q − ΣQ`, so the tile
@@ -98,11 +98,11 @@ pub(super) struct AmxLayout {
 }
 
 impl AmxLayout {
-    pub(super) fn new(cols: usize, levels: usize, batch: usize, halves: usize) -> Self {
+    pub(super) fn new(cols: usize, levels: usize, batch: usize) -> Self {
         let blocks = cols.div_ceil(64);
         Self {
             xs: batch * cols,
-            tiles: levels * blocks * halves * TILE_BYTES / 4,
+            tiles: levels * blocks * HALVES * TILE_BYTES / 4,
             scales: levels * MAX_N,
             colsums: levels * MAX_N,
             blocks,
@@ -139,7 +139,7 @@ struct TileBuf([u8; TILE_BYTES]);
 
 /// `y (batch × rows) += ...`: the fused product of `blocks` on AMX. `x` is the raw input
 /// (`batch × cols`); `inv_scale` is folded in here. `batch · rank ≤ MAX_N`; callers check
-/// [`available`]. `halves`: 2 for 16-bit activations, 1 for 8-bit.
+/// [`available`].
 #[allow(clippy::too_many_arguments)]
 pub(super) fn fused_amx(
     blocks: &[ResidualBlockRef<'_>],
@@ -150,12 +150,11 @@ pub(super) fn fused_amx(
     inv_scale: Option<&[f32]>,
     x: &[f32],
     y: &mut [f32],
-    halves: usize,
     scratch: &mut [f32],
 ) {
     debug_assert!(batch * rank <= MAX_N && available());
     let levels = blocks.len();
-    let lay = AmxLayout::new(cols, levels, batch, halves);
+    let lay = AmxLayout::new(cols, levels, batch);
     let (xs, rest) = scratch.split_at_mut(lay.xs);
     let (tiles, rest) = rest.split_at_mut(lay.tiles);
     let (scales, rest) = rest.split_at_mut(lay.scales);
@@ -169,7 +168,7 @@ pub(super) fn fused_amx(
         }
     }
     let tiles: &mut [i8] = bytemuck::cast_slice_mut(tiles);
-    let per_level = lay.blocks * halves * TILE_BYTES;
+    let per_level = lay.blocks * HALVES * TILE_BYTES;
     {
         // Phase 1: one task per level quantizes its activation columns into its own tiles.
         let tiles_ptr = SyncPtr(tiles.as_mut_ptr());
@@ -187,7 +186,7 @@ pub(super) fn fused_amx(
                 )
             };
             // SAFETY: `available()` (checked by the caller) includes AVX-512 F and BW.
-            unsafe { quantize_level_avx512(&blocks[l], xs, cols, batch, halves, t, sc, cs) };
+            unsafe { quantize_level_avx512(&blocks[l], xs, cols, batch, t, sc, cs) };
         });
     }
     let tiles = &*tiles;
@@ -201,15 +200,14 @@ pub(super) fn fused_amx(
         // row0..row0 + nrows of every batch item of `y`; the tiles were sized by `AmxLayout`.
         unsafe {
             rows_amx(
-                blocks, rows, rank, batch, halves, &lay, tiles, scales, colsums, row0, nrows, y_ptr,
+                blocks, rows, rank, batch, &lay, tiles, scales, colsums, row0, nrows, y_ptr,
             )
         }
     });
 }
 
 /// Level `l`'s activation tiles: for each `n = item·rank + r`, `t = bf[·, r] ⊙ xs[item]`
-/// rounded at `max|t| / QMAX` into the VNNI layout (high bytes, then low bytes with
-/// `halves == 2`), its scale `max|t| / QMAX` and its integer column sum.
+/// rounded at `max|t| / QMAX` into the VNNI layout (high bytes, then low bytes), its scale `max|t| / QMAX` and its integer column sum.
 /// The plain reference of [`quantize_level_avx512`] (tests compare their bytes).
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
@@ -219,12 +217,11 @@ fn quantize_level(
     cols: usize,
     rank: usize,
     batch: usize,
-    halves: usize,
     tiles: &mut [i8],
     scales: &mut [f32],
     colsums: &mut [i32],
 ) {
-    let qmax = qmax(halves);
+    let qmax = QMAX;
     tiles.fill(0);
     scales.fill(0.0);
     colsums.fill(0);
@@ -244,27 +241,19 @@ fn quantize_level(
                 let q = (t(c) * inv).round_ties_even() as i32;
                 sum += q;
                 // Block `c / 64`, tile row `(c % 64) / 4`, byte `4n + c % 4`.
-                let at = (c / 64) * halves * TILE_BYTES + ((c % 64) / 4) * 64 + 4 * n + c % 4;
-                if halves == 2 {
-                    tiles[at] = (q >> 8) as i8;
-                    tiles[at + TILE_BYTES] = (q & 0xFF) as u8 as i8;
-                } else {
-                    tiles[at] = q as i8;
-                }
+                let at = (c / 64) * HALVES * TILE_BYTES + ((c % 64) / 4) * 64 + 4 * n + c % 4;
+                tiles[at] = (q >> 8) as i8;
+                tiles[at + TILE_BYTES] = (q & 0xFF) as u8 as i8;
             }
             colsums[n] = sum;
         }
     }
 }
 
-/// Largest code of an activation: 32767 (16-bit, split into two bytes) or 127 (8-bit).
-fn qmax(halves: usize) -> f32 {
-    if halves == 2 {
-        32767.0
-    } else {
-        127.0
-    }
-}
+/// Largest code of an activation (16-bit, split into a signed high and an unsigned low byte).
+const QMAX: f32 = 32767.0;
+/// Bytes per activation code: one tile of high bytes and one of low bytes per column block.
+const HALVES: usize = 2;
 
 /// [`quantize_level`] in AVX-512, all `n` at once in the 16 lanes of one register, writing
 /// the same bytes (a proptest checks it): per column `c`, lane `n` holds
@@ -282,7 +271,6 @@ unsafe fn quantize_level_avx512(
     xs: &[f32],
     cols: usize,
     batch: usize,
-    halves: usize,
     tiles: &mut [i8],
     scales: &mut [f32],
     colsums: &mut [i32],
@@ -291,7 +279,7 @@ unsafe fn quantize_level_avx512(
     let n_used = batch * rank;
     debug_assert!(n_used <= MAX_N && blk.cols() == cols && xs.len() >= batch * cols);
     let blocks = cols.div_ceil(64);
-    debug_assert!(tiles.len() >= blocks * halves * TILE_BYTES);
+    debug_assert!(tiles.len() >= blocks * HALVES * TILE_BYTES);
     let lanes: __mmask16 = if n_used == 16 {
         !0
     } else {
@@ -355,7 +343,7 @@ unsafe fn quantize_level_avx512(
     }
     let mut maxabs = [0.0f32; 16];
     _mm512_storeu_ps(maxabs.as_mut_ptr(), maxv);
-    let qmax = qmax(halves);
+    let qmax = QMAX;
     let mut inv = [0.0f32; 16];
     for n in 0..MAX_N {
         let m = maxabs[n];
@@ -367,7 +355,7 @@ unsafe fn quantize_level_avx512(
     let byte = _mm512_set1_epi32(0xFF);
     let mut sum = _mm512_setzero_si512();
     for cb in 0..blocks {
-        let out = tiles.as_mut_ptr().add(cb * halves * TILE_BYTES);
+        let out = tiles.as_mut_ptr().add(cb * HALVES * TILE_BYTES);
         for i in 0..16 {
             let (mut hi, mut lo) = (_mm512_setzero_si512(), _mm512_setzero_si512());
             for j in 0..4 {
@@ -378,20 +366,13 @@ unsafe fn quantize_level_avx512(
                 let q = _mm512_cvtps_epi32(_mm512_mul_ps(t_at(c), invv));
                 sum = _mm512_add_epi32(sum, q);
                 let shift = _mm512_set1_epi32(8 * j as i32);
-                if halves == 2 {
-                    let h = _mm512_and_si512(_mm512_srai_epi32::<8>(q), byte);
-                    hi = _mm512_or_si512(hi, _mm512_sllv_epi32(h, shift));
-                    let l = _mm512_and_si512(q, byte);
-                    lo = _mm512_or_si512(lo, _mm512_sllv_epi32(l, shift));
-                } else {
-                    let h = _mm512_and_si512(q, byte);
-                    hi = _mm512_or_si512(hi, _mm512_sllv_epi32(h, shift));
-                }
+                let h = _mm512_and_si512(_mm512_srai_epi32::<8>(q), byte);
+                hi = _mm512_or_si512(hi, _mm512_sllv_epi32(h, shift));
+                let l = _mm512_and_si512(q, byte);
+                lo = _mm512_or_si512(lo, _mm512_sllv_epi32(l, shift));
             }
             _mm512_storeu_si512(out.add(i * 64).cast(), hi);
-            if halves == 2 {
-                _mm512_storeu_si512(out.add(TILE_BYTES + i * 64).cast(), lo);
-            }
+            _mm512_storeu_si512(out.add(TILE_BYTES + i * 64).cast(), lo);
         }
     }
     _mm512_storeu_si512(colsums.as_mut_ptr().cast(), sum);
@@ -417,7 +398,6 @@ unsafe fn rows_amx(
     rows: usize,
     rank: usize,
     batch: usize,
-    halves: usize,
     lay: &AmxLayout,
     tiles: &[i8],
     scales: &[f32],
@@ -446,8 +426,8 @@ unsafe fn rows_amx(
     } else {
         (1u16 << n_used) - 1
     };
-    let hi_weight = _mm512_set1_ps(if halves == 2 { 256.0 } else { 1.0 });
-    let per_level = lay.blocks * halves * TILE_BYTES;
+    let hi_weight = _mm512_set1_ps(256.0);
+    let per_level = lay.blocks * HALVES * TILE_BYTES;
     let wpr = lay.blocks;
     let stride = 64usize;
     asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack, readonly));
@@ -477,21 +457,15 @@ unsafe fn rows_amx(
         };
         expand(0, &mut signs[0]);
         for cb in 0..lay.blocks {
-            let hi = lt.add(cb * halves * TILE_BYTES);
+            let hi = lt.add(cb * HALVES * TILE_BYTES);
             asm!(
                 "tileloadd tmm5, [{h} + {st}]",
+                "tileloadd tmm6, [{lo} + {st}]",
                 h = in(reg) hi,
+                lo = in(reg) hi.add(TILE_BYTES),
                 st = in(reg) stride,
                 options(nostack, readonly)
             );
-            if halves == 2 {
-                asm!(
-                    "tileloadd tmm6, [{lo} + {st}]",
-                    lo = in(reg) hi.add(TILE_BYTES),
-                    st = in(reg) stride,
-                    options(nostack, readonly)
-                );
-            }
             let (cur, next) = signs.split_at_mut(1);
             let (cur, next) = if cb % 2 == 0 {
                 (&cur[0], &mut next[0])
@@ -501,20 +475,15 @@ unsafe fn rows_amx(
             asm!(
                 "tileloadd tmm4, [{s0} + {st}]",
                 "tdpbssd tmm0, tmm4, tmm5",
+                "tdpbsud tmm1, tmm4, tmm6",
                 "tileloadd tmm7, [{s1} + {st}]",
                 "tdpbssd tmm2, tmm7, tmm5",
+                "tdpbsud tmm3, tmm7, tmm6",
                 s0 = in(reg) cur[0].0.as_ptr(),
                 s1 = in(reg) cur[1].0.as_ptr(),
                 st = in(reg) stride,
                 options(nostack, readonly)
             );
-            if halves == 2 {
-                asm!(
-                    "tdpbsud tmm1, tmm4, tmm6",
-                    "tdpbsud tmm3, tmm7, tmm6",
-                    options(nostack, nomem)
-                );
-            }
             if cb + 1 < lay.blocks {
                 expand(cb + 1, next);
             }
@@ -569,7 +538,7 @@ mod tests {
         /// The AVX-512 quantization writes exactly the reference's tiles, scales and sums.
         #[test]
         fn simd_quantization_equals_reference(cols in 1usize..300, rank in 1usize..=16,
-                                              batch_pick in 0usize..16, halves in 1usize..=2,
+                                              batch_pick in 0usize..16,
                                               seed: u64) {
             if !available() {
                 return Ok(());
@@ -582,14 +551,14 @@ mod tests {
             blk.view().kernel_b_into(&mut bf);
             let mut xs: Vec<f32> = (0..batch * cols).map(|_| rng.next_gaussian()).collect();
             xs[0] = 0.0;
-            let len = cols.div_ceil(64) * halves * TILE_BYTES;
+            let len = cols.div_ceil(64) * HALVES * TILE_BYTES;
             let (mut t1, mut t2) = (vec![0x55i8; len], vec![0x33i8; len]);
             let (mut s1, mut s2) = (vec![f32::NAN; MAX_N], vec![f32::NAN; MAX_N]);
             let (mut c1, mut c2) = (vec![7i32; MAX_N], vec![9i32; MAX_N]);
-            quantize_level(&bf, &xs, cols, rank, batch, halves, &mut t1, &mut s1, &mut c1);
+            quantize_level(&bf, &xs, cols, rank, batch, &mut t1, &mut s1, &mut c1);
             // SAFETY: `available()` holds; the buffers have the documented sizes.
             unsafe {
-                quantize_level_avx512(&blk.view(), &xs, cols, batch, halves, &mut t2, &mut s2, &mut c2)
+                quantize_level_avx512(&blk.view(), &xs, cols, batch, &mut t2, &mut s2, &mut c2)
             };
             prop_assert_eq!(t1, t2);
             prop_assert_eq!(s1, s2);

@@ -315,7 +315,8 @@ pub enum KernelIsa {
     Avx512Vbmi,
     /// x86-64 AMX-INT8 tile products (Intel Xeon from Sapphire Rapids on): the ±1 sign tiles
     /// times all `batch · k ≤ 16` activation columns of a level at once, activations in 16
-    /// bits (8 with [`TablePrecision::Int8`]); larger `batch · k` run the AVX-512 kernel.
+    /// bits; for [`TablePrecision::Int16`] and [`TablePrecision::Mixed`] (int8 tables and
+    /// larger `batch · k` run the AVX-512 kernel).
     Amx,
 }
 
@@ -403,12 +404,12 @@ impl FusedParams {
     fn int8_for(&self, rank: usize) -> bool {
         self.tables != TablePrecision::F32 && rank <= 64
     }
-    /// Whether the AMX kernel serves this call: not the exact path, AMX resolved, and all
+    /// Whether the AMX kernel serves this call: 16-bit precision asked, AMX resolved, and all
     /// `batch · rank` activation columns in one tile.
     fn amx_for(&self, rank: usize, batch: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            self.tables != TablePrecision::F32
+            matches!(self.tables, TablePrecision::Int16 | TablePrecision::Mixed)
                 && self.isa.resolve() == KernelIsa::Amx
                 && batch * rank <= amx::MAX_N
         }
@@ -416,14 +417,6 @@ impl FusedParams {
         {
             let _ = (rank, batch);
             false
-        }
-    }
-    /// Activation bytes of the AMX kernel: 2 (16-bit) or 1 (int8 tables requested).
-    fn amx_halves(&self) -> usize {
-        if self.tables == TablePrecision::Int8 {
-            1
-        } else {
-            2
         }
     }
     /// Table halves of the lookup kernels: 1 (int8) or 2 (split 16-bit).
@@ -467,7 +460,7 @@ pub fn fused_scratch_len_with(
     if batch > FUSED_MAX_BATCH {
         rows * cols
     } else if params.amx_for(rank, batch) {
-        amx_scratch_len(cols, levels.max(1), batch, params.amx_halves())
+        amx_scratch_len(cols, levels.max(1), batch)
     } else if params.int8_for(rank) {
         int8::Int8Layout::new(rows, cols, rank, levels.max(1), batch, params.halves()).total()
     } else {
@@ -475,14 +468,14 @@ pub fn fused_scratch_len_with(
     }
 }
 
-fn amx_scratch_len(cols: usize, levels: usize, batch: usize, halves: usize) -> usize {
+fn amx_scratch_len(cols: usize, levels: usize, batch: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        amx::AmxLayout::new(cols, levels, batch, halves).total()
+        amx::AmxLayout::new(cols, levels, batch).total()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (cols, levels, batch, halves);
+        let _ = (cols, levels, batch);
         0
     }
 }
@@ -580,18 +573,7 @@ pub fn fused_matmul_with(
         crate::linear::gemm_xwt(x, w, rows, cols, y);
     } else if params.amx_for(rank, batch) {
         #[cfg(target_arch = "x86_64")]
-        amx::fused_amx(
-            blocks,
-            rows,
-            cols,
-            rank,
-            batch,
-            inv_scale,
-            x,
-            y,
-            params.amx_halves(),
-            scratch,
-        );
+        amx::fused_amx(blocks, rows, cols, rank, batch, inv_scale, x, y, scratch);
     } else if params.int8_for(rank) {
         fused_int8(
             blocks, rows, cols, rank, batch, inv_scale, x, y, params, scratch,
@@ -1061,9 +1043,7 @@ mod proptests {
             let s: Vec<f32> = (0..n).map(|j| 1.0 / (1.0 + j as f32 * 0.01)).collect();
             let mut want = vec![0.0; batch * m];
             matmul_reference(&refs, m, n, Some(&s), &x, &mut want).unwrap();
-            // 8-bit activations have one scale per whole column vector (not per 256 columns
-            // and group, as the int8 tables), so a single output row can miss by ~2 %.
-            for (tables, tol) in [(TablePrecision::Int16, 2e-4), (TablePrecision::Int8, 4e-2)] {
+            for (tables, tol) in [(TablePrecision::Int16, 2e-4), (TablePrecision::Mixed, 2e-4)] {
                 let p = FusedParams { tables, isa: KernelIsa::Amx };
                 prop_assert!(p.amx_for(k, batch));
                 let got = run_with(&refs, m, n, Some(&s), &x, p);

@@ -48,6 +48,11 @@ struct Args {
     /// Tokens whose linear inputs are captured for the error measurement.
     #[arg(long, default_value_t = 8)]
     activation_tokens: usize,
+    /// Tokens per step of the exact-table reference (default: `--chunk`). The exact path's
+    /// perplexity does not depend on it beyond f32 rounding, so `--chunk 1` (the decode
+    /// kernels' batch) can be checked against a faster `--exact-chunk 16` reference.
+    #[arg(long)]
+    exact_chunk: Option<usize>,
     /// Skip the (slow) f64 reference error measurement.
     #[arg(long)]
     no_error: bool,
@@ -83,8 +88,15 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    if args.chunk == 0 || args.chunk > 16 || args.seq_len < 2 || args.windows == 0 {
-        return Err("--chunk must be 1..=16, --seq-len ≥ 2, --windows ≥ 1".into());
+    let chunk_ok = |c: usize| (1..=16).contains(&c);
+    if !chunk_ok(args.chunk)
+        || !args.exact_chunk.is_none_or(chunk_ok)
+        || args.seq_len < 2
+        || args.windows == 0
+    {
+        return Err(
+            "--chunk and --exact-chunk must be 1..=16, --seq-len ≥ 2, --windows ≥ 1".into(),
+        );
     }
     let loaded = LoadedStack::open(&args.file, None)?;
     let text =
@@ -102,12 +114,13 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let fast = FusedParams::with_tables(args.kernel);
     let exact = FusedParams::exact();
     println!(
-        "file: {}  int8 kernel: {}  windows: first {} × {} tokens, chunk {}",
+        "file: {}  int8 kernel: {}  windows: first {} × {} tokens, chunk {} (exact: {})",
         args.file.display(),
         KernelIsa::Auto.resolve().name(),
         args.windows,
         args.seq_len,
-        args.chunk
+        args.chunk,
+        args.exact_chunk.unwrap_or(args.chunk)
     );
     let mut ppl_rows = Vec::new();
     for &budget in &args.budgets {
@@ -119,7 +132,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         let mut ppl = [0f64; 2];
         let mut secs = [0f64; 2];
-        for (slot, params) in [fast, exact].into_iter().enumerate() {
+        let exact_chunk = args.exact_chunk.unwrap_or(args.chunk);
+        for (slot, (params, chunk)) in [(fast, args.chunk), (exact, exact_chunk)]
+            .into_iter()
+            .enumerate()
+        {
             loaded.elastic.set_fused_params(params);
             let linears = loaded.linears();
             let model = Llama::new(&loaded.resident, &linears)?;
@@ -127,7 +144,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let mut sum = 0f64;
             for w in 0..args.windows {
                 let win = &tokens[w * args.seq_len..(w + 1) * args.seq_len];
-                sum += cached_window_nll(&model, win, args.chunk)?;
+                sum += cached_window_nll(&model, win, chunk)?;
             }
             secs[slot] = t.elapsed().as_secs_f64();
             ppl[slot] = (sum / (args.windows * (args.seq_len - 1)) as f64).exp();
