@@ -690,18 +690,15 @@ fn fused_int8(
                 let mu = std::slice::from_raw_parts_mut(m_ptr.get().add(i * groups), groups);
                 let t = std::slice::from_raw_parts_mut(t_ptr.get().add(slot * t_per), t_per);
                 let bf = std::slice::from_raw_parts_mut(bf_ptr.get().add(slot * bf_per), bf_per);
-                int8::build_tables(
-                    &blocks[l],
-                    rank,
-                    xr,
+                let out = int8::TableBuild {
                     t,
-                    bf,
-                    tab,
-                    sc,
-                    mu,
+                    tables: tab,
+                    scales: sc,
+                    mults: mu,
                     halves,
                     split_ranks,
-                );
+                };
+                int8::build_tables(&blocks[l], rank, xr, bf, out);
             }
         });
     }
