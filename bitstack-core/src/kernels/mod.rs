@@ -578,9 +578,8 @@ pub fn fused_matmul_with(
         let w = &mut scratch[..rows * cols];
         restore_into(blocks, rows, cols, inv_scale, w)?;
         crate::linear::gemm_xwt(x, w, rows, cols, y);
-    } else if params.amx_for(rank, batch) {
-        #[cfg(target_arch = "x86_64")]
-        amx::fused_amx(
+    } else {
+        let call = FusedCall {
             blocks,
             rows,
             cols,
@@ -589,17 +588,53 @@ pub fn fused_matmul_with(
             inv_scale,
             x,
             y,
-            params.amx_halves(),
-            scratch,
-        );
-    } else if params.int8_for(rank) {
-        fused_int8(
-            blocks, rows, cols, rank, batch, inv_scale, x, y, params, scratch,
-        );
-    } else {
-        exact::fused_f32(blocks, rows, cols, rank, batch, inv_scale, x, y, scratch);
+        };
+        if params.amx_for(rank, batch) {
+            #[cfg(target_arch = "x86_64")]
+            amx::fused_amx(call, params.amx_halves(), scratch);
+        } else if params.int8_for(rank) {
+            fused_int8(call, params, scratch);
+        } else {
+            exact::fused_f32(call, scratch);
+        }
     }
     Ok(())
+}
+
+/// One small-batch fused product as [`fused_matmul_with`] hands it to a kernel, shapes and
+/// blocks already checked: one value, so the f32, int8 and AMX kernels share one parameter
+/// list.
+pub(super) struct FusedCall<'a> {
+    /// The levels, all of rank `rank`.
+    blocks: &'a [ResidualBlockRef<'a>],
+    /// Output features.
+    rows: usize,
+    /// Input features.
+    cols: usize,
+    /// Rank of every level.
+    rank: usize,
+    /// Input rows, at most [`FUSED_MAX_BATCH`].
+    batch: usize,
+    /// Activation scale, `cols` entries.
+    inv_scale: Option<&'a [f32]>,
+    /// Input, `batch × cols`.
+    x: &'a [f32],
+    /// Output, `batch × rows`.
+    y: &'a mut [f32],
+}
+
+/// `xs = x ⊙ inv_scale` row by row (`xs` and `x` of one length): the activation scale folded
+/// into the input once, since `Ŵx = Ŵ_scaled (x ⊙ inv_scale)`.
+#[inline]
+fn scaled_input_into(xs: &mut [f32], x: &[f32], inv_scale: Option<&[f32]>) {
+    xs.copy_from_slice(x);
+    if let Some(s) = inv_scale {
+        for xrow in xs.chunks_exact_mut(s.len()) {
+            for (v, &s) in xrow.iter_mut().zip(s) {
+                *v *= s;
+            }
+        }
+    }
 }
 
 /// Rows per parallel task of the int8 kernel for weights of fewer than
@@ -624,19 +659,9 @@ impl<T> SyncPtr<T> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fused_int8(
-    blocks: &[ResidualBlockRef<'_>],
-    rows: usize,
-    cols: usize,
-    rank: usize,
-    batch: usize,
-    inv_scale: Option<&[f32]>,
-    x: &[f32],
-    y: &mut [f32],
-    params: FusedParams,
-    scratch: &mut [f32],
-) {
+fn fused_int8(call: FusedCall<'_>, params: FusedParams, scratch: &mut [f32]) {
+    let (rows, cols, rank, batch) = (call.rows, call.cols, call.rank, call.batch);
+    let (blocks, inv_scale, x, y) = (call.blocks, call.inv_scale, call.x, call.y);
     let levels = blocks.len();
     let halves = params.halves();
     let split_ranks = params.split_ranks(rank);
@@ -649,14 +674,7 @@ fn fused_int8(
     let (mults, rest) = rest.split_at_mut(lay.mult_floats);
     let yt = &mut rest[..lay.yt];
     // Fold the activation scale into the input once: Ŵx = Ŵ_scaled (x ⊙ inv_scale).
-    xs.copy_from_slice(x);
-    if let Some(s) = inv_scale {
-        for xrow in xs.chunks_exact_mut(cols) {
-            for (v, &s) in xrow.iter_mut().zip(s) {
-                *v *= s;
-            }
-        }
-    }
+    scaled_input_into(xs, x, inv_scale);
     let tables: &mut [i8] = bytemuck::cast_slice_mut(tables);
     let per = lay.words * rank;
     let stride = int8::TABLE_BYTES * halves;
