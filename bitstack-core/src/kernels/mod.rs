@@ -58,6 +58,20 @@ fn check_inv_scale(inv_scale: Option<&[f32]>, cols: usize) -> Result<()> {
     Ok(())
 }
 
+/// The checks both restores start with: blocks of this shape, a finite `cols`-entry scale
+/// and an `out` of `rows · cols` elements.
+fn check_restore(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    out_len: usize,
+) -> Result<()> {
+    check_blocks(blocks, rows, cols)?;
+    check_inv_scale(inv_scale, cols)?;
+    check_len("restore output", rows * cols, out_len)
+}
+
 /// Plain reference: `out = (Σ_l S_l ⊙ A_l B_lᵀ) · diag(inv_scale)`, entry by entry in f64.
 pub fn restore_reference(
     blocks: &[ResidualBlockRef<'_>],
@@ -66,9 +80,7 @@ pub fn restore_reference(
     inv_scale: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    check_blocks(blocks, rows, cols)?;
-    check_inv_scale(inv_scale, cols)?;
-    check_len("restore output", rows * cols, out.len())?;
+    check_restore(blocks, rows, cols, inv_scale, out.len())?;
     for i in 0..rows {
         for j in 0..cols {
             let mut acc = 0.0f64;
@@ -139,9 +151,7 @@ pub fn restore_into_as<T: RestoreElement>(
     inv_scale: Option<&[f32]>,
     out: &mut [T],
 ) -> Result<()> {
-    check_blocks(blocks, rows, cols)?;
-    check_inv_scale(inv_scale, cols)?;
-    check_len("restore output", rows * cols, out.len())?;
+    check_restore(blocks, rows, cols, inv_scale, out.len())?;
     // B transposed to rank-major f32 so each row's product is k axpys over contiguous memory.
     // Both factors are dequantized (int8: `q·s` in f32), the values the decomposition took
     // its residuals against, so this restore reproduces its measured error.
@@ -500,16 +510,7 @@ pub fn fused_matmul(
     let batch = batch_of(x.len(), cols)?;
     let rank = blocks.first().map_or(1, |b| b.rank);
     let mut scratch = vec![0.0f32; fused_scratch_len(rows, cols, rank, blocks.len(), batch)];
-    fused_matmul_with(
-        blocks,
-        rows,
-        cols,
-        inv_scale,
-        x,
-        y,
-        FusedParams::default(),
-        &mut scratch,
-    )
+    fused_matmul_with_scratch(blocks, rows, cols, inv_scale, x, y, &mut scratch)
 }
 
 /// [`fused_matmul_with`] with default parameters.
