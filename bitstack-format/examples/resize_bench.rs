@@ -23,11 +23,13 @@
 
 use bitstack_core::testutil::XorShift;
 use bitstack_core::{
-    BlockId, ElasticModel, MemoryBudget, ResidualBlock, ResizeReport, StackMeta, UniversalOrder,
+    BlockId, ElasticModel, MemoryBudget, ResidualBlock, ResizeReport, UniversalOrder,
 };
 use bitstack_format::{FileDescription, StackFile, StackFileWriter};
 use half::f16;
 use std::time::{Duration, Instant};
+
+mod common;
 
 struct Args {
     reps: usize,
@@ -142,21 +144,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
 
-    let stacks: Vec<StackMeta> = (0..a.weights)
-        .map(|w| StackMeta {
-            name: format!("blk.{w}.w"),
-            rows: a.dim,
-            cols: a.dim,
-            rank: a.rank,
-            levels: a.levels,
-            scale: None,
-            factors: bitstack_core::FactorDtype::F16,
-        })
-        .collect();
-    let desc = FileDescription {
-        stacks,
-        ..Default::default()
-    };
+    let desc = common::f16_description(
+        a.weights,
+        |w| format!("blk.{w}.w"),
+        (a.dim, a.dim),
+        a.rank,
+        a.levels,
+    );
     let dir = std::env::temp_dir().join(format!("bitstack-resize-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("bench.bstk");

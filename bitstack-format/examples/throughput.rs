@@ -8,30 +8,18 @@
 //! verified zero-copy views.
 
 use bitstack_core::testutil::random_block;
-use bitstack_core::{BlockId, StackMeta, UniversalOrder};
+use bitstack_core::{BlockId, UniversalOrder};
 use bitstack_format::checksum::xxh64;
-use bitstack_format::{FileDescription, StackFile, StackFileWriter};
+use bitstack_format::{StackFile, StackFileWriter};
 use std::time::Instant;
+
+mod common;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total: usize = std::env::args().nth(1).map_or(Ok(96), |s| s.parse())?;
     let (rows, cols, rank, weights) = (4096, 4096, 16, 8usize);
     let levels = total.div_ceil(weights) as u16;
-    let stacks: Vec<StackMeta> = (0..weights)
-        .map(|w| StackMeta {
-            name: format!("w{w}"),
-            rows,
-            cols,
-            rank,
-            levels,
-            scale: None,
-            factors: bitstack_core::FactorDtype::F16,
-        })
-        .collect();
-    let desc = FileDescription {
-        stacks,
-        ..Default::default()
-    };
+    let desc = common::f16_description(weights, |w| format!("w{w}"), (rows, cols), rank, levels);
     let path =
         std::env::temp_dir().join(format!("bitstack-throughput-{}.bstk", std::process::id()));
 

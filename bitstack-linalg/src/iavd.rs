@@ -263,15 +263,7 @@ fn run(
         )?;
         // Factors √σ·u and √σ·v, rounded to f16 or int8; the residual below uses exactly these.
         // Bulk slice conversions: half's per-value conversion is ~100× slower here.
-        for c in 0..k {
-            let root = t.s[c].max(0.0).sqrt();
-            for (i, &u) in t.u.col_as_slice(c).iter().enumerate() {
-                a32[i * k + c] = u * root;
-            }
-            for (j, &v) in t.v.col_as_slice(c).iter().enumerate() {
-                bt32[c * cols + j] = v * root;
-            }
-        }
+        t.balanced_factors_into(&mut a32, &mut bt32, |j, c| c * cols + j);
         // B is stored cols × k (row-major): transpose the rank-major buffer on the way.
         let b32: Vec<f32> = (0..cols * k)
             .map(|t| bt32[(t % k) * cols + t / k])
@@ -314,7 +306,15 @@ fn run(
                 .map_init(
                     || vec![0.0f32; cols],
                     |c, (((abs, signs), next), a)| {
-                        update_rows(abs, signs, Some(next), a, &bt32, c, k)
+                        update_rows(RowUpdate {
+                            abs,
+                            signs,
+                            next: Some(next),
+                            a,
+                            bt: &bt32,
+                            c,
+                            k,
+                        })
                     },
                 )
                 .collect()
@@ -324,7 +324,17 @@ fn run(
                 .zip(a32.par_chunks(k * ROW_CHUNK))
                 .map_init(
                     || vec![0.0f32; cols],
-                    |c, ((abs, signs), a)| update_rows(abs, signs, None, a, &bt32, c, k),
+                    |c, ((abs, signs), a)| {
+                        update_rows(RowUpdate {
+                            abs,
+                            signs,
+                            next: None,
+                            a,
+                            bt: &bt32,
+                            c,
+                            k,
+                        })
+                    },
                 )
                 .collect()
         };
@@ -389,40 +399,44 @@ fn check_f16(h: &[f16], f: &[f32], level: usize) -> Result<()> {
     }
 }
 
+/// The operands of one level's update for a chunk of rows ([`update_rows_generic`] says
+/// what each holds): one value, so the portable, AVX2 and dispatching entry points share one
+/// parameter list.
+struct RowUpdate<'a> {
+    /// `|R|` of the chunk's rows, `rows × cols`.
+    abs: &'a mut [f32],
+    /// Packed signs of `R`, `words_per_row(cols)` words a row.
+    signs: &'a [u64],
+    /// Where the signs of `R'` go, when another level follows.
+    next: Option<&'a mut [u64]>,
+    /// The chunk's rows of `A`, `rows × k`.
+    a: &'a [f32],
+    /// `Bᵀ`, `k × cols`.
+    bt: &'a [f32],
+    /// Scratch row of `cols` floats.
+    c: &'a mut [f32],
+    /// Rank.
+    k: usize,
+}
+
 /// [`update_rows_generic`], compiled for AVX2 when the CPU has it (the default x86-64 target
 /// only assumes SSE2). No FMA is enabled, so results are bit-identical on both paths and
 /// `C` matches `restore_into`'s products exactly.
-fn update_rows(
-    abs: &mut [f32],
-    signs: &[u64],
-    next: Option<&mut [u64]>,
-    a: &[f32],
-    bt: &[f32],
-    c: &mut [f32],
-    k: usize,
-) -> f64 {
+fn update_rows(rows: RowUpdate<'_>) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 support was just checked at run time.
-        return unsafe { update_rows_avx2(abs, signs, next, a, bt, c, k) };
+        return unsafe { update_rows_avx2(rows) };
     }
-    update_rows_generic(abs, signs, next, a, bt, c, k)
+    update_rows_generic(rows)
 }
 
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn update_rows_avx2(
-    abs: &mut [f32],
-    signs: &[u64],
-    next: Option<&mut [u64]>,
-    a: &[f32],
-    bt: &[f32],
-    c: &mut [f32],
-    k: usize,
-) -> f64 {
-    update_rows_generic(abs, signs, next, a, bt, c, k)
+unsafe fn update_rows_avx2(rows: RowUpdate<'_>) -> f64 {
+    update_rows_generic(rows)
 }
 
 /// One level's update for a chunk of rows, with `R = S ⊙ |R|` held as `abs` and `signs`:
@@ -433,15 +447,16 @@ unsafe fn update_rows_avx2(
 /// Each row of `C` is built with `k` axpys into `c` (which stays in L1), the same operations
 /// in the same order as `restore_into`, so `C` is bit-identical to what restoration computes.
 #[inline(always)]
-fn update_rows_generic(
-    abs: &mut [f32],
-    signs: &[u64],
-    mut next: Option<&mut [u64]>,
-    a: &[f32],
-    bt: &[f32],
-    c: &mut [f32],
-    k: usize,
-) -> f64 {
+fn update_rows_generic(rows: RowUpdate<'_>) -> f64 {
+    let RowUpdate {
+        abs,
+        signs,
+        mut next,
+        a,
+        bt,
+        c,
+        k,
+    } = rows;
     let cols = c.len();
     let wpr = words_per_row(cols);
     let write = next.is_some();

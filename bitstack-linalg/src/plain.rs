@@ -134,15 +134,7 @@ pub fn decompose_plain_slice(
                 ..svd
             },
         )?;
-        for c in 0..k {
-            let root = t.s[c].max(0.0).sqrt();
-            for (i, &u) in t.u.col_as_slice(c).iter().enumerate() {
-                a32[i * k + c] = u * root;
-            }
-            for (j, &v) in t.v.col_as_slice(c).iter().enumerate() {
-                b32[j * k + c] = v * root;
-            }
-        }
+        t.balanced_factors_into(&mut a32, &mut b32, |j, c| j * k + c);
         let mut left = vec![f16::ZERO; rows * k];
         let mut right = vec![f16::ZERO; cols * k];
         left.convert_from_f32_slice(&a32);

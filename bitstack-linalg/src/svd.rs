@@ -127,6 +127,28 @@ pub struct TruncatedSvd {
     pub method: SvdMethod,
 }
 
+impl TruncatedSvd {
+    /// Splits `σ` evenly between the factors: `√σ_c·u_c` into `a` (`m × k`, row-major) and
+    /// `√σ_c·v_c` into `b[b_at(j, c)]`, so each decomposition keeps its own layout of `B`.
+    pub(crate) fn balanced_factors_into(
+        &self,
+        a: &mut [f32],
+        b: &mut [f32],
+        b_at: impl Fn(usize, usize) -> usize,
+    ) {
+        let k = self.s.len();
+        for c in 0..k {
+            let root = self.s[c].max(0.0).sqrt();
+            for (i, &u) in self.u.col_as_slice(c).iter().enumerate() {
+                a[i * k + c] = u * root;
+            }
+            for (j, &v) in self.v.col_as_slice(c).iter().enumerate() {
+                b[b_at(j, c)] = v * root;
+            }
+        }
+    }
+}
+
 /// Top-`rank` SVD of `a` (any strides). Rejects non-finite entries, empty matrices and a rank
 /// outside `1..=min(m, n)` with typed errors.
 pub fn truncated_svd(a: MatRef<'_, f32>, params: &TruncatedSvdParams) -> Result<TruncatedSvd> {
@@ -213,62 +235,40 @@ impl SvdWorkspace {
         let omega = MatRef::from_column_major_slice(&self.omega, n, l);
         let stack = MemStack::new(&mut self.stack);
 
-        matmul(self.y.as_mut(), Accum::Replace, a, omega, 1.0, par);
-        orthonormalize(
+        range_step(
             self.y.as_mut(),
             self.q.as_mut(),
             self.q_coeff.as_mut(),
+            a,
+            omega,
+            par,
             stack,
         );
         for _ in 0..params.power_iters {
-            matmul(
-                self.z.as_mut(),
-                Accum::Replace,
-                a.transpose(),
-                self.q.as_ref(),
-                1.0,
-                par,
-            );
-            orthonormalize(
+            range_step(
                 self.z.as_mut(),
                 self.qz.as_mut(),
                 self.q_coeff.as_mut(),
+                a.transpose(),
+                self.q.as_ref(),
+                par,
                 stack,
             );
-            matmul(
-                self.y.as_mut(),
-                Accum::Replace,
-                a,
-                self.qz.as_ref(),
-                1.0,
-                par,
-            );
-            orthonormalize(
+            range_step(
                 self.y.as_mut(),
                 self.q.as_mut(),
                 self.q_coeff.as_mut(),
+                a,
+                self.qz.as_ref(),
+                par,
                 stack,
             );
         }
         // Z = Aᵀ Q is tall (n × l); its SVD is the SVD of Qᵀ A transposed.
-        matmul(
-            self.z.as_mut(),
-            Accum::Replace,
-            a.transpose(),
-            self.q.as_ref(),
-            1.0,
-            par,
-        );
+        product(self.z.as_mut(), a.transpose(), self.q.as_ref(), par);
         let (uz, s, vz) = exact_svd(self.z.as_ref(), Par::Seq, &mut self.stack)?;
         let mut u = Mat::zeros(m, k);
-        matmul(
-            u.as_mut(),
-            Accum::Replace,
-            self.q.as_ref(),
-            vz.subcols(0, k),
-            1.0,
-            par,
-        );
+        product(u.as_mut(), self.q.as_ref(), vz.subcols(0, k), par);
         Ok(TruncatedSvd {
             u,
             s: s[..k].to_vec(),
@@ -276,6 +276,26 @@ impl SvdWorkspace {
             method: SvdMethod::Randomized,
         })
     }
+}
+
+/// `out = lhs · rhs`, overwriting `out`: the one product form the range finder uses.
+fn product(out: MatMut<'_, f32>, lhs: MatRef<'_, f32>, rhs: MatRef<'_, f32>, par: Par) {
+    matmul(out, Accum::Replace, lhs, rhs, 1.0, par);
+}
+
+/// One range-finder step: `work = lhs · rhs`, then an orthonormal basis of `work` into `q`
+/// (`q_coeff` as [`orthonormalize`] takes it).
+fn range_step(
+    mut work: MatMut<'_, f32>,
+    q: MatMut<'_, f32>,
+    q_coeff: MatMut<'_, f32>,
+    lhs: MatRef<'_, f32>,
+    rhs: MatRef<'_, f32>,
+    par: Par,
+    stack: &mut MemStack,
+) {
+    product(work.as_mut(), lhs, rhs, par);
+    orthonormalize(work, q, q_coeff, stack);
 }
 
 fn exact_scratch(m: usize, n: usize, par: Par) -> StackReq {

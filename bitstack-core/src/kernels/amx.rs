@@ -25,7 +25,7 @@
 //! [`available`].
 
 use super::pool;
-use super::SyncPtr;
+use super::{FusedCall, SyncPtr};
 use crate::block::{FactorRef, ResidualBlockRef};
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -140,18 +140,9 @@ struct TileBuf([u8; TILE_BYTES]);
 /// `y (batch × rows) += ...`: the fused product of `blocks` on AMX. `x` is the raw input
 /// (`batch × cols`); `inv_scale` is folded in here. `batch · rank ≤ MAX_N`; callers check
 /// [`available`].
-#[allow(clippy::too_many_arguments)]
-pub(super) fn fused_amx(
-    blocks: &[ResidualBlockRef<'_>],
-    rows: usize,
-    cols: usize,
-    rank: usize,
-    batch: usize,
-    inv_scale: Option<&[f32]>,
-    x: &[f32],
-    y: &mut [f32],
-    scratch: &mut [f32],
-) {
+pub(super) fn fused_amx(call: FusedCall<'_>, scratch: &mut [f32]) {
+    let (rows, cols, rank, batch) = (call.rows, call.cols, call.rank, call.batch);
+    let (blocks, inv_scale, x, y) = (call.blocks, call.inv_scale, call.x, call.y);
     debug_assert!(batch * rank <= MAX_N && available());
     let levels = blocks.len();
     let lay = AmxLayout::new(cols, levels, batch);
@@ -159,14 +150,7 @@ pub(super) fn fused_amx(
     let (tiles, rest) = rest.split_at_mut(lay.tiles);
     let (scales, rest) = rest.split_at_mut(lay.scales);
     let colsums: &mut [i32] = bytemuck::cast_slice_mut(&mut rest[..lay.colsums]);
-    xs.copy_from_slice(x);
-    if let Some(s) = inv_scale {
-        for xrow in xs.chunks_exact_mut(cols) {
-            for (v, &s) in xrow.iter_mut().zip(s) {
-                *v *= s;
-            }
-        }
-    }
+    super::scaled_input_into(xs, x, inv_scale);
     let tiles: &mut [i8] = bytemuck::cast_slice_mut(tiles);
     let per_level = lay.blocks * HALVES * TILE_BYTES;
     {

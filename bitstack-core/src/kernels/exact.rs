@@ -4,8 +4,8 @@
 //!
 //! [`TablePrecision::F32`]: super::TablePrecision::F32
 
-use super::ROW_CHUNK;
-use crate::block::{FactorRef, ResidualBlockRef};
+use super::{FusedCall, ROW_CHUNK};
+use crate::block::FactorRef;
 use rayon::prelude::*;
 
 /// Scratch floats of [`fused_f32`].
@@ -15,18 +15,9 @@ pub(super) fn scratch_len(rows: usize, cols: usize, rank: usize, batch: usize) -
 }
 
 /// `Y = X Ŵᵀ` with f32 tables; shapes and scratch length are checked by the caller.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn fused_f32(
-    blocks: &[ResidualBlockRef<'_>],
-    rows: usize,
-    cols: usize,
-    rank: usize,
-    batch: usize,
-    inv_scale: Option<&[f32]>,
-    x: &[f32],
-    y: &mut [f32],
-    scratch: &mut [f32],
-) {
+pub(super) fn fused_f32(call: FusedCall<'_>, scratch: &mut [f32]) {
+    let (rows, cols, rank, batch) = (call.rows, call.cols, call.rank, call.batch);
+    let (blocks, inv_scale, x, y) = (call.blocks, call.inv_scale, call.x, call.y);
     let groups = cols.div_ceil(4);
     let lut_per = groups * 16 * rank;
     let (xs, rest) = scratch.split_at_mut(batch * cols);
@@ -34,14 +25,7 @@ pub(super) fn fused_f32(
     let (yt, rest) = rest.split_at_mut(rows * batch);
     let acc = &mut rest[..rows * batch * rank];
     // Fold the activation scale into the input once: Ŵx = Ŵ_scaled (x ⊙ inv_scale).
-    xs.copy_from_slice(x);
-    if let Some(s) = inv_scale {
-        for xrow in xs.chunks_exact_mut(cols) {
-            for (v, &s) in xrow.iter_mut().zip(s) {
-                *v *= s;
-            }
-        }
-    }
+    super::scaled_input_into(xs, x, inv_scale);
     // Tile the groups so the tables touched by one pass over a row chunk stay in L2
     // (~256 KiB across the batch), instead of streaming every batch item's whole table per row.
     let tile = (256 * 1024 / (batch * 16 * rank * 4)).clamp(16, groups.max(16));

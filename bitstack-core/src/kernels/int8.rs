@@ -146,6 +146,24 @@ pub(super) const SIGN: [[f32; 16]; 4] = {
     s
 };
 
+/// The buffers and layout one table build writes, their sizes as [`build_tables`] documents
+/// them: one value, so the build's three entry points (dispatch, AVX-512, portable) share
+/// one parameter list instead of repeating six.
+pub(super) struct TableBuild<'a> {
+    /// Scratch of `rank · words · 64` floats (the scaled factor, rank-major).
+    pub(super) t: &'a mut [f32],
+    /// `words · rank · 256 · halves` table bytes.
+    pub(super) tables: &'a mut [i8],
+    /// `words · rank` table scales.
+    pub(super) scales: &'a mut [f32],
+    /// `words · rank · 16` per-group multipliers.
+    pub(super) mults: &'a mut [u8],
+    /// Table halves: 1 (int8) or 2 (split 16-bit).
+    pub(super) halves: usize,
+    /// Ranks `0..split_ranks` get their low halves written.
+    pub(super) split_ranks: usize,
+}
+
 /// Builds the int8 tables and scales of one (item, level): `blk` is the level's block (its
 /// `cols × rank` factor `B` is read), `xs` the scaled input row, `t` scratch of
 /// `rank · words · 64` floats, `bf` of `cols · rank`, `tables` `words · rank · 256 · halves`
@@ -155,18 +173,12 @@ pub(super) const SIGN: [[f32; 16]; 4] = {
 /// [`TileInput::split_ranks`]). For int8 factors the tables are built over
 /// `qb ⊙ (sa·sb) ⊙ xs` ([`ResidualBlockRef::kernel_b_into`]), so the tiles multiply by the
 /// raw codes of `A`.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn build_tables(
     blk: &ResidualBlockRef<'_>,
     rank: usize,
     xs: &[f32],
-    t: &mut [f32],
     bf: &mut [f32],
-    tables: &mut [i8],
-    scales: &mut [f32],
-    mults: &mut [u8],
-    halves: usize,
-    split_ranks: usize,
+    out: TableBuild<'_>,
 ) {
     let cols = xs.len();
     match blk.b {
@@ -180,12 +192,7 @@ pub(super) fn build_tables(
                         b.len(),
                         rank,
                         xs,
-                        t,
-                        tables,
-                        scales,
-                        mults,
-                        halves,
-                        split_ranks,
+                        out,
                     )
                 };
                 return;
@@ -200,38 +207,18 @@ pub(super) fn build_tables(
     if super::x86::avx512_available() {
         // SAFETY: as above; `bf` holds `cols · rank` f32 values.
         unsafe {
-            super::x86::build_tables_avx512::<true>(
-                bf.as_ptr().cast(),
-                bf.len(),
-                rank,
-                xs,
-                t,
-                tables,
-                scales,
-                mults,
-                halves,
-                split_ranks,
-            )
+            super::x86::build_tables_avx512::<true>(bf.as_ptr().cast(), bf.len(), rank, xs, out)
         };
         return;
     }
-    build_tables_generic(bf, rank, xs, t, tables, scales, mults, halves, split_ranks)
+    build_tables_generic(bf, rank, xs, out)
 }
 
 /// [`build_tables`] in plain Rust from the widened factor `bf` (`cols × rank` f32).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(super) fn build_tables_generic(
-    bf: &[f32],
-    rank: usize,
-    xs: &[f32],
-    t: &mut [f32],
-    tables: &mut [i8],
-    scales: &mut [f32],
-    mults: &mut [u8],
-    halves: usize,
-    split_ranks: usize,
-) {
+pub(super) fn build_tables_generic(bf: &[f32], rank: usize, xs: &[f32], out: TableBuild<'_>) {
+    let (t, tables, scales, mults) = (out.t, out.tables, out.scales, out.mults);
+    let (halves, split_ranks) = (out.halves, out.split_ranks);
     let cols = xs.len();
     let words = words_per_row(cols);
     let padded = words * 64;

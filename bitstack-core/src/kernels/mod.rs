@@ -58,6 +58,20 @@ fn check_inv_scale(inv_scale: Option<&[f32]>, cols: usize) -> Result<()> {
     Ok(())
 }
 
+/// The checks both restores start with: blocks of this shape, a finite `cols`-entry scale
+/// and an `out` of `rows · cols` elements.
+fn check_restore(
+    blocks: &[ResidualBlockRef<'_>],
+    rows: usize,
+    cols: usize,
+    inv_scale: Option<&[f32]>,
+    out_len: usize,
+) -> Result<()> {
+    check_blocks(blocks, rows, cols)?;
+    check_inv_scale(inv_scale, cols)?;
+    check_len("restore output", rows * cols, out_len)
+}
+
 /// Plain reference: `out = (Σ_l S_l ⊙ A_l B_lᵀ) · diag(inv_scale)`, entry by entry in f64.
 pub fn restore_reference(
     blocks: &[ResidualBlockRef<'_>],
@@ -66,9 +80,7 @@ pub fn restore_reference(
     inv_scale: Option<&[f32]>,
     out: &mut [f32],
 ) -> Result<()> {
-    check_blocks(blocks, rows, cols)?;
-    check_inv_scale(inv_scale, cols)?;
-    check_len("restore output", rows * cols, out.len())?;
+    check_restore(blocks, rows, cols, inv_scale, out.len())?;
     for i in 0..rows {
         for j in 0..cols {
             let mut acc = 0.0f64;
@@ -139,9 +151,7 @@ pub fn restore_into_as<T: RestoreElement>(
     inv_scale: Option<&[f32]>,
     out: &mut [T],
 ) -> Result<()> {
-    check_blocks(blocks, rows, cols)?;
-    check_inv_scale(inv_scale, cols)?;
-    check_len("restore output", rows * cols, out.len())?;
+    check_restore(blocks, rows, cols, inv_scale, out.len())?;
     // B transposed to rank-major f32 so each row's product is k axpys over contiguous memory.
     // Both factors are dequantized (int8: `q·s` in f32), the values the decomposition took
     // its residuals against, so this restore reproduces its measured error.
@@ -493,16 +503,7 @@ pub fn fused_matmul(
     let batch = batch_of(x.len(), cols)?;
     let rank = blocks.first().map_or(1, |b| b.rank);
     let mut scratch = vec![0.0f32; fused_scratch_len(rows, cols, rank, blocks.len(), batch)];
-    fused_matmul_with(
-        blocks,
-        rows,
-        cols,
-        inv_scale,
-        x,
-        y,
-        FusedParams::default(),
-        &mut scratch,
-    )
+    fused_matmul_with_scratch(blocks, rows, cols, inv_scale, x, y, &mut scratch)
 }
 
 /// [`fused_matmul_with`] with default parameters.
@@ -571,17 +572,63 @@ pub fn fused_matmul_with(
         let w = &mut scratch[..rows * cols];
         restore_into(blocks, rows, cols, inv_scale, w)?;
         crate::linear::gemm_xwt(x, w, rows, cols, y);
-    } else if params.amx_for(rank, batch) {
-        #[cfg(target_arch = "x86_64")]
-        amx::fused_amx(blocks, rows, cols, rank, batch, inv_scale, x, y, scratch);
-    } else if params.int8_for(rank) {
-        fused_int8(
-            blocks, rows, cols, rank, batch, inv_scale, x, y, params, scratch,
-        );
     } else {
-        exact::fused_f32(blocks, rows, cols, rank, batch, inv_scale, x, y, scratch);
+        let call = FusedCall {
+            blocks,
+            rows,
+            cols,
+            rank,
+            batch,
+            inv_scale,
+            x,
+            y,
+        };
+        if params.amx_for(rank, batch) {
+            #[cfg(target_arch = "x86_64")]
+            amx::fused_amx(call, scratch);
+        } else if params.int8_for(rank) {
+            fused_int8(call, params, scratch);
+        } else {
+            exact::fused_f32(call, scratch);
+        }
     }
     Ok(())
+}
+
+/// One small-batch fused product as [`fused_matmul_with`] hands it to a kernel, shapes and
+/// blocks already checked: one value, so the f32, int8 and AMX kernels share one parameter
+/// list.
+pub(super) struct FusedCall<'a> {
+    /// The levels, all of rank `rank`.
+    blocks: &'a [ResidualBlockRef<'a>],
+    /// Output features.
+    rows: usize,
+    /// Input features.
+    cols: usize,
+    /// Rank of every level.
+    rank: usize,
+    /// Input rows, at most [`FUSED_MAX_BATCH`].
+    batch: usize,
+    /// Activation scale, `cols` entries.
+    inv_scale: Option<&'a [f32]>,
+    /// Input, `batch × cols`.
+    x: &'a [f32],
+    /// Output, `batch × rows`.
+    y: &'a mut [f32],
+}
+
+/// `xs = x ⊙ inv_scale` row by row (`xs` and `x` of one length): the activation scale folded
+/// into the input once, since `Ŵx = Ŵ_scaled (x ⊙ inv_scale)`.
+#[inline]
+fn scaled_input_into(xs: &mut [f32], x: &[f32], inv_scale: Option<&[f32]>) {
+    xs.copy_from_slice(x);
+    if let Some(s) = inv_scale {
+        for xrow in xs.chunks_exact_mut(s.len()) {
+            for (v, &s) in xrow.iter_mut().zip(s) {
+                *v *= s;
+            }
+        }
+    }
 }
 
 /// Rows per parallel task of the int8 kernel for weights of fewer than
@@ -606,19 +653,9 @@ impl<T> SyncPtr<T> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn fused_int8(
-    blocks: &[ResidualBlockRef<'_>],
-    rows: usize,
-    cols: usize,
-    rank: usize,
-    batch: usize,
-    inv_scale: Option<&[f32]>,
-    x: &[f32],
-    y: &mut [f32],
-    params: FusedParams,
-    scratch: &mut [f32],
-) {
+fn fused_int8(call: FusedCall<'_>, params: FusedParams, scratch: &mut [f32]) {
+    let (rows, cols, rank, batch) = (call.rows, call.cols, call.rank, call.batch);
+    let (blocks, inv_scale, x, y) = (call.blocks, call.inv_scale, call.x, call.y);
     let levels = blocks.len();
     let halves = params.halves();
     let split_ranks = params.split_ranks(rank);
@@ -631,14 +668,7 @@ fn fused_int8(
     let (mults, rest) = rest.split_at_mut(lay.mult_floats);
     let yt = &mut rest[..lay.yt];
     // Fold the activation scale into the input once: Ŵx = Ŵ_scaled (x ⊙ inv_scale).
-    xs.copy_from_slice(x);
-    if let Some(s) = inv_scale {
-        for xrow in xs.chunks_exact_mut(cols) {
-            for (v, &s) in xrow.iter_mut().zip(s) {
-                *v *= s;
-            }
-        }
-    }
+    scaled_input_into(xs, x, inv_scale);
     let tables: &mut [i8] = bytemuck::cast_slice_mut(tables);
     let per = lay.words * rank;
     let stride = int8::TABLE_BYTES * halves;
@@ -672,18 +702,15 @@ fn fused_int8(
                 let mu = std::slice::from_raw_parts_mut(m_ptr.get().add(i * groups), groups);
                 let t = std::slice::from_raw_parts_mut(t_ptr.get().add(slot * t_per), t_per);
                 let bf = std::slice::from_raw_parts_mut(bf_ptr.get().add(slot * bf_per), bf_per);
-                int8::build_tables(
-                    &blocks[l],
-                    rank,
-                    xr,
+                let out = int8::TableBuild {
                     t,
-                    bf,
-                    tab,
-                    sc,
-                    mu,
+                    tables: tab,
+                    scales: sc,
+                    mults: mu,
                     halves,
                     split_ranks,
-                );
+                };
+                int8::build_tables(&blocks[l], rank, xr, bf, out);
             }
         });
     }

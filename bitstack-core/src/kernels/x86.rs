@@ -15,7 +15,7 @@
 //! all `k` ranks and all batch items, and nothing is widened by hand.
 
 use super::int8::{
-    group_range, GroupScale, TileInput, GROUPS, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES,
+    group_range, GroupScale, TableBuild, TileInput, GROUPS, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES,
 };
 use crate::block::FactorRef;
 use std::arch::x86_64::*;
@@ -316,19 +316,15 @@ unsafe fn lookup_accumulate2<const SUB: usize>(
 /// valid for `b_len` values of its type and the buffers must have the sizes
 /// [`super::int8::build_tables`] documents.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn build_tables_avx512<const F32SRC: bool>(
     b: *const u8,
     b_len: usize,
     rank: usize,
     xs: &[f32],
-    t: &mut [f32],
-    tables: &mut [i8],
-    scales: &mut [f32],
-    mults: &mut [u8],
-    halves: usize,
-    split_ranks: usize,
+    out: TableBuild<'_>,
 ) {
+    let (t, tables, scales, mults) = (out.t, out.tables, out.scales, out.mults);
+    let (halves, split_ranks) = (out.halves, out.split_ranks);
     let cols = xs.len();
     let words = crate::signs::words_per_row(cols);
     let padded = words * 64;
@@ -525,48 +521,24 @@ mod tests {
         let mut tables = vec![0x55i8; words * rank * TABLE_BYTES * halves];
         let mut scales = vec![f32::NAN; words * rank];
         let mut mults = vec![0xAAu8; words * rank * GROUPS];
+        let out = TableBuild {
+            t: &mut t,
+            tables: &mut tables,
+            scales: &mut scales,
+            mults: &mut mults,
+            halves,
+            split_ranks,
+        };
         match simd {
             // SAFETY: callers check `avx512_available`; the buffers have the documented sizes.
             Some(false) => unsafe {
-                build_tables_avx512::<false>(
-                    b.as_ptr().cast(),
-                    b.len(),
-                    rank,
-                    xs,
-                    &mut t,
-                    &mut tables,
-                    &mut scales,
-                    &mut mults,
-                    halves,
-                    split_ranks,
-                )
+                build_tables_avx512::<false>(b.as_ptr().cast(), b.len(), rank, xs, out)
             },
             // SAFETY: as above.
             Some(true) => unsafe {
-                build_tables_avx512::<true>(
-                    bf.as_ptr().cast(),
-                    bf.len(),
-                    rank,
-                    xs,
-                    &mut t,
-                    &mut tables,
-                    &mut scales,
-                    &mut mults,
-                    halves,
-                    split_ranks,
-                )
+                build_tables_avx512::<true>(bf.as_ptr().cast(), bf.len(), rank, xs, out)
             },
-            None => crate::kernels::int8::build_tables_generic(
-                &bf,
-                rank,
-                xs,
-                &mut t,
-                &mut tables,
-                &mut scales,
-                &mut mults,
-                halves,
-                split_ranks,
-            ),
+            None => crate::kernels::int8::build_tables_generic(&bf, rank, xs, out),
         }
         (tables, scales, mults)
     }
