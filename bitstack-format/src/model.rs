@@ -375,12 +375,14 @@ pub struct LinearDims {
 }
 
 impl From<&ModelConfig> for LinearDims {
+    /// Saturating, so an unvalidated config gives absurd shapes (rejected by the shape checks
+    /// that use them) instead of an overflow panic.
     fn from(c: &ModelConfig) -> Self {
         Self {
             hidden: c.hidden,
             ffn: c.ffn,
-            q_out: c.n_heads * c.head_dim,
-            kv_out: c.n_kv_heads * c.head_dim,
+            q_out: c.n_heads.saturating_mul(c.head_dim),
+            kv_out: c.n_kv_heads.saturating_mul(c.head_dim),
         }
     }
 }

@@ -463,9 +463,8 @@ pub fn compress(
     } = decomposed;
     drop(originals);
     // The model contract of the file.
-    let contract_config = ModelConfig::try_from(&c)?;
-    let residents = resident_tensors(source, &contract_config, &tokenizer)?;
-    let metadata = file_metadata(&contract_config, params)?;
+    let residents = resident_tensors(source, &c, &tokenizer)?;
+    let metadata = file_metadata(&c, params)?;
     let n_weights = c.n_layers * LinearKind::ALL.len();
     Ok(Compressed {
         contents: StackFileContents {

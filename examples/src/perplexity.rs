@@ -10,12 +10,12 @@
 //! # Example
 //!
 //! ```
-//! use bitstack_examples::gguf::LlamaConfig;
+//! use bitstack_examples::gguf::{Architecture, LlamaConfig};
 //! use bitstack_examples::llama::{LinearTable, Llama, LlamaResident};
 //! use bitstack_examples::perplexity::{perplexity, PerplexityParams};
 //!
 //! let config = LlamaConfig {
-//!     arch: "llama".into(), n_layers: 1, hidden: 8, ffn: 16, n_heads: 2, n_kv_heads: 1,
+//!     arch: Architecture::Llama, n_layers: 1, hidden: 8, ffn: 16, n_heads: 2, n_kv_heads: 1,
 //!     head_dim: 4, vocab: 20, rope_theta: 10_000.0, rope_freq_factors: None, rms_eps: 1e-5,
 //!     tied_embeddings: true, attn_bias: false, max_seq: 64, bos_id: None, eos_id: None,
 //! };
@@ -304,12 +304,12 @@ pub fn perplexity(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::LlamaConfig;
+    use crate::gguf::{Architecture, LlamaConfig};
     use crate::llama::{LinearTable, LlamaResident};
 
     fn config() -> LlamaConfig {
         LlamaConfig {
-            arch: "llama".into(),
+            arch: Architecture::Llama,
             n_layers: 2,
             hidden: 16,
             ffn: 24,

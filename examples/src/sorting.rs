@@ -672,13 +672,14 @@ impl LinearProvider for Provider<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gguf::Architecture;
     use crate::llama::{LinearTable, SplitMix64};
     use bitstack_linalg::{decompose_slice, IavdParams};
     use bitstack_sort::{sort_average, sort_greedy, NoObserver, SortConfig};
 
     fn tiny_config() -> LlamaConfig {
         LlamaConfig {
-            arch: "llama".into(),
+            arch: Architecture::Llama,
             n_layers: 2,
             hidden: 32,
             ffn: 48,

@@ -1,5 +1,5 @@
-//! A Llama model stored as a BitStack stack file: the bridge between the published model
-//! contract ([`bitstack_format::model`]) and this crate's [`LlamaConfig`], a [`ModelSource`]
+//! A Llama model stored as a BitStack stack file under the published model contract
+//! ([`bitstack_format::model`], whose config is this crate's [`LlamaConfig`]): a [`ModelSource`]
 //! over the file's resident tensors (so
 //! [`LlamaResident::from_source`](crate::llama::LlamaResident::from_source) works unchanged),
 //! and a [`LinearProvider`] over an [`ElasticModel`] snapshot.
@@ -18,7 +18,7 @@ use bitstack_core::{
     BlockId, BlockSource, CoreError, ElasticModel, LinearOp, MemoryBudget, ModelSnapshot,
     ResidualBlock, UniversalOrder,
 };
-use bitstack_format::model::{ContractError, LinearDims, ModelConfig, ModelContract, QkLayout};
+use bitstack_format::model::{ModelContract, QkLayout};
 use bitstack_format::StackFile;
 use std::sync::Arc;
 
@@ -32,68 +32,6 @@ pub const META_COMPRESSION: &str = "bitstack.compression";
 
 /// The most decoder layers a stack file's config may claim (as for every model config).
 pub use crate::gguf::MAX_LAYERS;
-
-impl TryFrom<&LlamaConfig> for ModelConfig {
-    type Error = ContractError;
-    /// The contract's config of a model read here (the architecture must be one the
-    /// contract names; every reader of this crate yields one).
-    fn try_from(c: &LlamaConfig) -> Result<Self, ContractError> {
-        Ok(ModelConfig {
-            arch: c.arch.parse()?,
-            n_layers: c.n_layers,
-            hidden: c.hidden,
-            ffn: c.ffn,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-            vocab: c.vocab,
-            rope_theta: c.rope_theta,
-            rope_freq_factors: c.rope_freq_factors.clone(),
-            rms_eps: c.rms_eps,
-            tied_embeddings: c.tied_embeddings,
-            attn_bias: c.attn_bias,
-            max_seq: c.max_seq,
-            bos_id: c.bos_id,
-            eos_id: c.eos_id,
-        })
-    }
-}
-
-impl From<&ModelConfig> for LlamaConfig {
-    fn from(c: &ModelConfig) -> Self {
-        LlamaConfig {
-            arch: c.arch.as_str().to_owned(),
-            n_layers: c.n_layers,
-            hidden: c.hidden,
-            ffn: c.ffn,
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-            vocab: c.vocab,
-            rope_theta: c.rope_theta,
-            rope_freq_factors: c.rope_freq_factors.clone(),
-            rms_eps: c.rms_eps,
-            tied_embeddings: c.tied_embeddings,
-            attn_bias: c.attn_bias,
-            max_seq: c.max_seq,
-            bos_id: c.bos_id,
-            eos_id: c.eos_id,
-        }
-    }
-}
-
-impl From<&LlamaConfig> for LinearDims {
-    /// Saturating, so an unvalidated config gives absurd shapes (rejected by the shape checks
-    /// that use them) instead of an overflow panic.
-    fn from(c: &LlamaConfig) -> Self {
-        LinearDims {
-            hidden: c.hidden,
-            ffn: c.ffn,
-            q_out: c.n_heads.saturating_mul(c.head_dim),
-            kv_out: c.n_kv_heads.saturating_mul(c.head_dim),
-        }
-    }
-}
 
 /// The message for a file without the stack-file magic: says what it is when it is a GGUF
 /// model or a Hugging Face folder.
@@ -122,7 +60,6 @@ fn not_a_stack_file(path: &std::path::Path) -> String {
 pub struct StackModel {
     file: Arc<StackFile>,
     contract: ModelContract,
-    config: LlamaConfig,
 }
 
 impl StackModel {
@@ -138,11 +75,9 @@ impl StackModel {
                 contract.qk_layout().as_str()
             )));
         }
-        let config = LlamaConfig::from(contract.config());
         Ok(Self {
             file: Arc::new(file),
             contract,
-            config,
         })
     }
 
@@ -187,7 +122,7 @@ impl StackModel {
 
 impl ModelSource for StackModel {
     fn config(&self) -> &LlamaConfig {
-        &self.config
+        self.contract.config()
     }
 
     fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
@@ -373,9 +308,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn config_converts_both_ways() {
+    fn invalid_configs_are_bad_config() {
         let c = LlamaConfig {
-            arch: "llama".into(),
+            arch: crate::gguf::Architecture::Llama,
             n_layers: 3,
             hidden: 16,
             ffn: 40,
@@ -392,21 +327,22 @@ mod tests {
             bos_id: Some(1),
             eos_id: None,
         };
-        let m = ModelConfig::try_from(&c).unwrap();
-        assert_eq!(LlamaConfig::from(&m), c);
-        // The JSON the writer stores reads back to the same config.
-        let json = serde_json::to_string(&m).unwrap();
-        let back: ModelConfig = serde_json::from_str(&json).unwrap();
-        assert_eq!(LlamaConfig::from(&back), c);
-        for kind in LinearKind::ALL {
-            assert_eq!(kind.shape(&c), kind.shape(&m));
-        }
-        let mut odd = c.clone();
-        odd.arch = "gpt2".into();
-        assert!(ModelConfig::try_from(&odd).is_err());
-        odd.arch = "llama".into();
-        odd.n_heads = 3;
-        assert!(odd.validate().is_err());
+        assert!(c.validate().is_ok());
+        let odd = LlamaConfig {
+            n_heads: 3,
+            ..c.clone()
+        };
+        let e = ModelError::from(odd.validate().unwrap_err());
+        assert_eq!(
+            e.to_string(),
+            "bad config.json: 3 heads are not a multiple of 2 KV heads"
+        );
+        // Unvalidated dimensions give absurd shapes rather than an overflow.
+        let huge = LlamaConfig {
+            n_heads: usize::MAX,
+            ..c
+        };
+        assert_eq!(LinearKind::Q.shape(&huge), (usize::MAX, 16));
     }
 
     #[test]

@@ -179,7 +179,7 @@ fn old_fixture_opens_and_runs() {
     assert_eq!(file.version(), (1, 0));
     assert!(file.metadata_str("bitstack.qk_layout").is_none());
     let c = bitstack_examples::gguf::ModelSource::config(&loaded.model).clone();
-    assert_eq!(c.arch, "qwen2");
+    assert_eq!(c.arch, bitstack_examples::gguf::Architecture::Qwen2);
     assert!(c.attn_bias && !c.tied_embeddings);
     assert_eq!(file.stacks().len(), 7 * LAYERS);
     let tokens = loaded.prompt_ids("The lazy dog", false).unwrap();

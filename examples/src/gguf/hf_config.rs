@@ -334,7 +334,8 @@ pub(crate) fn read_hf_config(
         max_seq,
         bos_id: id("bos_token_id"),
         eos_id: id("eos_token_id"),
-        arch,
+        // One of the contract's names: `class_defaults` knows no others.
+        arch: arch.parse()?,
     };
     config.validate()?;
     Ok((config, r.notes))
@@ -634,6 +635,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::gguf::Architecture;
 
     /// `config.json` exactly as transformers 5.24.0 `save_pretrained` writes it for SmolLM2-135M
     /// loaded from the shared GGUF (scripts/hf_save.py).
@@ -653,7 +655,7 @@ mod tests {
 
     fn smollm2() -> LlamaConfig {
         LlamaConfig {
-            arch: "llama".into(),
+            arch: Architecture::Llama,
             n_layers: 30,
             hidden: 576,
             ffn: 1536,

@@ -46,8 +46,8 @@ pub use dequant::{dequantize, GgmlType};
 pub use reader::{GgufError, GgufFile, GgufTensorInfo, GgufValue, GgufValueType};
 pub use safetensors::{SafeDtype, SafeTensorInfo, SafeTensors};
 pub use source::{
-    hf_config, hf_tensor_name, open_model, unpermute_qk_rows, GgufModel, HfModel, LlamaConfig,
-    ModelError, ModelSource, MAX_LAYERS,
+    hf_config, hf_tensor_name, open_model, unpermute_qk_rows, Architecture, GgufModel, HfModel,
+    LlamaConfig, ModelError, ModelSource, MAX_LAYERS,
 };
 pub use synthetic::{gpt2_byte_tokens, SyntheticGguf, SyntheticVocab};
 

@@ -75,56 +75,23 @@ pub enum ModelError {
 /// The most decoder layers a config may have (the model contract's limit).
 pub use bitstack_format::model::MAX_LAYERS;
 
-/// The hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2).
-#[derive(Clone, Debug, PartialEq)]
-pub struct LlamaConfig {
-    /// Source architecture name (`llama`, `mistral` or `qwen2`).
-    pub arch: String,
-    /// Number of decoder blocks.
-    pub n_layers: usize,
-    /// Model (embedding) width.
-    pub hidden: usize,
-    /// MLP inner width.
-    pub ffn: usize,
-    /// Query heads.
-    pub n_heads: usize,
-    /// Key/value heads (GQA when fewer than `n_heads`).
-    pub n_kv_heads: usize,
-    /// Per-head width.
-    pub head_dim: usize,
-    /// Vocabulary size (rows of `token_embd.weight`).
-    pub vocab: usize,
-    /// RoPE base frequency.
-    pub rope_theta: f32,
-    /// Per-frequency RoPE divisors (length `head_dim / 2`), for linear or Llama-3.1-style
-    /// scaling: the angle of pair `i` at position `p` is `p * theta^(-2i/head_dim) / f[i]`.
-    /// `None` means no scaling.
-    pub rope_freq_factors: Option<Vec<f32>>,
-    /// RMSNorm epsilon.
-    pub rms_eps: f32,
-    /// Whether the output projection reuses `token_embd.weight` (then `output.weight` is absent).
-    pub tied_embeddings: bool,
-    /// Whether Q/K/V have biases (`blk.{i}.attn_q.bias` ...), as in Qwen2.
-    pub attn_bias: bool,
-    /// Trained context length.
-    pub max_seq: usize,
-    /// Beginning-of-sequence token id.
-    pub bos_id: Option<u32>,
-    /// End-of-sequence token id.
-    pub eos_id: Option<u32>,
-}
+/// The hyper-parameters of a Llama-family decoder (Llama 2/3, Mistral, SmolLM, Qwen2): the
+/// model contract's config, one definition for models read from GGUF, Hugging Face and stack
+/// files. Its [`validate`](bitstack_format::ModelConfig::validate) is the contract's checks;
+/// `?` turns their errors into [`ModelError::BadConfig`].
+pub type LlamaConfig = bitstack_format::ModelConfig;
 
-impl LlamaConfig {
-    /// Checks the internal consistency the forward pass relies on: the model contract's
-    /// checks ([`bitstack_format::ModelConfig::validate`]), one definition for models read
-    /// from GGUF, Hugging Face and stack files.
-    pub fn validate(&self) -> Result<(), ModelError> {
-        bitstack_format::ModelConfig::try_from(self)
-            .and_then(|c| c.validate())
-            .map_err(|e| match e {
-                bitstack_format::ContractError::InvalidConfig(m) => ModelError::BadConfig(m),
-                e => ModelError::BadConfig(e.to_string()),
-            })
+/// The decoder family of a [`LlamaConfig`].
+pub use bitstack_format::Architecture;
+
+impl From<bitstack_format::ContractError> for ModelError {
+    /// A config the model contract rejects: [`ModelError::BadConfig`] with the contract's
+    /// message.
+    fn from(e: bitstack_format::ContractError) -> Self {
+        match e {
+            bitstack_format::ContractError::InvalidConfig(m) => ModelError::BadConfig(m),
+            e => ModelError::BadConfig(e.to_string()),
+        }
     }
 }
 
@@ -251,13 +218,17 @@ pub(crate) fn gguf_config(
         value,
         reason: reason.to_owned(),
     };
-    if !matches!(arch.as_str(), "llama" | "qwen2") {
-        return Err(unsupported(
-            "general.architecture",
-            format!("{arch:?}"),
-            "supported: llama, qwen2",
-        ));
-    }
+    let architecture = match arch.as_str() {
+        "llama" => Architecture::Llama,
+        "qwen2" => Architecture::Qwen2,
+        _ => {
+            return Err(unsupported(
+                "general.architecture",
+                format!("{arch:?}"),
+                "supported: llama, qwen2",
+            ))
+        }
+    };
     let mut notes = Vec::new();
     let mut note = |key: &str, value: String| {
         notes.push(format!(
@@ -412,10 +383,10 @@ pub(crate) fn gguf_config(
         max_seq: usize_of(&k("context_length"))?,
         bos_id: opt_id("tokenizer.ggml.bos_token_id")?,
         eos_id: opt_id("tokenizer.ggml.eos_token_id")?,
-        arch,
+        arch: architecture,
     };
     // validate() speaks of config.json; here the values come from the GGUF metadata.
-    config.validate().map_err(|e| match e {
+    config.validate().map_err(|e| match ModelError::from(e) {
         ModelError::BadConfig(m) => {
             ModelError::BadModel(format!("GGUF metadata ({}.*): {m}", config.arch))
         }
@@ -445,7 +416,7 @@ impl ModelSource for GgufModel {
         // Only llama.cpp's `llama` architecture is written with permuted Q/K; `qwen2` uses the
         // NEOX (rotate-half) RoPE and is stored in HF order already.
         match qk_heads(name, &self.config) {
-            Some(heads) if self.config.arch == "llama" => {
+            Some(heads) if self.config.arch == Architecture::Llama => {
                 let rows = shape.first().copied().unwrap_or(1);
                 let cols = data.len().checked_div(rows).unwrap_or(0);
                 let hf = unpermute_qk_rows(&data, heads, rows, cols)?;

@@ -23,7 +23,7 @@
 
 use super::dequant::GgmlType;
 use super::reader::{GgufValue, GgufValueType};
-use super::{GgufBuilder, LlamaConfig};
+use super::{Architecture, GgufBuilder, LlamaConfig};
 use crate::llama::{LinearKind, SplitMix64};
 use crate::output::{write_atomic, OutputError};
 use std::path::Path;
@@ -153,9 +153,23 @@ impl Default for SyntheticGguf {
 
 impl SyntheticGguf {
     /// The configuration a reader derives from the file.
+    ///
+    /// # Panics
+    ///
+    /// When [`arch`](Self::arch) is not an architecture of the model contract (`llama`,
+    /// `qwen2`, `mistral`). [`builder`](Self::builder) writes any.
     pub fn config(&self) -> LlamaConfig {
+        let arch = self
+            .arch
+            .parse()
+            .unwrap_or_else(|e| panic!("SyntheticGguf::config: {e}"));
+        self.config_of(arch)
+    }
+
+    /// [`config`](Self::config) with the architecture `arch`.
+    fn config_of(&self, arch: Architecture) -> LlamaConfig {
         LlamaConfig {
-            arch: self.arch.clone(),
+            arch,
             n_layers: self.n_layers,
             hidden: self.hidden,
             ffn: self.ffn,
@@ -181,7 +195,9 @@ impl SyntheticGguf {
     /// The model in a builder, for a test that then changes a key
     /// ([`GgufBuilder::set_metadata`]) or adds a tensor.
     pub fn builder(&self) -> GgufBuilder {
-        let c = self.config();
+        // Only the shapes are used, and they hold whatever `general.architecture` says (even
+        // one no reader accepts).
+        let c = self.config_of(Architecture::Llama);
         let strings = |v: Vec<String>| GgufValue::Array {
             elem_type: GgufValueType::String,
             values: v.into_iter().map(GgufValue::String).collect(),

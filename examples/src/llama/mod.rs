@@ -31,11 +31,11 @@
 //! # Example
 //!
 //! ```
-//! use bitstack_examples::gguf::LlamaConfig;
+//! use bitstack_examples::gguf::{Architecture, LlamaConfig};
 //! use bitstack_examples::llama::{GenerateParams, LinearTable, Llama, LlamaResident};
 //!
 //! let config = LlamaConfig {
-//!     arch: "llama".into(),
+//!     arch: Architecture::Llama,
 //!     n_layers: 2,
 //!     hidden: 16,
 //!     ffn: 24,
@@ -170,6 +170,14 @@ pub enum LlamaError {
     NonFinite(String),
 }
 
+impl From<bitstack_format::ContractError> for LlamaError {
+    /// A config the model contract rejects: [`ModelError::BadConfig`] in a
+    /// [`LlamaError::Model`].
+    fn from(e: bitstack_format::ContractError) -> Self {
+        LlamaError::Model(e.into())
+    }
+}
+
 /// Shorthand for results of this module.
 pub type Result<T, E = LlamaError> = std::result::Result<T, E>;
 
@@ -187,7 +195,7 @@ pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> R
 
 /// The seven linear layers of a Llama decoder block: the model contract's type
 /// (`bitstack_format::model`), which also numbers the stacks of a stack file.
-/// [`LinearKind::shape`] takes a [`LlamaConfig`] (`impl From<&LlamaConfig> for LinearDims`).
+/// [`LinearKind::shape`] takes a [`LlamaConfig`] (`impl From<&ModelConfig> for LinearDims`).
 pub use bitstack_format::model::LinearKind;
 
 /// Hands out the linear layer for each `(layer, kind)`.

@@ -8,12 +8,12 @@ use bitstack_core::{DenseLinear, LinearOp};
 use proptest::prelude::*;
 
 use super::*;
-use crate::gguf::{ModelError, ModelSource};
+use crate::gguf::{Architecture, ModelError, ModelSource};
 use crate::tokenizer::Tokenizer;
 
 fn config(n_heads: usize, n_kv_heads: usize, tied: bool, bias: bool) -> LlamaConfig {
     LlamaConfig {
-        arch: "llama".into(),
+        arch: Architecture::Llama,
         n_layers: 2,
         hidden: 24,
         ffn: 40,
