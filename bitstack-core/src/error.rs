@@ -77,3 +77,15 @@ pub(crate) fn check_len(what: &'static str, expected: usize, actual: usize) -> R
         })
     }
 }
+
+/// Rejects row `i` of a matrix of `rows` rows: the row lookups of the quantized dense
+/// matrices report an out-of-range token the same way.
+pub(crate) fn check_row(i: usize, rows: usize) -> Result<()> {
+    if i >= rows {
+        return Err(CoreError::InvalidParameter {
+            name: "row",
+            reason: format!("{i} >= {rows} rows"),
+        });
+    }
+    Ok(())
+}

@@ -6,7 +6,7 @@
 //! what bounds it. The AVX-512 kernel widens 16 halves per `vcvtph2ps` and keeps one
 //! accumulator per batch item; the portable one widens a row at a time.
 
-use crate::error::{check_len, Result};
+use crate::error::{check_len, check_row, Result};
 use crate::kernels::batch_of;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
@@ -210,12 +210,7 @@ impl Q8Matrix {
     }
     /// Row `i` dequantized into `out` (`cols` values).
     pub fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        if i >= self.rows {
-            return Err(crate::CoreError::InvalidParameter {
-                name: "row",
-                reason: format!("{i} >= {} rows", self.rows),
-            });
-        }
+        check_row(i, self.rows)?;
         check_len("q8 row output", self.cols, out.len())?;
         let groups = self.cols.div_ceil(Q8_GROUP);
         let q = &self.q[i * self.cols..(i + 1) * self.cols];

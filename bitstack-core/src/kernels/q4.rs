@@ -33,7 +33,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use crate::error::{check_len, CoreError, Result};
+use crate::error::{check_len, check_row, CoreError, Result};
 use crate::kernels::batch_of;
 
 /// Values per scale of a [`Q4Matrix`] (llama.cpp's Q4_0 block size).
@@ -215,12 +215,7 @@ impl Q4Matrix {
 
     /// Row `i` dequantized into `out` (`cols` values): the embedding lookup of token `i`.
     pub fn row_into(&self, i: usize, out: &mut [f32]) -> Result<()> {
-        if i >= self.rows {
-            return Err(CoreError::InvalidParameter {
-                name: "row",
-                reason: format!("{i} >= {} rows", self.rows),
-            });
-        }
+        check_row(i, self.rows)?;
         check_len("q4 row output", self.cols, out.len())?;
         let (codes, scales) = self.row_parts(i);
         for ((og, cg), s) in out
