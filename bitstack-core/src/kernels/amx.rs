@@ -137,8 +137,8 @@ static TILE_CONFIG: TileConfig = TileConfig::new();
 #[repr(C, align(64))]
 struct TileBuf([u8; TILE_BYTES]);
 
-/// `y (batch × rows) += ...`: the fused product of `blocks` on AMX. `x` is the raw input
-/// (`batch × cols`); `inv_scale` is folded in here. `batch · rank ≤ MAX_N`; callers check
+/// `y (batch × rows) = x Ŵᵀ`, the fused product of `blocks` on AMX (every entry of `y` is
+/// written). `x` is the raw input (`batch × cols`); `inv_scale` is folded in here. `batch · rank ≤ MAX_N`; callers check
 /// [`available`].
 pub(super) fn fused_amx(call: FusedCall<'_>, scratch: &mut [f32]) {
     let (rows, cols, rank, batch) = (call.rows, call.cols, call.rank, call.batch);
@@ -190,9 +190,10 @@ pub(super) fn fused_amx(call: FusedCall<'_>, scratch: &mut [f32]) {
     });
 }
 
-/// Level `l`'s activation tiles: for each `n = item·rank + r`, `t = bf[·, r] ⊙ xs[item]`
-/// rounded at `max|t| / QMAX` into the VNNI layout (high bytes, then low bytes), its scale `max|t| / QMAX` and its integer column sum.
-/// The plain reference of [`quantize_level_avx512`] (tests compare their bytes).
+/// The plain reference of [`quantize_level_avx512`] (tests compare their bytes): one
+/// level's activation tiles. For each `n = item·rank + r`, `t = bf[·, r] ⊙ xs[item]` is
+/// rounded at `max|t| / QMAX` into the VNNI layout (high bytes, then low bytes); `scales[n]`
+/// gets `max|t| / QMAX` and `colsums[n]` the codes' integer sum.
 #[cfg(test)]
 #[allow(clippy::too_many_arguments)]
 fn quantize_level(
