@@ -12,7 +12,8 @@
 //! * [`ScaleRule::GlobalL2`] (the paper's eq. 3): the L2 norm of each channel over all
 //!   observed tokens.
 //!
-//! Either way the result is `s_j = clamp(norm_j + offset, floor, f32::MAX)`. Statistics are
+//! Either way the result is `s_j = clamp((norm_j + offset)^α, floor, f32::MAX)` with
+//! `α = ScaleParams::exponent` (1 by default, as in the paper). Statistics are
 //! accumulated in f64 and inputs must be finite, so `norm_j` is a finite non-negative number;
 //! a dead channel (all zeros) gets `max(offset, floor) > 0`, and a channel whose norm exceeds
 //! the f32 range is clamped to `f32::MAX`. Hence every scale is finite and strictly positive,
@@ -40,6 +41,10 @@ pub struct ScaleParams {
     /// Lower bound of every scale, so dead channels never divide by zero. Must be finite and
     /// `> 0`.
     pub floor: f32,
+    /// Power `α` the norm is raised to, `s = (norm + offset)^α` (AWQ searches such an α; the
+    /// paper and the reference use `1`). Must be finite and in `0 ..= 4`; `0` turns
+    /// scaling into the identity.
+    pub exponent: f32,
 }
 
 impl Default for ScaleParams {
@@ -48,6 +53,7 @@ impl Default for ScaleParams {
             rule: ScaleRule::WindowMeanL2,
             offset: 1e-3,
             floor: 1e-6,
+            exponent: 1.0,
         }
     }
 }
@@ -64,6 +70,12 @@ impl ScaleParams {
             return Err(LinalgError::InvalidParameter {
                 name: "floor",
                 reason: format!("must be finite and > 0, got {}", self.floor),
+            });
+        }
+        if !(self.exponent.is_finite() && (0.0..=4.0).contains(&self.exponent)) {
+            return Err(LinalgError::InvalidParameter {
+                name: "exponent",
+                reason: format!("must be finite and in 0..=4, got {}", self.exponent),
             });
         }
         Ok(())
@@ -197,15 +209,17 @@ impl ActivationNorms {
         })
     }
 
-    /// The scale vector `s` (one entry per input channel): `clamp(norm + offset, floor,
-    /// f32::MAX)`, always finite and `> 0` (see the module docs).
+    /// The scale vector `s` (one entry per input channel): `clamp((norm + offset)^exponent,
+    /// floor, f32::MAX)`, always finite and `> 0` (see the module docs).
     pub fn scale(&self) -> Result<Vec<f32>> {
         let p = self.params;
         Ok(self
             .norms()?
             .into_iter()
             .map(|n| {
-                let s = (n + p.offset as f64).max(p.floor as f64);
+                let s = (n + p.offset as f64)
+                    .powf(p.exponent as f64)
+                    .max(p.floor as f64);
                 // f64 -> f32 rounds overflow to +inf; clamp first.
                 s.min(f32::MAX as f64) as f32
             })
@@ -254,6 +268,30 @@ mod tests {
     }
 
     #[test]
+    fn exponent_raises_the_norm() {
+        let params = ScaleParams {
+            rule: ScaleRule::GlobalL2,
+            offset: 0.0,
+            exponent: 0.5,
+            ..ScaleParams::default()
+        };
+        let mut acc = ActivationNorms::new(2, params).unwrap();
+        acc.observe(&[3.0, 16.0, 4.0, 0.0], 2).unwrap();
+        let s = acc.scale().unwrap();
+        assert!(
+            (s[0] - 5f32.sqrt()).abs() < 1e-6 && (s[1] - 4.0).abs() < 1e-6,
+            "{s:?}"
+        );
+        let identity = ScaleParams {
+            exponent: 0.0,
+            ..params
+        };
+        let mut acc = ActivationNorms::new(2, identity).unwrap();
+        acc.observe(&[3.0, 16.0], 1).unwrap();
+        assert_eq!(acc.scale().unwrap(), vec![1.0, 1.0]);
+    }
+
+    #[test]
     fn global_rule_is_plain_l2() {
         let params = ScaleParams {
             rule: ScaleRule::GlobalL2,
@@ -276,6 +314,7 @@ mod tests {
             rule: ScaleRule::GlobalL2,
             offset: 0.0,
             floor: 1e-6,
+            exponent: 1.0,
         };
         let mut acc = ActivationNorms::new(3, params).unwrap();
         for _ in 0..4 {
@@ -300,6 +339,13 @@ mod tests {
             ..ScaleParams::default()
         };
         assert!(ActivationNorms::new(2, bad).is_err());
+        for exponent in [-0.5, 4.5, f32::NAN] {
+            let bad = ScaleParams {
+                exponent,
+                ..ScaleParams::default()
+            };
+            assert!(ActivationNorms::new(2, bad).is_err(), "{exponent}");
+        }
         let mut acc = ActivationNorms::new(2, ScaleParams::default()).unwrap();
         assert!(matches!(acc.scale(), Err(LinalgError::NoObservations)));
         assert!(matches!(

@@ -748,6 +748,9 @@ struct CompressionRecord {
     levels: usize,
     order: String,
     rank: RankRecord,
+    /// The scale's power α; left out when it is the paper's 1 (files keep their bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale_exponent: Option<f32>,
     tool: &'static str,
 }
 
@@ -765,6 +768,7 @@ impl CompressionRecord {
                 RankRule::Fixed(k) => RankRecord::Fixed(k),
                 RankRule::Adaptive { .. } => RankRecord::Adaptive(params.rank.to_string()),
             },
+            scale_exponent: params.scale.map(|s| s.exponent).filter(|&e| e != 1.0),
             tool: concat!("bitstack-rs ", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -849,6 +853,7 @@ mod tests {
                 levels: 16,
                 order: "first-order".into(),
                 rank,
+                scale_exponent: None,
                 tool: "bitstack-rs test",
             };
             let old = serde_json::json!({

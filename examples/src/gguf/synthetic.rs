@@ -37,6 +37,10 @@ pub enum SyntheticVocab {
     /// 32 tokens (the 26 letters, `Ġ` (space), `Ċ` (newline), `.`, `,`, and the merges
     /// `Ġt` and `he`), with `.` (id 28) as end of sequence: texts of lowercase words only.
     Letters,
+    /// GPT-2's 256 byte tokens padded with `<|extra_i|>` tokens (never produced by encoding)
+    /// to this many in all: a real model's vocabulary size (e.g. Qwen2's 151,936) with a
+    /// tokenizer that encodes any text. Below 256 it is [`SyntheticVocab::Bytes`].
+    BytesPadded(usize),
 }
 
 /// The [`SyntheticVocab::Letters`] tokens, in id order.
@@ -51,13 +55,19 @@ impl SyntheticVocab {
         match self {
             Self::Bytes => gpt2_byte_tokens(),
             Self::Letters => LETTERS.iter().map(|s| (*s).to_owned()).collect(),
+            Self::BytesPadded(n) => {
+                let mut t = gpt2_byte_tokens();
+                let extra = n.saturating_sub(t.len());
+                t.extend((0..extra).map(|i| format!("<|extra_{i}|>")));
+                t
+            }
         }
     }
 
     /// The merges, `"left right"`.
     pub fn merges(self) -> Vec<String> {
         match self {
-            Self::Bytes => vec![],
+            Self::Bytes | Self::BytesPadded(_) => vec![],
             Self::Letters => vec!["Ġ t".into(), "h e".into()],
         }
     }
@@ -186,7 +196,7 @@ impl SyntheticGguf {
             max_seq: self.context,
             bos_id: None,
             eos_id: match self.vocab {
-                SyntheticVocab::Bytes => None,
+                SyntheticVocab::Bytes | SyntheticVocab::BytesPadded(_) => None,
                 SyntheticVocab::Letters => Some(28),
             },
         }
@@ -219,7 +229,7 @@ impl SyntheticGguf {
             .metadata(&key("context_length"), u(self.context))
             .metadata("tokenizer.ggml.model", GgufValue::String("gpt2".into()));
         match self.vocab {
-            SyntheticVocab::Bytes => {
+            SyntheticVocab::Bytes | SyntheticVocab::BytesPadded(_) => {
                 b.metadata("tokenizer.ggml.pre", GgufValue::String("gpt2".into()));
             }
             SyntheticVocab::Letters => {
