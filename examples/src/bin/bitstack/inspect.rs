@@ -108,6 +108,36 @@ pub(crate) fn inspect(path: &Path) -> Res<()> {
         mb(loaded.elastic.full_bytes()),
         mib(loaded.elastic.full_bytes())
     )?;
+    // The same file at every resident precision `--resident` offers (the contract's
+    // accounting, which the runtime checks it holds at load).
+    let rows: Vec<Vec<String>> = [
+        EmbeddingPrecision::F16,
+        EmbeddingPrecision::Q8,
+        EmbeddingPrecision::Q4,
+    ]
+    .into_iter()
+    .map(|p| {
+        let l = sm.contract().held_layout(file, p);
+        vec![
+            p.to_string(),
+            format!("{:.1}", mb(l.resident_bytes)),
+            format!("{:.1}", mb(l.minimum_bytes())),
+            format!("{:.1}", mb(l.full_bytes())),
+        ]
+    })
+    .collect();
+    outln!(
+        "{}",
+        markdown_table(
+            &[
+                "--resident",
+                "held resident MB",
+                "minimum budget MB",
+                "full stack MB"
+            ],
+            &rows
+        )
+    )?;
     Ok(())
 }
 
