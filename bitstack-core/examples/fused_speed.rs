@@ -5,7 +5,8 @@
 //! `cargo run --release -p bitstack-core --example fused_speed [-- --reps 15 --quick]`
 //!
 //! `--quick` keeps the 4096×4096 shape at k = 16 and the SmolLM2 shapes at their
-//! `--rank auto` ranks only.
+//! `--rank auto` ranks only. `--isa portable|avx2|avx512-vbmi|amx-int8` forces the table
+//! kernel's instruction set (default: the best this CPU has).
 use bitstack_core::kernels::{
     fused_matmul_with, fused_scratch_len_with, FusedParams, KernelIsa, TablePrecision,
 };
@@ -54,7 +55,39 @@ fn main() {
         .position(|a| a == "--shape")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let fast = FusedParams::default();
+    let isa = match args
+        .iter()
+        .position(|a| a == "--isa")
+        .and_then(|i| args.get(i + 1))
+    {
+        None => KernelIsa::Auto,
+        Some(name) => {
+            let all = [
+                KernelIsa::Auto,
+                KernelIsa::Portable,
+                KernelIsa::Avx2,
+                KernelIsa::Avx512Vbmi,
+                KernelIsa::Amx,
+            ];
+            match all.into_iter().find(|i| i.name() == name.as_str()) {
+                Some(i) if i.is_available() => i,
+                Some(_) => {
+                    eprintln!("--isa {name}: not available on this CPU");
+                    std::process::exit(2);
+                }
+                None => {
+                    eprintln!(
+                        "--isa {name}: expected auto, portable, avx2, avx512-vbmi or amx-int8"
+                    );
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
+    let fast = FusedParams {
+        isa,
+        ..FusedParams::default()
+    };
     println!(
         "threads: {}  reps: {reps}  int8 kernel: {}  load before: {}",
         rayon::current_num_threads(),
@@ -120,7 +153,7 @@ fn main() {
                     let t_int8 = run(fast);
                     let t_i8 = run(FusedParams {
                         tables: TablePrecision::Int8,
-                        isa: KernelIsa::Auto,
+                        isa,
                     });
                     let held: u64 = blocks[..levels].iter().map(|b| b.heap_bytes()).sum();
                     println!(

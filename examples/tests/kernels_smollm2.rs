@@ -42,8 +42,12 @@ fn fused_kernels_match_reference_on_smollm2_blocks() {
     let source = open_model(&model).unwrap();
     let mut paths = vec![FusedParams::exact()];
     let mut isas = vec![KernelIsa::Portable];
-    if KernelIsa::Avx512Vbmi.is_available() {
-        isas.push(KernelIsa::Avx512Vbmi);
+    for isa in [KernelIsa::Avx512Vbmi, KernelIsa::Avx2, KernelIsa::Amx] {
+        if isa.is_available() {
+            isas.push(isa);
+        } else {
+            println!("{} not on this CPU: not tested here", isa.name());
+        }
     }
     for isa in isas {
         for tables in [

@@ -172,19 +172,23 @@ pub(super) struct TableBuild<'a> {
 /// `0..split_ranks` get their low halves written: the kernels read nothing else (see
 /// [`TileInput::split_ranks`]). For int8 factors the tables are built over
 /// `qb ⊙ (sa·sb) ⊙ xs` ([`ResidualBlockRef::kernel_b_into`]), so the tiles multiply by the
-/// raw codes of `A`.
+/// raw codes of `A`. `simd` allows the AVX-512 build where the CPU has it (byte for byte
+/// the same tables).
 pub(super) fn build_tables(
     blk: &ResidualBlockRef<'_>,
     rank: usize,
     xs: &[f32],
     bf: &mut [f32],
     out: TableBuild<'_>,
+    simd: bool,
 ) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = simd;
     let cols = xs.len();
     match blk.b {
         FactorRef::F16(b) => {
             #[cfg(target_arch = "x86_64")]
-            if super::x86::avx512_available() {
+            if simd && super::x86::avx512_available() {
                 // SAFETY: the CPU supports the features `build_tables_avx512` is compiled for.
                 unsafe {
                     super::x86::build_tables_avx512::<false>(
@@ -204,7 +208,7 @@ pub(super) fn build_tables(
     }
     let bf = &bf[..cols * rank];
     #[cfg(target_arch = "x86_64")]
-    if super::x86::avx512_available() {
+    if simd && super::x86::avx512_available() {
         // SAFETY: as above; `bf` holds `cols · rank` f32 values.
         unsafe {
             super::x86::build_tables_avx512::<true>(bf.as_ptr().cast(), bf.len(), rank, xs, out)

@@ -18,6 +18,8 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod dense;
 mod exact;
 mod int8;
@@ -323,6 +325,9 @@ pub enum KernelIsa {
     Portable,
     /// x86-64 AVX-512 F, BW, VBMI and VNNI (byte permutes and int8 dot-product adds).
     Avx512Vbmi,
+    /// x86-64 AVX2 and FMA (16-entry `vpshufb` look-ups, 16/32-bit integer sums): the kernel
+    /// for x86 CPUs without AVX-512 VBMI.
+    Avx2,
     /// x86-64 AMX-INT8 tile products (Intel Xeon from Sapphire Rapids on): the ±1 sign tiles
     /// times all `batch · k ≤ 16` activation columns of a level at once, activations in 16
     /// bits; for [`TablePrecision::Int16`] and [`TablePrecision::Mixed`] (int8 tables and
@@ -336,6 +341,7 @@ impl KernelIsa {
         match self {
             KernelIsa::Auto | KernelIsa::Portable => true,
             KernelIsa::Avx512Vbmi => avx512_available(),
+            KernelIsa::Avx2 => avx2_available(),
             KernelIsa::Amx => amx_available(),
         }
     }
@@ -344,6 +350,7 @@ impl KernelIsa {
         match self {
             KernelIsa::Auto if amx_available() => KernelIsa::Amx,
             KernelIsa::Auto if avx512_available() => KernelIsa::Avx512Vbmi,
+            KernelIsa::Auto if avx2_available() => KernelIsa::Avx2,
             KernelIsa::Auto => KernelIsa::Portable,
             isa if isa.is_available() => isa,
             _ => KernelIsa::Portable,
@@ -355,6 +362,7 @@ impl KernelIsa {
             KernelIsa::Auto => "auto",
             KernelIsa::Portable => "portable",
             KernelIsa::Avx512Vbmi => "avx512-vbmi",
+            KernelIsa::Avx2 => "avx2",
             KernelIsa::Amx => "amx-int8",
         }
     }
@@ -364,6 +372,17 @@ fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         x86::avx512_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2::available()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -669,6 +688,16 @@ fn fused_int8(call: FusedCall<'_>, params: FusedParams, scratch: &mut [f32]) {
     let yt = &mut rest[..lay.yt];
     // Fold the activation scale into the input once: Ŵx = Ŵ_scaled (x ⊙ inv_scale).
     scaled_input_into(xs, x, inv_scale);
+    // AMX calls that do not fit one tile (`batch · k > 16`) run the AVX-512 tiles.
+    let isa = match params.isa.resolve() {
+        KernelIsa::Amx if avx512_available() => KernelIsa::Avx512Vbmi,
+        KernelIsa::Amx if avx2_available() => KernelIsa::Avx2,
+        KernelIsa::Amx => KernelIsa::Portable,
+        isa => isa,
+    };
+    // The AVX-512 table build serves the AVX-512 and AMX kernels only, so a forced AVX2 or
+    // portable kernel runs as it would on a CPU without AVX-512 (benchmarks compare them).
+    let simd_build = matches!(isa, KernelIsa::Avx512Vbmi);
     let tables: &mut [i8] = bytemuck::cast_slice_mut(tables);
     let per = lay.words * rank;
     let stride = int8::TABLE_BYTES * halves;
@@ -710,7 +739,7 @@ fn fused_int8(call: FusedCall<'_>, params: FusedParams, scratch: &mut [f32]) {
                     halves,
                     split_ranks,
                 };
-                int8::build_tables(&blocks[l], rank, xr, bf, out);
+                int8::build_tables(&blocks[l], rank, xr, bf, out, simd_build);
             }
         });
     }
@@ -725,12 +754,6 @@ fn fused_int8(call: FusedCall<'_>, params: FusedParams, scratch: &mut [f32]) {
         mults,
         halves,
         split_ranks,
-    };
-    // AMX calls that do not fit one tile (`batch · k > 16`) run the AVX-512 tiles.
-    let isa = match params.isa.resolve() {
-        KernelIsa::Amx if avx512_available() => KernelIsa::Avx512Vbmi,
-        KernelIsa::Amx => KernelIsa::Portable,
-        isa => isa,
     };
     let task_rows = if rows >= INT8_WIDE_MIN_ROWS {
         2 * INT8_TASK_ROWS
@@ -759,6 +782,17 @@ fn fused_int8(call: FusedCall<'_>, params: FusedParams, scratch: &mut [f32]) {
                         (true, false) => x86::tile_avx512::<8, false>(&inp, row0, nrows, ytc),
                         (false, true) => x86::tile_avx512::<4, true>(&inp, row0, nrows, ytc),
                         (false, false) => x86::tile_avx512::<4, false>(&inp, row0, nrows, ytc),
+                    }
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            KernelIsa::Avx2 => {
+                // SAFETY: as above (`resolve` checked AVX2 and FMA).
+                unsafe {
+                    if halves == 2 {
+                        avx2::tile_avx2::<true>(&inp, row0, nrows, ytc)
+                    } else {
+                        avx2::tile_avx2::<false>(&inp, row0, nrows, ytc)
                     }
                 }
             }
@@ -812,6 +846,11 @@ mod tests {
         let mut isas = vec![KernelIsa::Portable];
         if KernelIsa::Avx512Vbmi.is_available() {
             isas.push(KernelIsa::Avx512Vbmi);
+        }
+        if KernelIsa::Avx2.is_available() {
+            isas.push(KernelIsa::Avx2);
+        } else {
+            println!("AVX2 not on this CPU: its kernel is not tested here");
         }
         if KernelIsa::Amx.is_available() {
             isas.push(KernelIsa::Amx);
@@ -911,15 +950,23 @@ mod tests {
     /// differ only by f32 summation order.
     #[test]
     fn simd_int8_equals_portable_int8() {
-        if !KernelIsa::Avx512Vbmi.is_available() {
-            println!("skipped: AVX-512 VBMI not on this CPU");
-            return;
-        }
+        let isas: Vec<KernelIsa> = [KernelIsa::Avx512Vbmi, KernelIsa::Avx2]
+            .into_iter()
+            .filter(|isa| {
+                let ok = isa.is_available();
+                if !ok {
+                    println!("skipped {}: not on this CPU", isa.name());
+                }
+                ok
+            })
+            .collect();
         for &(m, n, k, batch) in &[
             (1, 1, 1, 1),
             (13, 65, 7, 2),
             (100, 576, 9, 1),
             (64, 130, 64, 5),
+            (33, 191, 13, 3),
+            (97, 64, 5, 17),
         ] {
             for dt in [FactorDtype::F16, FactorDtype::I8] {
                 let blocks: Vec<_> = (0..2)
@@ -938,14 +985,13 @@ mod tests {
                         tables,
                         isa: KernelIsa::Portable,
                     };
-                    let simd = FusedParams {
-                        tables,
-                        isa: KernelIsa::Avx512Vbmi,
-                    };
                     let a = run_with(&refs, m, n, None, &x, port);
-                    let b = run_with(&refs, m, n, None, &x, simd);
-                    let e = rel_err(&b, &a);
-                    assert!(e < 1e-5, "{tables} {m}x{n} k{k} {dt}: {e}");
+                    // Integer sums are exact in every kernel: only the f32 order differs.
+                    for &isa in &isas {
+                        let b = run_with(&refs, m, n, None, &x, FusedParams { tables, isa });
+                        let e = rel_err(&b, &a);
+                        assert!(e < 1e-5, "{} {tables} {m}x{n} k{k} {dt}: {e}", isa.name());
+                    }
                 }
             }
         }
