@@ -26,7 +26,7 @@
 //! only in the order of f32 additions (tested against `matmul_reference` with every other
 //! kernel).
 
-use super::int8::{TileInput, GROUPS, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES};
+use super::int8::{TableBuild, TileInput, GROUPS, SCALE_WORDS, SPLIT_WEIGHT, TABLE_BYTES};
 use std::arch::x86_64::*;
 
 /// Rows per tile.
@@ -35,6 +35,22 @@ const TILE: usize = 32;
 /// Whether [`tile_avx2`] can run on this CPU.
 pub(super) fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// [`super::int8::build_tables_generic`] compiled for AVX2 and FMA (the generic loop is
+/// `inline(always)`, so this is the same code vectorized 8 floats wide; Rust never contracts
+/// float operations, so the tables are byte for byte the generic ones).
+///
+/// # Safety
+/// AVX2 and FMA ([`available`]); buffers as [`super::int8::build_tables`] documents.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn build_tables_generic_avx2(
+    bf: &[f32],
+    rank: usize,
+    xs: &[f32],
+    out: TableBuild<'_>,
+) {
+    super::int8::build_tables_generic(bf, rank, xs, out)
 }
 
 /// The tile row held at byte position `pos` (0..32) of a transposed index vector: lane

@@ -215,6 +215,12 @@ pub(super) fn build_tables(
         };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2::available() {
+        // SAFETY: the CPU supports AVX2 and FMA.
+        unsafe { super::avx2::build_tables_generic_avx2(bf, rank, xs, out) };
+        return;
+    }
     build_tables_generic(bf, rank, xs, out)
 }
 

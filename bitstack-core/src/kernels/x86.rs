@@ -505,10 +505,20 @@ mod tests {
     use half::f16;
     use proptest::prelude::*;
 
-    /// Tables from `b` through the f16 SIMD build (`Some(false)`), the f32-source SIMD build
-    /// (`Some(true)`, what int8 factors use) or the generic one (`None`).
+    /// Which table build [`build`] runs.
+    #[derive(Clone, Copy, Debug)]
+    enum Build {
+        /// The generic loop.
+        Generic,
+        /// AVX-512 from f16 (`false`) or f32 (`true`, what int8 factors use) factors.
+        Avx512(bool),
+        /// The generic loop compiled for AVX2.
+        Avx2,
+    }
+
+    /// Tables from `b` through `which` build.
     fn build(
-        simd: Option<bool>,
+        which: Build,
         b: &[f16],
         rank: usize,
         xs: &[f32],
@@ -529,23 +539,27 @@ mod tests {
             halves,
             split_ranks,
         };
-        match simd {
+        match which {
             // SAFETY: callers check `avx512_available`; the buffers have the documented sizes.
-            Some(false) => unsafe {
+            Build::Avx512(false) => unsafe {
                 build_tables_avx512::<false>(b.as_ptr().cast(), b.len(), rank, xs, out)
             },
             // SAFETY: as above.
-            Some(true) => unsafe {
+            Build::Avx512(true) => unsafe {
                 build_tables_avx512::<true>(bf.as_ptr().cast(), bf.len(), rank, xs, out)
             },
-            None => crate::kernels::int8::build_tables_generic(&bf, rank, xs, out),
+            // SAFETY: callers check AVX2; as above.
+            Build::Avx2 => unsafe {
+                crate::kernels::avx2::build_tables_generic_avx2(&bf, rank, xs, out)
+            },
+            Build::Generic => crate::kernels::int8::build_tables_generic(&bf, rank, xs, out),
         }
         (tables, scales, mults)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
-        /// The AVX-512 build writes exactly the generic build's bytes and scales, for every
+        /// The AVX-512 and AVX2 builds write exactly the generic build's bytes and scales, for every
         /// rank (one and several 16-rank slabs), widths that are not multiples of 4/16/64,
         /// both table kinds, any number of ranks with low halves, and inputs with zeros (a zero scale).
         #[test]
@@ -557,9 +571,14 @@ mod tests {
             seed in 0u64..1000,
             zero_x in proptest::bool::ANY,
         ) {
-            if !avx512_available() {
+            let mut builds = Vec::new();
+            if avx512_available() {
+                builds.extend([Build::Avx512(false), Build::Avx512(true)]);
+            } else {
                 println!("AVX-512 VBMI not on this CPU: its table build is not tested here");
-                return Ok(());
+            }
+            if crate::kernels::avx2::available() {
+                builds.push(Build::Avx2);
             }
             let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
             let mut next = || {
@@ -573,15 +592,15 @@ mod tests {
                 .map(|j| if zero_x && j % 3 != 1 { 0.0 } else { 3.0 * next() })
                 .collect();
             let split_ranks = split_sel.min(rank);
-            let want = build(None, &b, rank, &xs, halves, split_ranks);
-            for f32src in [false, true] {
-                let got = build(Some(f32src), &b, rank, &xs, halves, split_ranks);
-                prop_assert_eq!(&got.0, &want.0, "f32 source: {}", f32src);
+            let want = build(Build::Generic, &b, rank, &xs, halves, split_ranks);
+            for which in builds {
+                let got = build(which, &b, rank, &xs, halves, split_ranks);
+                prop_assert_eq!(&got.0, &want.0, "{:?}", which);
                 prop_assert_eq!(
                     got.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     want.1.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
                 );
-                prop_assert_eq!(&got.2, &want.2, "multipliers, f32 source: {}", f32src);
+                prop_assert_eq!(&got.2, &want.2, "multipliers, {:?}", which);
             }
         }
     }
