@@ -20,6 +20,9 @@ pub(crate) struct PlotArgs {
     /// Original model's perplexity, drawn as a horizontal line.
     #[arg(long)]
     original_ppl: Option<f64>,
+    /// Label of the vertical axis (e.g. for series of perplexity ratios).
+    #[arg(long, default_value = "perplexity (log scale)")]
+    y_label: String,
 }
 
 /// `bitstack plot`.
@@ -71,7 +74,7 @@ pub(crate) fn run(args: &PlotArgs) -> Res<()> {
     let svg = bitstack_examples::report::svg_plot(
         &args.title,
         "budget (MB, 10^6 bytes)",
-        "perplexity (log scale)",
+        &args.y_label,
         &series,
         &hlines,
     )?;
