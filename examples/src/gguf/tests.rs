@@ -1062,3 +1062,25 @@ fn hf_directory_config_errors_name_the_file_and_key() {
     let msg = HfModel::open(&dir.0).unwrap_err().to_string();
     assert!(msg.contains(&cfg.display().to_string()), "{msg}");
 }
+
+/// A padded byte vocabulary has the asked size, encodes any text one token per byte (the
+/// padding is never produced) and gives the config that size.
+#[test]
+fn padded_byte_vocabulary_has_the_asked_size() {
+    let model = SyntheticGguf {
+        n_layers: 1,
+        vocab: SyntheticVocab::BytesPadded(300),
+        ..Default::default()
+    };
+    assert_eq!(model.config().vocab, 300);
+    let src = GgufModel::from_file(GgufFile::from_bytes(model.build()).unwrap()).unwrap();
+    assert_eq!(src.config().vocab, 300);
+    let (shape, _) = src.tensor_f32("token_embd.weight").unwrap();
+    assert_eq!(shape, vec![300, 32]);
+    let tok = src.tokenizer().unwrap();
+    let ids = tok.encode("héllo, world", false).unwrap();
+    assert_eq!(ids.len(), "héllo, world".len());
+    assert!(ids.iter().all(|&i| i < 256), "{ids:?}");
+    // Below 256 the padding adds nothing.
+    assert_eq!(SyntheticVocab::BytesPadded(10).tokens().len(), 256);
+}
