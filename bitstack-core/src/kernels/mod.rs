@@ -11,6 +11,15 @@
 //! operations). Row `i` then needs one table row per group, `acc += L[g][nibble_i(g)]`, and
 //! a final `y_i = Σ_r a_ir acc_r`: `m·n/4` vector additions of `k` lanes, a quarter of the
 //! naive work, reading the packed signs exactly once. The tables of one level stay in L2.
+//!
+//! ## Kernels and their dispatch
+//! [`KernelIsa::Auto`] resolves once per call to the best this CPU runs: AMX-INT8 tile
+//! products (`amx`, 16-bit activations; `batch · k ≤ 16`, or chunks of items on weights of
+//! ≥ 1024 columns), else the AVX-512 VBMI + VNNI table kernel (`x86`), else the AVX2 table
+//! kernel (`avx2`, `vpshufb` look-ups), else the portable one (`int8`). All table kernels
+//! compute the same integer sums from the same tables; batches above [`FUSED_MAX_BATCH`]
+//! restore `Ŵ` and call a GEMM. `unsafe` stays inside those modules behind the safe entry
+//! points here.
 
 use crate::block::ResidualBlockRef;
 use crate::error::{check_len, CoreError, Result};
