@@ -55,50 +55,39 @@ fn main() {
         .position(|a| a == "--shape")
         .and_then(|i| args.get(i + 1))
         .cloned();
-    let isa = match args
-        .iter()
-        .position(|a| a == "--isa")
-        .and_then(|i| args.get(i + 1))
-    {
-        None => KernelIsa::Auto,
-        Some(name) => {
-            let all = [
-                KernelIsa::Auto,
-                KernelIsa::Portable,
-                KernelIsa::Avx2,
-                KernelIsa::Avx512Vbmi,
-                KernelIsa::Amx,
-            ];
-            match all.into_iter().find(|i| i.name() == name.as_str()) {
-                Some(i) if i.is_available() => i,
-                Some(_) => {
+    // `--isa a,b,...`: each listed kernel timed in this run, one row each, beside the same
+    // dense baseline.
+    let isas: Vec<KernelIsa> = match args.iter().position(|a| a == "--isa") {
+        None => vec![KernelIsa::Auto],
+        Some(i) => args
+            .get(i + 1)
+            .map_or("", String::as_str)
+            .split(',')
+            .map(|name| match name.parse::<KernelIsa>() {
+                Ok(isa) if isa.is_available() => isa,
+                Ok(_) => {
                     eprintln!("--isa {name}: not available on this CPU");
                     std::process::exit(2);
                 }
-                None => {
-                    eprintln!(
-                        "--isa {name}: expected auto, portable, avx2, avx512-vbmi or amx-int8"
-                    );
+                Err(e) => {
+                    eprintln!("--isa: {e}");
                     std::process::exit(2);
                 }
-            }
-        }
+            })
+            .collect(),
     };
-    let fast = FusedParams {
-        isa,
-        ..FusedParams::default()
-    };
+    let names: Vec<&str> = isas.iter().map(|i| i.resolve().name()).collect();
     println!(
-        "threads: {}  reps: {reps}  int8 kernel: {}  load before: {}",
+        "threads: {}  reps: {reps}  table kernels: {}  load before: {}",
         rayon::current_num_threads(),
-        fast.isa.resolve().name(),
+        names.join(", "),
         loadavg()
     );
     println!("median wall time per call; ratios < 1 mean the table kernel is faster");
     println!(
-        "| shape | k | batch | levels | dense f32 ms | exact f32-table ms | int16 (default) ms | int16/dense | int16/exact | int8 ms | int8/dense | MB held |"
+        "| shape | k | batch | levels | kernel | dense f32 ms | exact f32-table ms | int16 (default) ms | int16/dense | int16/exact | int8 ms | int8/dense | MB held |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut rng = XorShift::new(1);
     // (rows, cols, ranks): 4096² at the paper's k = 16 (and the auto ranks), SmolLM2's shapes.
     let big_ranks: &[usize] = if quick { &[16] } else { &[5, 9, 13, 16] };
@@ -150,23 +139,29 @@ fn main() {
                             isa: KernelIsa::Auto,
                         })
                     };
-                    let t_int8 = run(fast);
-                    let t_i8 = run(FusedParams {
-                        tables: TablePrecision::Int8,
-                        isa,
-                    });
                     let held: u64 = blocks[..levels].iter().map(|b| b.heap_bytes()).sum();
-                    println!(
-                        "| {m}x{n} | {k} | {batch} | {levels} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.3} | {:.2}x | {:.2} |",
-                        t_dense * 1e3,
-                        t_exact * 1e3,
-                        t_int8 * 1e3,
-                        t_int8 / t_dense,
-                        t_int8 / t_exact,
-                        t_i8 * 1e3,
-                        t_i8 / t_dense,
-                        held as f64 / 1e6
-                    );
+                    for &isa in &isas {
+                        let t_int16 = run(FusedParams {
+                            tables: TablePrecision::Int16,
+                            isa,
+                        });
+                        let t_i8 = run(FusedParams {
+                            tables: TablePrecision::Int8,
+                            isa,
+                        });
+                        println!(
+                            "| {m}x{n} | {k} | {batch} | {levels} | {} | {:.3} | {:.3} | {:.3} | {:.2}x | {:.2}x | {:.3} | {:.2}x | {:.2} |",
+                            isa.resolve().name(),
+                            t_dense * 1e3,
+                            t_exact * 1e3,
+                            t_int16 * 1e3,
+                            t_int16 / t_dense,
+                            t_int16 / t_exact,
+                            t_i8 * 1e3,
+                            t_i8 / t_dense,
+                            held as f64 / 1e6
+                        );
+                    }
                 }
             }
         }

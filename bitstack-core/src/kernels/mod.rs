@@ -377,6 +377,27 @@ impl KernelIsa {
     }
 }
 
+impl std::str::FromStr for KernelIsa {
+    type Err = CoreError;
+    /// The names [`KernelIsa::name`] prints: `auto`, `portable`, `avx2`, `avx512-vbmi`,
+    /// `amx-int8`.
+    fn from_str(s: &str) -> Result<Self> {
+        [
+            KernelIsa::Auto,
+            KernelIsa::Portable,
+            KernelIsa::Avx2,
+            KernelIsa::Avx512Vbmi,
+            KernelIsa::Amx,
+        ]
+        .into_iter()
+        .find(|i| i.name() == s)
+        .ok_or_else(|| CoreError::InvalidParameter {
+            name: "kernel isa",
+            reason: format!("{s:?}: expected auto, portable, avx2, avx512-vbmi or amx-int8"),
+        })
+    }
+}
+
 fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
