@@ -87,16 +87,6 @@ impl ModelSource for WithEmbedding<'_> {
     }
 }
 
-fn rms_norm_rows(x: &mut [f32], w: &[f32], eps: f32) {
-    for row in x.chunks_exact_mut(w.len()) {
-        let ms = row.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for (v, g) in row.iter_mut().zip(w) {
-            *v *= inv * g;
-        }
-    }
-}
-
 fn main() -> ExitCode {
     exit_status("error", run(&Args::parse()))
 }
@@ -108,7 +98,6 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         return Err("this study handles tied embeddings only".into());
     }
     let (_, embedding) = model.tensor_f32("token_embd.weight")?;
-    let (_, out_norm) = model.tensor_f32("output_norm.weight")?;
     let tokenizer = model.tokenizer()?;
     let read =
         |p: &PathBuf| std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()));
@@ -129,8 +118,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         for w in 0..args.calib_windows.min(calib.len() / l) {
             let toks = &calib[w * l..(w + 1) * l];
             let seqs = llama.seq_batch(1, l)?;
-            let mut h = llama.forward_hidden(toks, &seqs, None)?;
-            rms_norm_rows(&mut h, &out_norm, c.rms_eps);
+            let h = llama.final_norm(&llama.forward_hidden(toks, &seqs, None)?)?;
             norms.observe(&h, l)?;
         }
         Some(norms.scale()?)

@@ -230,6 +230,14 @@ impl<'a> Llama<'a> {
         Ok(x)
     }
 
+    /// The final RMSNorm of every row of `hidden` (pre-norm final hidden states): the head's
+    /// input.
+    pub fn final_norm(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        let c = self.config();
+        rows_of(hidden.len(), c.hidden, "hidden states")?;
+        Ok(rms_norm(hidden, &self.res.output_norm, c.rms_eps))
+    }
+
     /// Final norm and head: logits (`rows × vocab`) for every row of `hidden`. This
     /// materialises all of them; for likelihoods use [`Llama::token_nll`].
     pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
