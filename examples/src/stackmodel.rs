@@ -12,7 +12,9 @@
 //! adds only [`META_COMPRESSION`], the settings a file was made with (informational).
 
 use crate::gguf::{LlamaConfig, ModelError, ModelSource};
-use crate::llama::{EmbeddingPrecision, LinearKind, LinearProvider, LlamaResident};
+use crate::llama::{
+    EmbeddingPrecision, HeadActivations, LinearKind, LinearProvider, LlamaResident,
+};
 use crate::tokenizer::Tokenizer;
 use bitstack_core::{
     BlockId, BlockSource, CoreError, ElasticModel, LinearOp, MemoryBudget, ModelSnapshot,
@@ -229,6 +231,19 @@ impl std::fmt::Debug for LoadedStack {
 }
 
 impl LoadedStack {
+    /// Sets the decode kernels: `params` for every weight's fused product, and for a q8
+    /// tied head int8 activations, unless `params` ask for the exact f32 tables, which
+    /// multiply the head's f32 inputs too (so the exact path is exact end to end).
+    pub fn set_fused_params(&mut self, params: bitstack_core::kernels::FusedParams) {
+        self.elastic.set_fused_params(params);
+        self.resident.set_head_activations(
+            if params.tables == bitstack_core::kernels::TablePrecision::F32 {
+                HeadActivations::F32
+            } else {
+                HeadActivations::Int8
+            },
+        );
+    }
     /// Opens `path` and loads the longest prefix fitting `budget` (the minimum model when
     /// `None`). A budget below the minimum is [`CoreError::BudgetBelowMinimum`].
     pub fn open(

@@ -37,8 +37,23 @@ pub(super) const MAX_N: usize = 16;
 const TILE_ROWS: usize = 16;
 /// Bytes of one tile (16 rows × 64 bytes).
 const TILE_BYTES: usize = 1024;
-/// Rows per pool task (two tiles: load balance on 192-row weights over few cores).
-const TASK_ROWS: usize = 32;
+/// Rows of one pass over a level's columns (two row tiles share each activation tile load).
+const PASS_ROWS: usize = 32;
+/// Most passes one pool task runs (its accumulators live on the stack: 64 B per row).
+const MAX_TASK_PASSES: usize = 8;
+
+/// Passes per pool task for `passes` 32-row passes on `slots` threads: the largest count (at
+/// most [`MAX_TASK_PASSES`]) whose round-robin share of the busiest thread is the least.
+/// Fewer, longer tasks pay the tile configuration once and keep a level's activation tiles
+/// in L1 across their passes; an uneven split would leave a core idle at the end.
+fn passes_per_task(passes: usize, slots: usize) -> usize {
+    let slots = slots.max(1);
+    let busiest = |g: usize| passes.div_ceil(g).div_ceil(slots) * g;
+    (1..=MAX_TASK_PASSES.min(passes.max(1)))
+        .rev()
+        .min_by_key(|&g| busiest(g))
+        .unwrap_or(1)
+}
 
 /// Whether this CPU and OS run AMX-INT8 tiles (plus AVX-512 BW for the sign expansion);
 /// requests the tile-data permission from Linux on first use.
@@ -109,9 +124,12 @@ impl AmxLayout {
         }
     }
     pub(super) fn total(&self) -> usize {
-        self.xs + self.tiles + self.scales + self.colsums
+        self.xs + ALIGN_SLACK + self.tiles + self.scales + self.colsums
     }
 }
+
+/// Floats of slack in the scratch so the activation tiles can start 64-byte aligned.
+const ALIGN_SLACK: usize = 16;
 
 /// The 64-byte tile configuration: palette 1, tiles 0..8 of 16 rows × 64 bytes.
 #[repr(C, align(64))]
@@ -147,7 +165,10 @@ pub(super) fn fused_amx(call: FusedCall<'_>, scratch: &mut [f32]) {
     let levels = blocks.len();
     let lay = AmxLayout::new(cols, levels, batch);
     let (xs, rest) = scratch.split_at_mut(lay.xs);
-    let (tiles, rest) = rest.split_at_mut(lay.tiles);
+    // Tile rows are 64 bytes: a row that straddles two cache lines costs two accesses per
+    // tile load, so the tiles start on a 64-byte boundary (the scratch is only f32-aligned).
+    let skip = rest.as_ptr().align_offset(64).min(ALIGN_SLACK);
+    let (tiles, rest) = rest[skip..].split_at_mut(lay.tiles);
     let (scales, rest) = rest.split_at_mut(lay.scales);
     let colsums: &mut [i32] = bytemuck::cast_slice_mut(&mut rest[..lay.colsums]);
     super::scaled_input_into(xs, x, inv_scale);
@@ -176,10 +197,11 @@ pub(super) fn fused_amx(call: FusedCall<'_>, scratch: &mut [f32]) {
     let tiles = &*tiles;
     let (scales, colsums) = (&*scales, &*colsums);
     let y_ptr = SyncPtr(y.as_mut_ptr());
-    let tasks = rows.div_ceil(TASK_ROWS);
+    let task_rows = PASS_ROWS * passes_per_task(rows.div_ceil(PASS_ROWS), pool::slots());
+    let tasks = rows.div_ceil(task_rows);
     pool::run(tasks, &|task, _slot| {
-        let row0 = task * TASK_ROWS;
-        let nrows = TASK_ROWS.min(rows - row0);
+        let row0 = task * task_rows;
+        let nrows = task_rows.min(rows - row0);
         // SAFETY: `available()` holds (checked by the caller); task `task` alone writes rows
         // row0..row0 + nrows of every batch item of `y`; the tiles were sized by `AmxLayout`.
         unsafe {
@@ -314,12 +336,17 @@ unsafe fn quantize_level_avx512(
     // t for column c (c < cols), lanes beyond n_used zero.
     let t_at = |c: usize| {
         let b = _mm512_permutexvar_ps(r_idx, b_at(c));
-        let x = _mm512_mask_i32gather_ps::<4>(
-            _mm512_setzero_ps(),
-            lanes,
-            x_idx,
-            xs.as_ptr().add(c).cast(),
-        );
+        // Batch 1 (decode): every lane reads the same x, a broadcast, not a gather.
+        let x = if batch == 1 {
+            _mm512_set1_ps(*xs.get_unchecked(c))
+        } else {
+            _mm512_mask_i32gather_ps::<4>(
+                _mm512_setzero_ps(),
+                lanes,
+                x_idx,
+                xs.as_ptr().add(c).cast(),
+            )
+        };
         _mm512_maskz_mul_ps(lanes, b, x)
     };
     let mut maxv = _mm512_setzero_ps();
@@ -363,14 +390,16 @@ unsafe fn quantize_level_avx512(
     _mm512_storeu_si512(colsums.as_mut_ptr().cast(), sum);
 }
 
-/// Rows `row0..row0 + nrows` (at most [`TASK_ROWS`]) of every item of `y` (`batch × rows`).
+/// Rows `row0..row0 + nrows` (at most [`MAX_TASK_PASSES`] · [`PASS_ROWS`]) of every item
+/// of `y` (`batch × rows`).
 ///
-/// Two 16-row tiles share each activation tile load: tmm0/tmm1 (high / low products) and
-/// tmm2/tmm3 accumulate the two row tiles, tmm4 and tmm7 hold their sign bytes (two
-/// buffers, so one tile's stores do not wait on the other's load), tmm5/tmm6 the level's
-/// activation tiles of one 64-column block. The epilogue turns each row's 16 integer
-/// products into f32 in one register: `S·Q = −2·(256·C_hi + C_lo) − ΣQ`, times the column
-/// scales and the row of `A`.
+/// Levels run outermost, so one level's activation tiles are read from L1 by every 32-row
+/// pass of the task. In a pass, two 16-row tiles share each activation tile load:
+/// tmm0/tmm1 (high / low products) and tmm2/tmm3 accumulate the two row tiles, tmm4 and tmm7
+/// hold their sign bytes (two buffers, so one tile's stores do not wait on the other's
+/// load), tmm5/tmm6 the level's activation tiles of one 64-column block. The epilogue turns
+/// each row's 16 integer products into f32 in one register, `S·Q = −2·(256·C_hi + C_lo) −
+/// ΣQ`, times the column scales and the row of `A`, added to the row's accumulator.
 ///
 /// # Safety
 /// AMX-INT8 and AVX-512 BW available with the tile permission granted ([`available`]); the
@@ -391,15 +420,15 @@ unsafe fn rows_amx(
     nrows: usize,
     y: SyncPtr<f32>,
 ) {
-    debug_assert!(nrows <= TASK_ROWS && batch * rank <= MAX_N);
+    const MAX_ROWS: usize = MAX_TASK_PASSES * PASS_ROWS;
+    debug_assert!(nrows <= MAX_ROWS && batch * rank <= MAX_N);
     // Two stages of two tiles' sign bytes: block cb + 1 is expanded while block cb's tile
     // products run, so a tile load never waits on the stores just before it.
     let new_buf = || TileBuf([0; TILE_BYTES]);
     let mut signs = [[new_buf(), new_buf()], [new_buf(), new_buf()]];
     // c[0], c[1]: high / low products of row tile 0; c[2], c[3]: of row tile 1.
     let mut c = [[[0i32; MAX_N]; TILE_ROWS]; 4];
-    let mut a_row = [0.0f32; MAX_N];
-    let mut acc = [_mm512_setzero_ps(); TASK_ROWS];
+    let mut acc = [_mm512_setzero_ps(); MAX_ROWS];
     let mut r_idx = [0i32; MAX_N];
     for (n, v) in r_idx.iter_mut().enumerate() {
         *v = (n % rank) as i32;
@@ -411,7 +440,10 @@ unsafe fn rows_amx(
     } else {
         (1u16 << n_used) - 1
     };
+    let rank_mask: __mmask16 = if rank >= 16 { !0 } else { (1u16 << rank) - 1 };
+    let (a_mask32, a_mask64) = (u32::from(rank_mask), u64::from(rank_mask));
     let hi_weight = _mm512_set1_ps(256.0);
+    let minus_two = _mm512_set1_ps(-2.0);
     let per_level = lay.blocks * HALVES * TILE_BYTES;
     let wpr = lay.blocks;
     let stride = 64usize;
@@ -419,85 +451,101 @@ unsafe fn rows_amx(
     for (l, blk) in blocks.iter().enumerate() {
         let words = blk.signs.words();
         let lt = tiles.as_ptr().add(l * per_level);
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem)
-        );
-        // The tile's 16 rows' sign words of block cb as bytes (-1: bit set).
-        let expand = |cb: usize, stage: &mut [TileBuf; 2]| {
-            for (t, buf) in stage.iter_mut().enumerate() {
-                for m in 0..TILE_ROWS {
-                    let r = 16 * t + m;
-                    let w = if r < nrows {
-                        *words.get_unchecked((row0 + r) * wpr + cb)
-                    } else {
-                        0
-                    };
-                    _mm512_store_si512(buf.0.as_mut_ptr().add(m * 64).cast(), _mm512_movm_epi8(w));
-                }
-            }
-        };
-        expand(0, &mut signs[0]);
-        for cb in 0..lay.blocks {
-            let hi = lt.add(cb * HALVES * TILE_BYTES);
-            asm!(
-                "tileloadd tmm5, [{h} + {st}]",
-                "tileloadd tmm6, [{lo} + {st}]",
-                h = in(reg) hi,
-                lo = in(reg) hi.add(TILE_BYTES),
-                st = in(reg) stride,
-                options(nostack, readonly)
-            );
-            let (cur, next) = signs.split_at_mut(1);
-            let (cur, next) = if cb % 2 == 0 {
-                (&cur[0], &mut next[0])
-            } else {
-                (&next[0], &mut cur[0])
-            };
-            asm!(
-                "tileloadd tmm4, [{s0} + {st}]",
-                "tdpbssd tmm0, tmm4, tmm5",
-                "tdpbsud tmm1, tmm4, tmm6",
-                "tileloadd tmm7, [{s1} + {st}]",
-                "tdpbssd tmm2, tmm7, tmm5",
-                "tdpbsud tmm3, tmm7, tmm6",
-                s0 = in(reg) cur[0].0.as_ptr(),
-                s1 = in(reg) cur[1].0.as_ptr(),
-                st = in(reg) stride,
-                options(nostack, readonly)
-            );
-            if cb + 1 < lay.blocks {
-                expand(cb + 1, next);
-            }
-        }
-        asm!(
-            "tilestored [{c0} + {st}], tmm0",
-            "tilestored [{c1} + {st}], tmm1",
-            "tilestored [{c2} + {st}], tmm2",
-            "tilestored [{c3} + {st}], tmm3",
-            c0 = in(reg) c[0].as_mut_ptr(),
-            c1 = in(reg) c[1].as_mut_ptr(),
-            c2 = in(reg) c[2].as_mut_ptr(),
-            c3 = in(reg) c[3].as_mut_ptr(),
-            st = in(reg) stride,
-            options(nostack)
-        );
         let sc = _mm512_loadu_ps(scales.as_ptr().add(l * MAX_N));
         let cs = _mm512_cvtepi32_ps(_mm512_loadu_si512(colsums.as_ptr().add(l * MAX_N).cast()));
-        let minus_two = _mm512_set1_ps(-2.0);
-        for (r, acc_r) in acc.iter_mut().enumerate().take(nrows) {
-            let (t, m) = (r / TILE_ROWS, r % TILE_ROWS);
-            let c_hi = _mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * t][m].as_ptr().cast()));
-            let c_lo = _mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * t + 1][m].as_ptr().cast()));
-            // −2·(w·C_hi + C_lo) − ΣQ (exact below 2^24 per part; the sum rounds in f32).
-            let neg_bq = _mm512_fmadd_ps(hi_weight, c_hi, c_lo);
-            let sq = _mm512_fmsub_ps(minus_two, neg_bq, cs);
-            blk.kernel_a_row(row0 + r, &mut a_row);
-            let a = _mm512_permutexvar_ps(r_idx, _mm512_loadu_ps(a_row.as_ptr()));
-            *acc_r = _mm512_mask3_fmadd_ps(_mm512_mul_ps(a, sc), sq, *acc_r, lanes);
+        // Row i of A as the kernels read it (`ResidualBlockRef::kernel_a_row`), loaded straight
+        // into a register: going through a stored array stalled on store forwarding.
+        let a_row = |i: usize| match blk.a {
+            FactorRef::F16(a) => _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_maskz_loadu_epi16(
+                a_mask32,
+                a.as_ptr().add(i * rank).cast(),
+            ))),
+            FactorRef::I8 { q, .. } => {
+                let codes = _mm512_maskz_loadu_epi8(a_mask64, q.as_ptr().add(i * rank));
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(codes)))
+            }
+        };
+        for p0 in (0..nrows).step_by(PASS_ROWS) {
+            let prow0 = row0 + p0;
+            let prows = PASS_ROWS.min(nrows - p0);
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem)
+            );
+            // The pass's 32 rows' sign words of block cb as bytes (-1: bit set).
+            let expand = |cb: usize, stage: &mut [TileBuf; 2]| {
+                for (t, buf) in stage.iter_mut().enumerate() {
+                    for m in 0..TILE_ROWS {
+                        let r = 16 * t + m;
+                        let w = if r < prows {
+                            *words.get_unchecked((prow0 + r) * wpr + cb)
+                        } else {
+                            0
+                        };
+                        let bytes = _mm512_movm_epi8(w);
+                        _mm512_store_si512(buf.0.as_mut_ptr().add(m * 64).cast(), bytes);
+                    }
+                }
+            };
+            expand(0, &mut signs[0]);
+            for cb in 0..lay.blocks {
+                let hi = lt.add(cb * HALVES * TILE_BYTES);
+                asm!(
+                    "tileloadd tmm5, [{h} + {st}]",
+                    "tileloadd tmm6, [{lo} + {st}]",
+                    h = in(reg) hi,
+                    lo = in(reg) hi.add(TILE_BYTES),
+                    st = in(reg) stride,
+                    options(nostack, readonly)
+                );
+                let (cur, next) = signs.split_at_mut(1);
+                let (cur, next) = if cb % 2 == 0 {
+                    (&cur[0], &mut next[0])
+                } else {
+                    (&next[0], &mut cur[0])
+                };
+                asm!(
+                    "tileloadd tmm4, [{s0} + {st}]",
+                    "tdpbssd tmm0, tmm4, tmm5",
+                    "tdpbsud tmm1, tmm4, tmm6",
+                    "tileloadd tmm7, [{s1} + {st}]",
+                    "tdpbssd tmm2, tmm7, tmm5",
+                    "tdpbsud tmm3, tmm7, tmm6",
+                    s0 = in(reg) cur[0].0.as_ptr(),
+                    s1 = in(reg) cur[1].0.as_ptr(),
+                    st = in(reg) stride,
+                    options(nostack, readonly)
+                );
+                if cb + 1 < lay.blocks {
+                    expand(cb + 1, next);
+                }
+            }
+            asm!(
+                "tilestored [{c0} + {st}], tmm0",
+                "tilestored [{c1} + {st}], tmm1",
+                "tilestored [{c2} + {st}], tmm2",
+                "tilestored [{c3} + {st}], tmm3",
+                c0 = in(reg) c[0].as_mut_ptr(),
+                c1 = in(reg) c[1].as_mut_ptr(),
+                c2 = in(reg) c[2].as_mut_ptr(),
+                c3 = in(reg) c[3].as_mut_ptr(),
+                st = in(reg) stride,
+                options(nostack)
+            );
+            for r in 0..prows {
+                let (t, m) = (r / TILE_ROWS, r % TILE_ROWS);
+                let c_hi = _mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * t][m].as_ptr().cast()));
+                let c_lo = _mm512_cvtepi32_ps(_mm512_loadu_si512(c[2 * t + 1][m].as_ptr().cast()));
+                // −2·(w·C_hi + C_lo) − ΣQ (exact below 2^24 per part; the sum rounds in f32).
+                let neg_bq = _mm512_fmadd_ps(hi_weight, c_hi, c_lo);
+                let sq = _mm512_fmsub_ps(minus_two, neg_bq, cs);
+                let a = _mm512_permutexvar_ps(r_idx, a_row(prow0 + r));
+                let acc_r = acc.get_unchecked_mut(p0 + r);
+                *acc_r = _mm512_mask3_fmadd_ps(_mm512_mul_ps(a, sc), sq, *acc_r, lanes);
+            }
         }
     }
     asm!("tilerelease", options(nostack, nomem));

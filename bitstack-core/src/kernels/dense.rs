@@ -154,8 +154,8 @@ pub const Q8_GROUP: usize = 32;
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
-    q: Vec<i8>,
-    scales: Vec<half::f16>,
+    pub(super) q: Vec<i8>,
+    pub(super) scales: Vec<half::f16>,
 }
 
 impl Q8Matrix {

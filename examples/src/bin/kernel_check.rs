@@ -102,7 +102,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "--chunk and --exact-chunk must be 1..=16, --seq-len ≥ 2, --windows ≥ 1".into(),
         );
     }
-    let loaded = LoadedStack::open(&args.file, None)?;
+    let mut loaded = LoadedStack::open(&args.file, None)?;
     let text =
         std::fs::read_to_string(&args.text).map_err(|e| format!("{}: {e}", args.text.display()))?;
     let tokens = loaded.tokenizer.encode(&text, false)?;
@@ -128,7 +128,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut ppl_rows = Vec::new();
     for &budget in &args.budgets {
-        loaded.elastic.set_fused_params(fast);
+        loaded.set_fused_params(fast);
         loaded.elastic.resize(budget)?;
         let held = loaded.elastic.snapshot().held_bytes();
         if !args.no_error {
@@ -143,7 +143,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             .take(runs)
             .enumerate()
         {
-            loaded.elastic.set_fused_params(params);
+            loaded.set_fused_params(params);
             let linears = loaded.linears();
             let model = Llama::new(&loaded.resident, &linears)?;
             let t = Instant::now();

@@ -386,7 +386,11 @@ impl<'a> Llama<'a> {
         let c = self.config();
         match &self.res.head {
             Some(op) => op.forward(xn, out)?,
-            None => self.res.token_embd.matmul_t(xn, c.vocab, c.hidden, out),
+            None => {
+                self.res
+                    .token_embd
+                    .matmul_t(xn, c.vocab, c.hidden, self.res.head_activations, out)
+            }
         }
         Ok(())
     }

@@ -83,7 +83,9 @@ use crate::gguf::ModelError;
 pub use forward::{Llama, SeqBatch};
 pub use generate::{sample, GenerateParams, Generation, KvCache, Sampling, SplitMix64};
 pub use grad::{weight_gradients, WeightGradients};
-pub use resident::{EmbeddingPrecision, HalfLinear, LinearTable, LlamaResident, TokenEmbedding};
+pub use resident::{
+    EmbeddingPrecision, HalfLinear, HeadActivations, LinearTable, LlamaResident, TokenEmbedding,
+};
 
 /// Errors of the forward pass and of loading its weights.
 #[derive(Debug, thiserror::Error)]

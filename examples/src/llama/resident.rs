@@ -169,8 +169,16 @@ impl TokenEmbedding {
     }
 
     /// `y (batch × vocab) = x (batch × hidden) · Eᵀ`: the tied head. An f16 embedding is
-    /// widened a chunk of rows at a time, never as a whole.
-    pub(crate) fn matmul_t(&self, x: &[f32], vocab: usize, hidden: usize, y: &mut [f32]) {
+    /// widened a chunk of rows at a time, never as a whole; a q8 one multiplies decode
+    /// batches with `activations`.
+    pub(crate) fn matmul_t(
+        &self,
+        x: &[f32],
+        vocab: usize,
+        hidden: usize,
+        activations: HeadActivations,
+        y: &mut [f32],
+    ) {
         match self {
             Self::F32(e) => {
                 let rows = x.len() / hidden;
@@ -187,7 +195,7 @@ impl TokenEmbedding {
                 );
             }
             Self::F16(e) => gemm_xwt_f16(x, e, vocab, hidden, y),
-            Self::Q8(m) => gemm_xwt_q8(x, m, y),
+            Self::Q8(m) => gemm_xwt_q8(x, m, activations, y),
             Self::Q4(m) => gemm_xwt_q4(x, m, y),
         }
     }
@@ -256,13 +264,19 @@ impl TokenEmbedding {
     }
 }
 
-/// `y = x · Wᵀ` for a [`Q8Matrix`] `W`: the pool GEMV for decode batches, chunks of rows
-/// dequantized for a GEMM otherwise ([`gemm_xwt_chunked`]).
-fn gemm_xwt_q8(x: &[f32], w: &Q8Matrix, y: &mut [f32]) {
+/// `y = x · Wᵀ` for a [`Q8Matrix`] `W`: the pool GEMV for decode batches (with
+/// `activations`), chunks of rows dequantized for a GEMM otherwise ([`gemm_xwt_chunked`]).
+fn gemm_xwt_q8(x: &[f32], w: &Q8Matrix, activations: HeadActivations, y: &mut [f32]) {
     let (rows, cols) = (w.rows(), w.cols());
     let batch = x.len() / cols;
-    if batch <= bitstack_core::kernels::dense::GEMV_F16_MAX_BATCH && w.gemv(x, y).is_ok() {
-        return;
+    if batch <= bitstack_core::kernels::dense::GEMV_F16_MAX_BATCH {
+        let done = match activations {
+            HeadActivations::Int8 => w.gemv_int8(x, y),
+            HeadActivations::F32 => w.gemv(x, y),
+        };
+        if done.is_ok() {
+            return;
+        }
     }
     gemm_xwt_chunked(x, rows, cols, y, &|r0, n, dst| {
         // Lengths match by construction.
@@ -336,7 +350,7 @@ impl LinearOp for Q8Linear {
     }
     fn forward(&self, x: &[f32], y: &mut [f32]) -> bitstack_core::Result<()> {
         check_linear_io(self.0.rows(), self.0.cols(), x, y, "q8 linear input/output")?;
-        gemm_xwt_q8(x, &self.0, y);
+        gemm_xwt_q8(x, &self.0, HeadActivations::F32, y);
         Ok(())
     }
     fn weight_bytes(&self) -> u64 {
@@ -439,6 +453,19 @@ pub struct LlamaResident {
     pub(crate) blocks: Vec<BlockResident>,
     pub(crate) output_norm: Vec<f32>,
     pub(crate) head: Option<Box<dyn LinearOp>>,
+    pub(crate) head_activations: HeadActivations,
+}
+
+/// How a q8 tied head ([`EmbeddingPrecision::Q8`]) multiplies a decode batch (≤ 8 rows;
+/// larger batches dequantize rows for an f32 GEMM either way).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HeadActivations {
+    /// Inputs rounded to int8 per group of 32, as llama.cpp multiplies its Q8_0 files
+    /// ([`Q8Matrix::gemv_int8`], VNNI where the CPU has it): the default.
+    #[default]
+    Int8,
+    /// Inputs in f32 ([`Q8Matrix::gemv`]): the exact product of the stored weights.
+    F32,
 }
 
 impl std::fmt::Debug for LlamaResident {
@@ -526,6 +553,7 @@ impl LlamaResident {
             blocks,
             output_norm,
             head,
+            head_activations: HeadActivations::default(),
         })
     }
 
@@ -567,6 +595,7 @@ impl LlamaResident {
             blocks,
             output_norm,
             head,
+            head_activations: HeadActivations::default(),
         })
     }
 
@@ -601,6 +630,17 @@ impl LlamaResident {
         self.token_embd.bytes()
             + f32s * std::mem::size_of::<f32>() as u64
             + self.head.as_ref().map_or(0, |h| h.weight_bytes())
+    }
+
+    /// How a q8 tied head multiplies decode batches.
+    pub fn head_activations(&self) -> HeadActivations {
+        self.head_activations
+    }
+
+    /// Sets how a q8 tied head multiplies decode batches. (An untied q8 head, a
+    /// [`Q8Linear`], always multiplies f32 inputs.)
+    pub fn set_head_activations(&mut self, activations: HeadActivations) {
+        self.head_activations = activations;
     }
 
     /// The untied output head, `None` when the head is the token embedding.

@@ -88,13 +88,11 @@ fn run_in_pool(args: &BenchArgs) -> Res<()> {
     let stack = crate::common::is_stack_file(&args.file);
     let load_before = load_average();
     let (kind, rows, bandwidth, minimum, full) = if stack {
-        let loaded = LoadedStack::open_with(&args.file, None, args.resident)
+        let mut loaded = LoadedStack::open_with(&args.file, None, args.resident)
             .map_err(|e| format!("{}: {e}", args.file.display()))?;
-        loaded
-            .elastic
-            .set_fused_params(bitstack_core::kernels::FusedParams::with_tables(
-                args.kernel,
-            ));
+        loaded.set_fused_params(bitstack_core::kernels::FusedParams::with_tables(
+            args.kernel,
+        ));
         params
             .validate(loaded.resident.config().max_seq)
             .map_err(flag_error)?;

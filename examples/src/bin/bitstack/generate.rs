@@ -108,12 +108,10 @@ pub(crate) fn run(args: &GenerateArgs) -> Res<()> {
     if args.max_tokens == 0 {
         return Err(usage("--max-tokens must be at least 1"));
     }
-    let loaded = open_loaded(&args.file, Some(args.budget), args.resident)?;
-    loaded
-        .elastic
-        .set_fused_params(bitstack_core::kernels::FusedParams::with_tables(
-            args.kernel,
-        ));
+    let mut loaded = open_loaded(&args.file, Some(args.budget), args.resident)?;
+    loaded.set_fused_params(bitstack_core::kernels::FusedParams::with_tables(
+        args.kernel,
+    ));
     let params = GenerateParams {
         max_new_tokens: args.max_tokens,
         sampling: if args.temperature > 0.0 {
