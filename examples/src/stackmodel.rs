@@ -232,7 +232,7 @@ impl std::fmt::Debug for LoadedStack {
 
 impl LoadedStack {
     /// Sets the decode kernels: `params` for every weight's fused product, and for a q8
-    /// tied head int8 activations, unless `params` ask for the exact f32 tables, which
+    /// tied head int16 activations, unless `params` ask for the exact f32 tables, which
     /// multiply the head's f32 inputs too (so the exact path is exact end to end).
     pub fn set_fused_params(&mut self, params: bitstack_core::kernels::FusedParams) {
         self.elastic.set_fused_params(params);
@@ -240,7 +240,7 @@ impl LoadedStack {
             if params.tables == bitstack_core::kernels::TablePrecision::F32 {
                 HeadActivations::F32
             } else {
-                HeadActivations::Int8
+                HeadActivations::Int16
             },
         );
     }

@@ -55,12 +55,16 @@ fn passes_per_task(passes: usize, slots: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// Whether this CPU and OS run AMX-INT8 tiles (plus AVX-512 BW for the sign expansion);
+/// Whether this CPU and OS run AMX-INT8 tiles (plus AVX-512 BW for the sign expansion and
+/// VBMI for the activation tiles, which every AMX CPU has);
 /// requests the tile-data permission from Linux on first use.
 pub(super) fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+        let avx512 = is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vbmi");
+        if !avx512 {
             return false;
         }
         // cpuid is always available on x86-64; leaf 7 is checked against the maximum.
@@ -190,7 +194,7 @@ pub(super) fn fused_amx(call: FusedCall<'_>, scratch: &mut [f32]) {
                     std::slice::from_raw_parts_mut(cs_ptr.get().add(l * MAX_N), MAX_N),
                 )
             };
-            // SAFETY: `available()` (checked by the caller) includes AVX-512 F and BW.
+            // SAFETY: `available()` (checked by the caller) includes AVX-512 F, BW and VBMI.
             unsafe { quantize_level_avx512(&blocks[l], xs, cols, batch, t, sc, cs) };
         });
     }
@@ -270,9 +274,9 @@ const HALVES: usize = 2;
 /// first.
 ///
 /// # Safety
-/// AVX-512 F and BW; the slices sized as for [`quantize_level`], `batch · rank ≤ 16`.
+/// AVX-512 F, BW and VBMI; the slices sized as for [`quantize_level`], `batch · rank ≤ 16`.
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
 unsafe fn quantize_level_avx512(
     blk: &ResidualBlockRef<'_>,
     xs: &[f32],
@@ -335,7 +339,12 @@ unsafe fn quantize_level_avx512(
     };
     // t for column c (c < cols), lanes beyond n_used zero.
     let t_at = |c: usize| {
-        let b = _mm512_permutexvar_ps(r_idx, b_at(c));
+        // At batch 1 lane n is rank n: no permutation (masked loads zero the lanes ≥ rank).
+        let b = if batch == 1 {
+            b_at(c)
+        } else {
+            _mm512_permutexvar_ps(r_idx, b_at(c))
+        };
         // Batch 1 (decode): every lane reads the same x, a broadcast, not a gather.
         let x = if batch == 1 {
             _mm512_set1_ps(*xs.get_unchecked(c))
@@ -349,10 +358,21 @@ unsafe fn quantize_level_avx512(
         };
         _mm512_maskz_mul_ps(lanes, b, x)
     };
-    let mut maxv = _mm512_setzero_ps();
-    for c in 0..cols {
-        maxv = _mm512_max_ps(maxv, _mm512_abs_ps(t_at(c)));
+    // Four running maxima, so the loop is not one chain of dependent `vmaxps`.
+    let mut maxs = [_mm512_setzero_ps(); 4];
+    let quads = cols / 4;
+    for q in 0..quads {
+        for (j, m) in maxs.iter_mut().enumerate() {
+            *m = _mm512_max_ps(*m, _mm512_abs_ps(t_at(4 * q + j)));
+        }
     }
+    for c in 4 * quads..cols {
+        maxs[0] = _mm512_max_ps(maxs[0], _mm512_abs_ps(t_at(c)));
+    }
+    let maxv = _mm512_max_ps(
+        _mm512_max_ps(maxs[0], maxs[1]),
+        _mm512_max_ps(maxs[2], maxs[3]),
+    );
     let mut maxabs = [0.0f32; 16];
     _mm512_storeu_ps(maxabs.as_mut_ptr(), maxv);
     let qmax = QMAX;
@@ -364,25 +384,38 @@ unsafe fn quantize_level_avx512(
         inv[n] = if ok { qmax / m } else { 0.0 };
     }
     let invv = _mm512_loadu_ps(inv.as_ptr());
-    let byte = _mm512_set1_epi32(0xFF);
+    // Codes of columns 4i..4i+4 in one tile row: the 16-bit codes of two columns share a
+    // dword (`w01`, `w23`), and one `vpermt2b` each gathers the four low bytes and the four
+    // high bytes of every lane into place.
+    let mut lo_idx = [0u8; 64];
+    for (b, v) in lo_idx.iter_mut().enumerate() {
+        let (n, j) = (b / 4, b % 4);
+        *v = (4 * n + 2 * (j % 2) + 64 * (j / 2)) as u8;
+    }
+    let lo_idx = _mm512_loadu_si512(lo_idx.as_ptr().cast());
+    let hi_idx = _mm512_add_epi8(lo_idx, _mm512_set1_epi8(1));
+    let low16 = _mm512_set1_epi32(0xFFFF);
+    let code = |c: usize| {
+        if c < cols {
+            _mm512_cvtps_epi32(_mm512_mul_ps(t_at(c), invv))
+        } else {
+            _mm512_setzero_si512()
+        }
+    };
     let mut sum = _mm512_setzero_si512();
     for cb in 0..blocks {
         let out = tiles.as_mut_ptr().add(cb * HALVES * TILE_BYTES);
         for i in 0..16 {
-            let (mut hi, mut lo) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-            for j in 0..4 {
-                let c = cb * 64 + 4 * i + j;
-                if c >= cols {
-                    break;
-                }
-                let q = _mm512_cvtps_epi32(_mm512_mul_ps(t_at(c), invv));
-                sum = _mm512_add_epi32(sum, q);
-                let shift = _mm512_set1_epi32(8 * j as i32);
-                let h = _mm512_and_si512(_mm512_srai_epi32::<8>(q), byte);
-                hi = _mm512_or_si512(hi, _mm512_sllv_epi32(h, shift));
-                let l = _mm512_and_si512(q, byte);
-                lo = _mm512_or_si512(lo, _mm512_sllv_epi32(l, shift));
-            }
+            let c = cb * 64 + 4 * i;
+            let (q0, q1, q2, q3) = (code(c), code(c + 1), code(c + 2), code(c + 3));
+            sum = _mm512_add_epi32(
+                sum,
+                _mm512_add_epi32(_mm512_add_epi32(q0, q1), _mm512_add_epi32(q2, q3)),
+            );
+            let w01 = _mm512_or_si512(_mm512_and_si512(q0, low16), _mm512_slli_epi32::<16>(q1));
+            let w23 = _mm512_or_si512(_mm512_and_si512(q2, low16), _mm512_slli_epi32::<16>(q3));
+            let hi = _mm512_permutex2var_epi8(w01, hi_idx, w23);
+            let lo = _mm512_permutex2var_epi8(w01, lo_idx, w23);
             _mm512_storeu_si512(out.add(i * 64).cast(), hi);
             _mm512_storeu_si512(out.add(TILE_BYTES + i * 64).cast(), lo);
         }

@@ -34,7 +34,7 @@ mod exact;
 mod int8;
 mod pool;
 pub mod q4;
-mod q8_int8;
+mod q8_i16;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

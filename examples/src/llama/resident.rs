@@ -271,7 +271,7 @@ fn gemm_xwt_q8(x: &[f32], w: &Q8Matrix, activations: HeadActivations, y: &mut [f
     let batch = x.len() / cols;
     if batch <= bitstack_core::kernels::dense::GEMV_F16_MAX_BATCH {
         let done = match activations {
-            HeadActivations::Int8 => w.gemv_int8(x, y),
+            HeadActivations::Int16 => w.gemv_i16(x, y),
             HeadActivations::F32 => w.gemv(x, y),
         };
         if done.is_ok() {
@@ -460,10 +460,10 @@ pub struct LlamaResident {
 /// larger batches dequantize rows for an f32 GEMM either way).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum HeadActivations {
-    /// Inputs rounded to int8 per group of 32, as llama.cpp multiplies its Q8_0 files
-    /// ([`Q8Matrix::gemv_int8`], VNNI where the CPU has it): the default.
+    /// Inputs rounded to int16, one scale per input ([`Q8Matrix::gemv_i16`], VNNI where
+    /// the CPU has it): the default.
     #[default]
-    Int8,
+    Int16,
     /// Inputs in f32 ([`Q8Matrix::gemv`]): the exact product of the stored weights.
     F32,
 }
