@@ -30,36 +30,22 @@ pub fn gemv_f16(x: &[f32], w: &[f16], rows: usize, cols: usize, y: &mut [f32]) -
             reason: format!("{batch} > {GEMV_F16_MAX_BATCH}; use a GEMM"),
         });
     }
-    // Row-major output per task: yt[i][β], transposed at the end.
-    let mut yt = vec![0.0f32; rows * batch];
     #[cfg(target_arch = "x86_64")]
     let fast = std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
-    let tasks = rows.div_ceil(ROWS_PER_TASK);
-    let yt_ptr = super::SyncPtr(yt.as_mut_ptr());
     // The decode kernels' spinning pool: no futex wake per head product.
-    super::pool::run(tasks, &|task, _slot| {
-        let r0 = task * ROWS_PER_TASK;
-        let n = ROWS_PER_TASK.min(rows - r0);
-        let wc = &w[r0 * cols..(r0 + n) * cols];
-        // SAFETY: task `task` alone owns rows r0..r0 + n of `yt`.
-        let ytc =
-            unsafe { std::slice::from_raw_parts_mut(yt_ptr.get().add(r0 * batch), n * batch) };
+    super::pool::gemv_row_tiles(rows, batch, ROWS_PER_TASK, y, &|r0, out| {
+        let wc = &w[r0 * cols..(r0 + out.len() / batch) * cols];
         #[cfg(target_arch = "x86_64")]
         if fast {
             // SAFETY: AVX-512F was detected above; lengths are consistent by construction.
-            unsafe { rows_avx512(x, wc, cols, batch, ytc) };
+            unsafe { rows_avx512(x, wc, cols, batch, out) };
             return;
         }
         let _ = fast;
-        rows_portable(x, wc, cols, batch, ytc);
+        rows_portable(x, wc, cols, batch, out);
     });
-    for (i, row) in yt.chunks_exact(batch).enumerate() {
-        for (bi, v) in row.iter().enumerate() {
-            y[bi * rows + i] = *v;
-        }
-    }
     Ok(())
 }
 
@@ -247,26 +233,7 @@ impl Q8Matrix {
         let fast = std::arch::is_x86_feature_detected!("avx512f");
         #[cfg(not(target_arch = "x86_64"))]
         let fast = false;
-        // One token (the decode step) writes its output in place; a batch is computed
-        // row-major per task and transposed at the end.
-        let mut yt = if batch == 1 {
-            Vec::new()
-        } else {
-            vec![0.0f32; rows * batch]
-        };
-        let out_ptr = super::SyncPtr(if batch == 1 {
-            y.as_mut_ptr()
-        } else {
-            yt.as_mut_ptr()
-        });
-        let tasks = rows.div_ceil(ROWS_PER_TASK);
-        super::pool::run(tasks, &|task, _slot| {
-            let r0 = task * ROWS_PER_TASK;
-            let n = ROWS_PER_TASK.min(rows - r0);
-            // SAFETY: task `task` alone owns rows r0..r0 + n of the rows × batch output
-            // (`y` itself when batch is 1, else `yt`).
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r0 * batch), n * batch) };
+        super::pool::gemv_row_tiles(rows, batch, ROWS_PER_TASK, y, &|r0, out| {
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: AVX-512F was detected above; the row range is inside the matrix.
@@ -276,13 +243,6 @@ impl Q8Matrix {
             let _ = fast;
             self.rows_portable(r0, x, batch, out);
         });
-        if batch > 1 {
-            for (i, row) in yt.chunks_exact(batch).enumerate() {
-                for (bi, v) in row.iter().enumerate() {
-                    y[bi * rows + i] = *v;
-                }
-            }
-        }
         Ok(())
     }
 

@@ -178,6 +178,47 @@ pub(crate) fn run(n: usize, f: &(dyn Fn(usize, usize) + Sync)) {
     p.busy.store(false, SeqCst);
 }
 
+/// A small-batch GEMV split into tiles of `tile_rows` output rows on the pool: `tile(r0, out)`
+/// writes rows `r0..r0 + out.len() / batch` row-major (`out[i · batch + β]` is row `r0 + i`
+/// of item `β`), and the tiles are then laid out item-major into `y` (`y[β · rows + r]`).
+/// One token writes `y` in place; a batch goes through a row-major buffer and one transpose.
+/// `y` must hold `rows · batch` values (callers check shapes first).
+pub(crate) fn gemv_row_tiles(
+    rows: usize,
+    batch: usize,
+    tile_rows: usize,
+    y: &mut [f32],
+    tile: &(dyn Fn(usize, &mut [f32]) + Sync),
+) {
+    debug_assert_eq!(y.len(), rows * batch);
+    let mut yt = if batch == 1 {
+        Vec::new()
+    } else {
+        vec![0.0f32; rows * batch]
+    };
+    let out_ptr = super::SyncPtr(if batch == 1 {
+        y.as_mut_ptr()
+    } else {
+        yt.as_mut_ptr()
+    });
+    run(rows.div_ceil(tile_rows), &|task, _slot| {
+        let r0 = task * tile_rows;
+        let n = tile_rows.min(rows - r0);
+        // SAFETY: task `task` alone owns rows r0..r0 + n of the rows × batch output (`y`
+        // itself when batch is 1, else `yt`), which holds rows · batch floats.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r0 * batch), n * batch) };
+        tile(r0, out);
+    });
+    if batch > 1 {
+        for (i, row) in yt.chunks_exact(batch).enumerate() {
+            for (bi, v) in row.iter().enumerate() {
+                y[bi * rows + i] = *v;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +244,26 @@ mod tests {
         });
         for h in &hits {
             assert_eq!(h.load(SeqCst), 600);
+        }
+    }
+
+    #[test]
+    fn row_tiles_land_item_major_for_every_batch_and_ragged_last_tile() {
+        for batch in [1usize, 2, 5] {
+            let rows = 37;
+            let mut y = vec![f32::NAN; rows * batch];
+            gemv_row_tiles(rows, batch, 8, &mut y, &|r0, out| {
+                for (i, row) in out.chunks_exact_mut(batch).enumerate() {
+                    for (b, v) in row.iter_mut().enumerate() {
+                        *v = ((r0 + i) * 10 + b) as f32;
+                    }
+                }
+            });
+            for b in 0..batch {
+                for r in 0..rows {
+                    assert_eq!(y[b * rows + r], (r * 10 + b) as f32, "batch {batch}");
+                }
+            }
         }
     }
 }

@@ -278,27 +278,11 @@ impl Q4Matrix {
                 reason: format!("{batch} > {Q4_GEMV_MAX_BATCH}; dequantize rows and use a GEMM"),
             });
         }
-        let rows = self.rows;
-        // Row-major output per task: yt[i][β], transposed at the end.
-        let mut yt = vec![0.0f32; rows * batch];
-        let tasks = rows.div_ceil(ROWS_PER_TASK);
-        let yt_ptr = super::SyncPtr(yt.as_mut_ptr());
-        super::pool::run(tasks, &|task, _slot| {
-            let r0 = task * ROWS_PER_TASK;
-            let n = ROWS_PER_TASK.min(rows - r0);
-            // SAFETY: task `task` alone owns rows r0..r0 + n of `yt`, which has rows · batch
-            // floats.
-            let ytc =
-                unsafe { std::slice::from_raw_parts_mut(yt_ptr.get().add(r0 * batch), n * batch) };
-            for (d, out) in ytc.chunks_exact_mut(batch).enumerate() {
-                self.row_dot(r0 + d, x, batch, out);
+        super::pool::gemv_row_tiles(self.rows, batch, ROWS_PER_TASK, y, &|r0, out| {
+            for (d, o) in out.chunks_exact_mut(batch).enumerate() {
+                self.row_dot(r0 + d, x, batch, o);
             }
         });
-        for (i, row) in yt.chunks_exact(batch).enumerate() {
-            for (bi, v) in row.iter().enumerate() {
-                y[bi * rows + i] = *v;
-            }
-        }
         Ok(())
     }
 

@@ -80,15 +80,8 @@ impl Q8Matrix {
             && std::arch::is_x86_feature_detected!("avx512vnni");
         #[cfg(not(target_arch = "x86_64"))]
         let fast = false;
-        let mut yt = vec![0.0f32; rows * batch];
-        let yt_ptr = super::SyncPtr(yt.as_mut_ptr());
         let qx = &qx;
-        super::pool::run(rows.div_ceil(ROWS_PER_TASK), &|task, _slot| {
-            let r0 = task * ROWS_PER_TASK;
-            let n = ROWS_PER_TASK.min(rows - r0);
-            // SAFETY: task `task` alone owns rows r0..r0 + n of `yt` (rows · batch floats).
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(yt_ptr.get().add(r0 * batch), n * batch) };
+        super::pool::gemv_row_tiles(rows, batch, ROWS_PER_TASK, y, &|r0, out| {
             #[cfg(target_arch = "x86_64")]
             if fast {
                 // SAFETY: AVX-512 BW and VNNI were detected above; the rows lie inside the
@@ -99,11 +92,6 @@ impl Q8Matrix {
             let _ = fast;
             rows_portable(self, r0, qx, batch, out);
         });
-        for (i, row) in yt.chunks_exact(batch).enumerate() {
-            for (bi, v) in row.iter().enumerate() {
-                y[bi * rows + i] = *v;
-            }
-        }
         Ok(())
     }
 
