@@ -35,6 +35,7 @@ mod int8;
 mod pool;
 pub mod q4;
 mod q8_i16;
+mod restore;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -167,64 +168,54 @@ pub fn restore_into_as<T: RestoreElement>(
     // B transposed to rank-major f32 so each row's product is k axpys over contiguous memory.
     // Both factors are dequantized (int8: `q·s` in f32), the values the decomposition took
     // its residuals against, so this restore reproduces its measured error.
-    let bts: Vec<Vec<f32>> = blocks
-        .iter()
-        .map(|blk| {
-            let k = blk.rank;
-            let mut bt = vec![0.0f32; k * cols];
-            for j in 0..cols {
-                for r in 0..k {
-                    bt[r * cols + j] = blk.b.get(j, r, k);
-                }
-            }
-            bt
-        })
-        .collect();
+    let bts: Vec<Vec<f32>> = blocks.iter().map(|blk| transposed_b(blk, cols)).collect();
+    let inp = restore::RestoreInput {
+        blocks,
+        bts: &bts,
+        cols,
+        inv_scale,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let fast = restore::avx512_available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let fast = false;
+    let a_len = 4 * blocks.iter().map(|b| b.rank).sum::<usize>();
     out.par_chunks_mut(cols * ROW_CHUNK)
         .enumerate()
         .for_each(|(chunk, out_rows)| {
-            let mut c = vec![0.0f32; cols];
-            let mut orow = vec![0.0f32; cols];
-            for (di, dst) in out_rows.chunks_exact_mut(cols).enumerate() {
-                let i = chunk * ROW_CHUNK + di;
-                orow.fill(0.0);
-                for (blk, bt) in blocks.iter().zip(&bts) {
-                    let k = blk.rank;
-                    c.fill(0.0);
-                    for r in 0..k {
-                        let a = blk.a.get(i, r, k);
-                        for (cj, &b) in c.iter_mut().zip(&bt[r * cols..(r + 1) * cols]) {
-                            *cj += a * b;
-                        }
-                    }
-                    apply_signs_accumulate(blk.signs.row(i), &c, &mut orow);
-                }
-                match inv_scale {
-                    Some(s) => {
-                        for ((d, &o), &s) in dst.iter_mut().zip(&orow).zip(s) {
-                            *d = T::from_f32(o * s);
-                        }
-                    }
-                    None => {
-                        for (d, &o) in dst.iter_mut().zip(&orow) {
-                            *d = T::from_f32(o);
-                        }
-                    }
-                }
+            let mut rows_f32 = vec![0.0f32; out_rows.len()];
+            let i0 = chunk * ROW_CHUNK;
+            #[cfg(target_arch = "x86_64")]
+            if fast {
+                let mut a = vec![0.0f32; a_len];
+                // SAFETY: AVX-512F was detected above; the rows lie inside every block
+                // (`check_restore`) and `bts` was built from `blocks`.
+                unsafe { restore::rows_avx512(&inp, i0, &mut rows_f32, &mut a) };
+            } else {
+                restore::rows_portable(&inp, i0, &mut rows_f32);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = (fast, a_len);
+                restore::rows_portable(&inp, i0, &mut rows_f32);
+            }
+            for (d, &v) in out_rows.iter_mut().zip(&rows_f32) {
+                *d = T::from_f32(v);
             }
         });
     Ok(())
 }
 
-/// `out[j] += sign_j · c[j]`, flipping the IEEE sign bit where the packed bit is clear.
-#[inline]
-fn apply_signs_accumulate(words: &[u64], c: &[f32], out: &mut [f32]) {
-    for (w, (cc, oo)) in words.iter().zip(c.chunks(64).zip(out.chunks_mut(64))) {
-        for (t, (cj, oj)) in cc.iter().zip(oo.iter_mut()).enumerate() {
-            let negative = (((w >> t) & 1) ^ 1) as u32;
-            *oj += f32::from_bits(cj.to_bits() ^ (negative << 31));
+/// `B` of one level transposed to rank-major f32 (`k × cols`), dequantized.
+fn transposed_b(blk: &ResidualBlockRef<'_>, cols: usize) -> Vec<f32> {
+    let k = blk.rank;
+    let mut bt = vec![0.0f32; k * cols];
+    for j in 0..cols {
+        for r in 0..k {
+            bt[r * cols + j] = blk.b.get(j, r, k);
         }
     }
+    bt
 }
 
 /// Plain reference for `Y = X Ŵᵀ`: restores with [`restore_reference`] then multiplies in f64.
