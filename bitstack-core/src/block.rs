@@ -282,17 +282,20 @@ impl<'a> ResidualBlockRef<'a> {
         let k = self.rank;
         match (self.a, self.b) {
             (FactorRef::I8 { scale: sa, .. }, FactorRef::I8 { q, scale: sb }) => {
-                let mut fold = [0.0f32; 64];
-                for (orow, qrow) in out.chunks_exact_mut(k).zip(q.chunks_exact(k)) {
-                    for (r0, (oc, qc)) in orow.chunks_mut(64).zip(qrow.chunks(64)).enumerate() {
-                        for (r, f) in fold[..oc.len()].iter_mut().enumerate() {
-                            *f = sa[r0 * 64 + r] * sb[r0 * 64 + r];
-                        }
-                        for ((o, &q), &f) in oc.iter_mut().zip(qc).zip(&fold) {
-                            *o = q as f32 * f;
-                        }
-                    }
+                // One fold per rank for the whole factor (the same f32 product per value);
+                // on the stack for the ranks the kernels serve (≤ 64).
+                let mut stack = [0.0f32; 64];
+                let mut heap = Vec::new();
+                let fold = if k <= 64 {
+                    &mut stack[..k]
+                } else {
+                    heap.resize(k, 0.0);
+                    &mut heap[..]
+                };
+                for ((f, a), b) in fold.iter_mut().zip(sa).zip(sb) {
+                    *f = a * b;
                 }
+                crate::kernels::scale_codes_into(q, fold, out);
             }
             _ => self.b.dequantize_into(k, out),
         }

@@ -206,6 +206,31 @@ pub fn restore_into_as<T: RestoreElement>(
     Ok(())
 }
 
+/// `out[j·k + r] = q[j·k + r] · fold[r]` for the `k = fold.len()` columns of a row-major
+/// int8 factor (`out.len() == q.len()`, a multiple of `k`): the int8 factor as the table
+/// build reads it. The AVX-512 path converts 16 codes per step against a `16·k`-long repeat
+/// of `fold` (the pattern's period in 16-value steps) and writes the same products.
+pub(crate) fn scale_codes_into(q: &[i8], fold: &[f32], out: &mut [f32]) {
+    let k = fold.len();
+    debug_assert!(k > 0 && q.len() == out.len() && q.len().is_multiple_of(k));
+    #[cfg(target_arch = "x86_64")]
+    if k <= 64 && q.len() >= 16 * k && std::arch::is_x86_feature_detected!("avx512f") {
+        let mut rep = [0.0f32; 16 * 64];
+        for (t, v) in rep[..16 * k].iter_mut().enumerate() {
+            *v = fold[t % k];
+        }
+        // SAFETY: AVX-512F was detected; `rep[..16k]` is a multiple of 16 long and the
+        // lengths match.
+        unsafe { x86::scale_codes_avx512(q, &rep[..16 * k], out) };
+        return;
+    }
+    for (orow, qrow) in out.chunks_exact_mut(k).zip(q.chunks_exact(k)) {
+        for ((o, &q), &f) in orow.iter_mut().zip(qrow).zip(fold) {
+            *o = q as f32 * f;
+        }
+    }
+}
+
 /// `B` of one level transposed to rank-major f32 (`k × cols`), dequantized.
 fn transposed_b(blk: &ResidualBlockRef<'_>, cols: usize) -> Vec<f32> {
     let k = blk.rank;
@@ -868,6 +893,20 @@ mod tests {
         let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
         let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
         (num / den.max(1e-30)).sqrt()
+    }
+
+    proptest::proptest! {
+        /// The int8 factor as the table build reads it: every path writes `q · fold` exactly.
+        #[test]
+        fn scale_codes_equal_the_plain_products(k in 1usize..70, n in 1usize..60, seed in 0u64..1000) {
+            let q: Vec<i8> = (0..n * k).map(|i| ((i as u64 * 37 + seed) % 255) as i8).collect();
+            let fold: Vec<f32> = (0..k).map(|r| 0.01 + r as f32 * 0.37 + seed as f32 * 1e-3).collect();
+            let mut got = vec![f32::NAN; n * k];
+            scale_codes_into(&q, &fold, &mut got);
+            for (c, g) in got.iter().enumerate() {
+                proptest::prop_assert_eq!(g.to_bits(), (q[c] as f32 * fold[c % k]).to_bits());
+            }
+        }
     }
 
     #[test]

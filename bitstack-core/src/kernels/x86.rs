@@ -235,6 +235,35 @@ pub(super) unsafe fn tile_avx512<const SUB: usize, const SPLIT: bool>(
     }
 }
 
+/// [`super::scale_codes_into`] 16 values at a time: `out[c] = q[c] · rep[c mod 16k]`, where
+/// `rep` repeats the `k` per-column folds 16 times (so every 16-value step starts at a
+/// multiple of 16 in it), then the scalar tail.
+///
+/// # Safety
+/// AVX-512F; `rep.len()` must be a positive multiple of 16 and `q.len() == out.len()`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn scale_codes_avx512(q: &[i8], rep: &[f32], out: &mut [f32]) {
+    let period = rep.len();
+    let (mut c, mut p) = (0, 0);
+    while c + 16 <= q.len() {
+        let codes = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            q.as_ptr().add(c).cast(),
+        )));
+        let f = _mm512_loadu_ps(rep.as_ptr().add(p));
+        _mm512_storeu_ps(out.as_mut_ptr().add(c), _mm512_mul_ps(codes, f));
+        c += 16;
+        p += 16;
+        if p == period {
+            p = 0;
+        }
+    }
+    while c < q.len() {
+        out[c] = q[c] as f32 * rep[p];
+        c += 1;
+        p += 1;
+    }
+}
+
 /// Prefetches (into L2) rows `row0..row0 + n` of a block's packed signs and left factor.
 ///
 /// # Safety
