@@ -249,7 +249,7 @@ impl LinearOp for WeightStack {
     fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
         let batch = kernels::batch_of(x.len(), self.meta.cols)?;
         let need = self.scratch_len(batch);
-        if batch > kernels::FUSED_MAX_BATCH {
+        if batch > self.params.max_fused_batch() {
             return self.forward_with_scratch(x, y, &mut vec![0.0; need]);
         }
         SCRATCH.with(|cell| match cell.try_borrow_mut() {

@@ -42,8 +42,9 @@ mod x86;
 /// Rows handled by one parallel task.
 const ROW_CHUNK: usize = 32;
 
-/// Batches larger than this restore Ŵ once and run a dense GEMM: the table build and the
-/// per-row lookups scale with the batch, the restoration does not.
+/// Batches larger than this always restore Ŵ once and run a dense GEMM: the table build and
+/// the per-row lookups scale with the batch, the restoration does not (the switch can sit
+/// lower for a kernel, see [`FusedParams::max_fused_batch`]).
 pub const FUSED_MAX_BATCH: usize = 16;
 
 fn check_blocks(blocks: &[ResidualBlockRef<'_>], rows: usize, cols: usize) -> Result<()> {
@@ -448,6 +449,14 @@ fn amx_available() -> bool {
     }
 }
 
+/// The largest batch the AVX-512 VBMI table kernel takes under [`KernelIsa::Auto`]; larger
+/// ones restore `Ŵ` and call a GEMM. That kernel repeats its work per batch item (prompts of
+/// 2–12 tokens prefilled at 36–38 tokens/s, flat, on a Zen 4 at 105.5 MB), while the
+/// restore costs one fixed ~0.25 s there (58 tokens/s at 17 tokens): the two meet at about
+/// nine items (README, "Short prompts"). AMX amortizes the batch in its tiles and keeps
+/// [`FUSED_MAX_BATCH`]; AVX2 and portable CPUs were not measured and keep it too.
+pub const VBMI_AUTO_MAX_BATCH: usize = 8;
+
 /// Leading ranks per level that [`TablePrecision::Mixed`] looks up in 16-bit precision.
 pub const MIXED_SPLIT_RANKS: usize = 1;
 
@@ -473,6 +482,22 @@ impl FusedParams {
         Self {
             tables: TablePrecision::F32,
             isa: KernelIsa::Auto,
+        }
+    }
+    /// The largest batch the small-batch kernels take with these parameters (≤
+    /// [`FUSED_MAX_BATCH`]); larger batches restore `Ŵ` and call a GEMM. Under
+    /// [`KernelIsa::Auto`] the switch sits where the restore becomes the faster path
+    /// ([`VBMI_AUTO_MAX_BATCH`] on the AVX-512 VBMI kernel); a forced ISA and the exact f32
+    /// tables keep the kernels up to [`FUSED_MAX_BATCH`], so benchmarks and accuracy checks
+    /// measure the kernel they name.
+    pub fn max_fused_batch(&self) -> usize {
+        if self.isa == KernelIsa::Auto
+            && self.tables != TablePrecision::F32
+            && self.isa.resolve() == KernelIsa::Avx512Vbmi
+        {
+            VBMI_AUTO_MAX_BATCH
+        } else {
+            FUSED_MAX_BATCH
         }
     }
     /// Whether the int8 kernel serves this rank (it keeps `k ≤ 64` accumulators in registers
@@ -542,7 +567,7 @@ pub fn fused_scratch_len_with(
     batch: usize,
     params: FusedParams,
 ) -> usize {
-    if batch > FUSED_MAX_BATCH {
+    if batch > params.max_fused_batch() {
         rows * cols
     } else if params.amx_for(rank, batch) {
         #[cfg(target_arch = "x86_64")]
@@ -608,9 +633,9 @@ pub fn fused_matmul_with_scratch(
 /// `Y = X Ŵᵀ` into caller-provided scratch (length from [`fused_scratch_len_with`]); never
 /// allocates on the small-batch path, so decode loops can reuse one buffer.
 ///
-/// Small batches (≤ [`FUSED_MAX_BATCH`]) use the look-up-table kernels described in the
-/// module docs and never materialise Ŵ; larger batches restore Ŵ into the scratch and run a
-/// GEMM.
+/// Small batches (≤ [`FusedParams::max_fused_batch`], at most [`FUSED_MAX_BATCH`]) use the
+/// look-up-table kernels described in the module docs and never materialise Ŵ; larger
+/// batches restore Ŵ into the scratch and run a GEMM.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_matmul_with(
     blocks: &[ResidualBlockRef<'_>],
@@ -645,7 +670,7 @@ pub fn fused_matmul_with(
         y.fill(0.0);
         return Ok(());
     }
-    if batch > FUSED_MAX_BATCH {
+    if batch > params.max_fused_batch() {
         let w = &mut scratch[..rows * cols];
         restore_into(blocks, rows, cols, inv_scale, w)?;
         crate::linear::gemm_xwt(x, w, rows, cols, y);
@@ -907,6 +932,36 @@ mod tests {
                 proptest::prop_assert_eq!(g.to_bits(), (q[c] as f32 * fold[c % k]).to_bits());
             }
         }
+    }
+
+    #[test]
+    fn auto_hands_large_batches_to_the_restore_only_where_measured_faster() {
+        let auto = FusedParams::with_tables(TablePrecision::Int16);
+        let want = if KernelIsa::Auto.resolve() == KernelIsa::Avx512Vbmi {
+            VBMI_AUTO_MAX_BATCH
+        } else {
+            FUSED_MAX_BATCH
+        };
+        assert_eq!(auto.max_fused_batch(), want);
+        // A forced kernel and the exact tables keep every small batch.
+        let forced = FusedParams {
+            tables: TablePrecision::Int16,
+            isa: KernelIsa::Auto.resolve(),
+        };
+        assert_eq!(forced.max_fused_batch(), FUSED_MAX_BATCH);
+        assert_eq!(FusedParams::exact().max_fused_batch(), FUSED_MAX_BATCH);
+        // Either path gives the product: batch 12 under Auto against the reference.
+        let blocks: Vec<_> = (0..2)
+            .map(|l| random_block_with(40, 70, 5, l + 3, FactorDtype::I8))
+            .collect();
+        let refs: Vec<_> = blocks.iter().map(|b| b.view()).collect();
+        let x: Vec<f32> = (0..12 * 70).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let mut want = vec![0.0; 12 * 40];
+        matmul_reference(&refs, 40, 70, None, &x, &mut want).unwrap();
+        let mut got = vec![0.0; 12 * 40];
+        let mut scratch = vec![0.0; fused_scratch_len_with(40, 70, 5, 2, 12, auto)];
+        fused_matmul_with(&refs, 40, 70, None, &x, &mut got, auto, &mut scratch).unwrap();
+        assert!(rel_err(&got, &want) < 1e-3);
     }
 
     #[test]

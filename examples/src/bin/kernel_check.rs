@@ -115,7 +115,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         )
         .into());
     }
-    let fast = FusedParams::with_tables(args.kernel);
+    // The resolved ISA, not `Auto`: under `Auto` a kernel may hand batches it is slow at to
+    // the restore path (`FusedParams::max_fused_batch`), and this tool measures the kernel.
+    let fast = FusedParams {
+        tables: args.kernel,
+        isa: KernelIsa::Auto.resolve(),
+    };
     let exact = FusedParams::exact();
     println!(
         "file: {}  int8 kernel: {}  windows: first {} × {} tokens, chunk {} (exact: {})",
@@ -227,7 +232,10 @@ fn error_table(
                 TablePrecision::F32,
             ];
             for (tables, out) in paths.into_iter().zip(errs.iter_mut()) {
-                let params = FusedParams::with_tables(tables);
+                let params = FusedParams {
+                    tables,
+                    isa: KernelIsa::Auto.resolve(),
+                };
                 let mut y = vec![0f32; batch * m.rows];
                 let mut scratch =
                     vec![
