@@ -177,7 +177,10 @@ pub fn restore_into_as<T: RestoreElement>(
         inv_scale,
     };
     #[cfg(target_arch = "x86_64")]
-    let fast = restore::avx512_available();
+    let (fast, avx2) = (
+        restore::avx512_available(),
+        std::arch::is_x86_feature_detected!("avx2"),
+    );
     #[cfg(not(target_arch = "x86_64"))]
     let fast = false;
     let a_len = 4 * blocks.iter().map(|b| b.rank).sum::<usize>();
@@ -192,6 +195,9 @@ pub fn restore_into_as<T: RestoreElement>(
                 // SAFETY: AVX-512F was detected above; the rows lie inside every block
                 // (`check_restore`) and `bts` was built from `blocks`.
                 unsafe { restore::rows_avx512(&inp, i0, &mut rows_f32, &mut a) };
+            } else if avx2 {
+                // SAFETY: AVX2 was detected above; arguments as for the portable rows.
+                unsafe { restore::rows_avx2(&inp, i0, &mut rows_f32) };
             } else {
                 restore::rows_portable(&inp, i0, &mut rows_f32);
             }

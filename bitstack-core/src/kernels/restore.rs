@@ -9,6 +9,9 @@
 //! rank and applies the signs with one masked XOR per level; it performs the *same* f32
 //! operations in the same order as [`rows_portable`] (a multiply, then an add — no fused
 //! multiply-add), so both write bit-identical rows (tested) and every evaluation reproduces.
+//! On x86 CPUs without AVX-512, [`rows_avx2`] is the portable loop compiled for AVX2 (also
+//! bit-identical; with AVX-512 disabled by hand it prefilled 512 tokens at 367–455 tokens/s
+//! against 273–284 for the baseline build and 452–514 for AVX-512, 105.5 MB, Zen 4).
 
 use crate::block::ResidualBlockRef;
 
@@ -27,6 +30,7 @@ pub(super) struct RestoreInput<'a> {
 /// Rows `i0 .. i0 + out.len() / cols` of `Ŵ` into `out` (row-major f32), one row at a time:
 /// each level's row `c = Σ_r a_ir · bt_r` (multiply, then add, rank by rank from zero), then
 /// `out_i += ±c` where the sign bit is set / clear, then `· inv_scale`.
+#[inline(always)]
 pub(super) fn rows_portable(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) {
     let cols = inp.cols;
     let mut c = vec![0.0f32; cols];
@@ -53,7 +57,7 @@ pub(super) fn rows_portable(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) 
 }
 
 /// `out[j] += sign_j · c[j]`, flipping the IEEE sign bit where the packed bit is clear.
-#[inline]
+#[inline(always)]
 fn apply_signs_accumulate(words: &[u64], c: &[f32], out: &mut [f32]) {
     for (w, (cc, oo)) in words.iter().zip(c.chunks(64).zip(out.chunks_mut(64))) {
         for (t, (cj, oj)) in cc.iter().zip(oo.iter_mut()).enumerate() {
@@ -61,6 +65,18 @@ fn apply_signs_accumulate(words: &[u64], c: &[f32], out: &mut [f32]) {
             *oj += f32::from_bits(cj.to_bits() ^ (negative << 31));
         }
     }
+}
+
+/// [`rows_portable`] compiled for AVX2 (for x86 CPUs without AVX-512): the same code, so the
+/// same operations in the same order (Rust never fuses a multiply and an add), vectorized
+/// 8 floats wide instead of the baseline's 4.
+///
+/// # Safety
+/// The CPU must support AVX2; the arguments as for [`rows_portable`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn rows_avx2(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) {
+    rows_portable(inp, i0, out)
 }
 
 /// Whether [`rows_avx512`] can run here.
@@ -200,6 +216,12 @@ mod tests {
             unsafe { rows_avx512(&inp, i0, &mut got, &mut a) };
             let same = want.iter().zip(&got).all(|(w, g)| w.to_bits() == g.to_bits());
             prop_assert!(same, "AVX-512 restore differs from the portable one");
+            if std::arch::is_x86_feature_detected!("avx2") {
+                let mut got2 = vec![f32::NAN; n * cols];
+                unsafe { rows_avx2(&inp, i0, &mut got2) };
+                let same = want.iter().zip(&got2).all(|(w, g)| w.to_bits() == g.to_bits());
+                prop_assert!(same, "AVX2 restore differs from the portable one");
+            }
         }
     }
 }
