@@ -460,8 +460,18 @@ fn amx_available() -> bool {
 /// 2–12 tokens prefilled at 36–38 tokens/s, flat, on a Zen 4 at 105.5 MB), while the
 /// restore costs one fixed ~0.25 s there (58 tokens/s at 17 tokens): the two meet at about
 /// nine items (README, "Short prompts"). AMX amortizes the batch in its tiles and keeps
-/// [`FUSED_MAX_BATCH`]; AVX2 and portable CPUs were not measured and keep it too.
+/// [`FUSED_MAX_BATCH`].
 pub const VBMI_AUTO_MAX_BATCH: usize = 8;
+
+/// [`VBMI_AUTO_MAX_BATCH`] for the AVX2 table kernel: measured on the Zen 4 with AVX2 forced
+/// for both the kernel and the restore, prompts of 1–16 tokens prefilled at a flat 10–18
+/// tokens/s and 17 tokens through the restore at 38–45, so the paths meet at about six.
+pub const AVX2_AUTO_MAX_BATCH: usize = 6;
+
+/// [`VBMI_AUTO_MAX_BATCH`] for the portable kernel: forced on the Zen 4 (portable kernel and
+/// portable restore), one token took 0.55–0.6 s through the tables and 17 tokens 0.98 s
+/// through the restore, so from two tokens on the restore is faster.
+pub const PORTABLE_AUTO_MAX_BATCH: usize = 1;
 
 /// Leading ranks per level that [`TablePrecision::Mixed`] looks up in 16-bit precision.
 pub const MIXED_SPLIT_RANKS: usize = 1;
@@ -492,18 +502,20 @@ impl FusedParams {
     }
     /// The largest batch the small-batch kernels take with these parameters (≤
     /// [`FUSED_MAX_BATCH`]); larger batches restore `Ŵ` and call a GEMM. Under
-    /// [`KernelIsa::Auto`] the switch sits where the restore becomes the faster path
-    /// ([`VBMI_AUTO_MAX_BATCH`] on the AVX-512 VBMI kernel); a forced ISA and the exact f32
+    /// [`KernelIsa::Auto`] the switch sits where the restore was measured to become the faster
+    /// path ([`VBMI_AUTO_MAX_BATCH`], [`AVX2_AUTO_MAX_BATCH`], [`PORTABLE_AUTO_MAX_BATCH`];
+    /// AMX keeps [`FUSED_MAX_BATCH`]); a forced ISA and the exact f32
     /// tables keep the kernels up to [`FUSED_MAX_BATCH`], so benchmarks and accuracy checks
     /// measure the kernel they name.
     pub fn max_fused_batch(&self) -> usize {
-        if self.isa == KernelIsa::Auto
-            && self.tables != TablePrecision::F32
-            && self.isa.resolve() == KernelIsa::Avx512Vbmi
-        {
-            VBMI_AUTO_MAX_BATCH
-        } else {
-            FUSED_MAX_BATCH
+        if self.isa != KernelIsa::Auto || self.tables == TablePrecision::F32 {
+            return FUSED_MAX_BATCH;
+        }
+        match self.isa.resolve() {
+            KernelIsa::Avx512Vbmi => VBMI_AUTO_MAX_BATCH,
+            KernelIsa::Avx2 => AVX2_AUTO_MAX_BATCH,
+            KernelIsa::Portable => PORTABLE_AUTO_MAX_BATCH,
+            KernelIsa::Amx | KernelIsa::Auto => FUSED_MAX_BATCH,
         }
     }
     /// Whether the int8 kernel serves this rank (it keeps `k ≤ 64` accumulators in registers
@@ -943,10 +955,11 @@ mod tests {
     #[test]
     fn auto_hands_large_batches_to_the_restore_only_where_measured_faster() {
         let auto = FusedParams::with_tables(TablePrecision::Int16);
-        let want = if KernelIsa::Auto.resolve() == KernelIsa::Avx512Vbmi {
-            VBMI_AUTO_MAX_BATCH
-        } else {
-            FUSED_MAX_BATCH
+        let want = match KernelIsa::Auto.resolve() {
+            KernelIsa::Avx512Vbmi => VBMI_AUTO_MAX_BATCH,
+            KernelIsa::Avx2 => AVX2_AUTO_MAX_BATCH,
+            KernelIsa::Portable => PORTABLE_AUTO_MAX_BATCH,
+            _ => FUSED_MAX_BATCH,
         };
         assert_eq!(auto.max_fused_batch(), want);
         // A forced kernel and the exact tables keep every small batch.
