@@ -176,36 +176,11 @@ pub fn restore_into_as<T: RestoreElement>(
         cols,
         inv_scale,
     };
-    #[cfg(target_arch = "x86_64")]
-    let (fast, avx2) = (
-        restore::avx512_available(),
-        std::arch::is_x86_feature_detected!("avx2"),
-    );
-    #[cfg(not(target_arch = "x86_64"))]
-    let fast = false;
-    let a_len = 4 * blocks.iter().map(|b| b.rank).sum::<usize>();
     out.par_chunks_mut(cols * ROW_CHUNK)
         .enumerate()
         .for_each(|(chunk, out_rows)| {
             let mut rows_f32 = vec![0.0f32; out_rows.len()];
-            let i0 = chunk * ROW_CHUNK;
-            #[cfg(target_arch = "x86_64")]
-            if fast {
-                let mut a = vec![0.0f32; a_len];
-                // SAFETY: AVX-512F was detected above; the rows lie inside every block
-                // (`check_restore`) and `bts` was built from `blocks`.
-                unsafe { restore::rows_avx512(&inp, i0, &mut rows_f32, &mut a) };
-            } else if avx2 {
-                // SAFETY: AVX2 was detected above; arguments as for the portable rows.
-                unsafe { restore::rows_avx2(&inp, i0, &mut rows_f32) };
-            } else {
-                restore::rows_portable(&inp, i0, &mut rows_f32);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            {
-                let _ = (fast, a_len);
-                restore::rows_portable(&inp, i0, &mut rows_f32);
-            }
+            restore::rows_into(&inp, chunk * ROW_CHUNK, &mut rows_f32);
             for (d, &v) in out_rows.iter_mut().zip(&rows_f32) {
                 *d = T::from_f32(v);
             }

@@ -1,5 +1,7 @@
 //! Row kernels of the dense restore `Ŵ = (Σ_l S_l ⊙ A_l B_lᵀ) · diag(inv_scale)`, the step
-//! before the GEMM of every batch above [`super::FUSED_MAX_BATCH`] (prefill, evaluation).
+//! before the GEMM of every batch the small-batch kernels do not take
+//! ([`super::FusedParams::max_fused_batch`]: prefill, evaluation), chosen at run time by
+//! [`rows_into`].
 //!
 //! Per element and level the restore costs `k` multiply-adds, so with `k ≈ 12` and four
 //! levels it is a fifth of a 512-token prefill's GEMM work. The crate is compiled for the
@@ -27,11 +29,33 @@ pub(super) struct RestoreInput<'a> {
     pub inv_scale: Option<&'a [f32]>,
 }
 
+/// Rows `i0 .. i0 + out.len() / cols` of `Ŵ` into `out` (row-major f32) with the best row
+/// kernel this CPU runs; every kernel writes the same bits. The rows must exist in every
+/// block and `inp.bts` must be built from `inp.blocks` (the caller checked the shapes).
+pub(super) fn rows_into(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512_available() {
+            let mut a = vec![0.0f32; 4 * inp.blocks.iter().map(|b| b.rank).sum::<usize>()];
+            // SAFETY: AVX-512F was detected; `a` has the documented length and the rows and
+            // factors are consistent (the caller's contract above).
+            unsafe { rows_avx512(inp, i0, out, &mut a) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: AVX2 was detected; arguments as for the portable rows.
+            unsafe { rows_avx2(inp, i0, out) };
+            return;
+        }
+    }
+    rows_portable(inp, i0, out)
+}
+
 /// Rows `i0 .. i0 + out.len() / cols` of `Ŵ` into `out` (row-major f32), one row at a time:
 /// each level's row `c = Σ_r a_ir · bt_r` (multiply, then add, rank by rank from zero), then
 /// `out_i += ±c` where the sign bit is set / clear, then `· inv_scale`.
 #[inline(always)]
-pub(super) fn rows_portable(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) {
+fn rows_portable(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) {
     let cols = inp.cols;
     let mut c = vec![0.0f32; cols];
     for (di, orow) in out.chunks_exact_mut(cols).enumerate() {
@@ -75,13 +99,13 @@ fn apply_signs_accumulate(words: &[u64], c: &[f32], out: &mut [f32]) {
 /// The CPU must support AVX2; the arguments as for [`rows_portable`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn rows_avx2(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) {
+unsafe fn rows_avx2(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32]) {
     rows_portable(inp, i0, out)
 }
 
 /// Whether [`rows_avx512`] can run here.
 #[cfg(target_arch = "x86_64")]
-pub(super) fn avx512_available() -> bool {
+fn avx512_available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
 }
 
@@ -94,7 +118,7 @@ pub(super) fn avx512_available() -> bool {
 /// `inp.cols`, the rows must exist in every block and `inp.bts` must match `inp.blocks`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn rows_avx512(
+unsafe fn rows_avx512(
     inp: &RestoreInput<'_>,
     i0: usize,
     out: &mut [f32],
