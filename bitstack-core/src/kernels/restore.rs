@@ -118,12 +118,7 @@ fn avx512_available() -> bool {
 /// `inp.cols`, the rows must exist in every block and `inp.bts` must match `inp.blocks`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn rows_avx512(
-    inp: &RestoreInput<'_>,
-    i0: usize,
-    out: &mut [f32],
-    a_scratch: &mut [f32],
-) {
+unsafe fn rows_avx512(inp: &RestoreInput<'_>, i0: usize, out: &mut [f32], a_scratch: &mut [f32]) {
     let n = out.len() / inp.cols;
     let mut d = 0;
     while d + 4 <= n {
